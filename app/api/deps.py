@@ -1,0 +1,79 @@
+"""Request dependencies. Each request gets one session; the boundary commits or rolls back."""
+
+import hashlib
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.api.errors import Unauthorized
+from app.config import Settings
+from app.db.models import ProcessingRequest
+from app.services.batches import get_request
+from app.workers import Runner
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_runner(request: Request) -> Runner:
+    return request.app.state.runner
+
+
+def _session_scope(factory) -> Iterator[Session]:
+    with factory() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    yield from _session_scope(request.app.state.sessions)
+
+
+def get_writer_session(request: Request) -> Iterator[Session]:
+    """For requests that write: takes SQLite's write lock at BEGIN (see app.db.session)."""
+    yield from _session_scope(request.app.state.writer_sessions)
+
+
+def get_owner(
+    request: Request, settings: Annotated[Settings, Depends(get_settings)]
+) -> str | None:
+    """The caller's identity when API keys are configured: a digest of their key."""
+    keys = settings.api_key_list
+    if not keys:
+        return None
+    presented = request.headers.get("x-api-key")
+    authorization = request.headers.get("authorization", "")
+    if not presented and authorization[:7].lower() == "bearer ":
+        presented = authorization[7:].strip()
+    if presented and any(
+        hmac.compare_digest(presented.encode(), key.encode()) for key in keys
+    ):
+        return hashlib.sha256(presented.encode()).hexdigest()[:32]
+    raise Unauthorized(
+        "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RunnerDep = Annotated[Runner, Depends(get_runner)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+WriterSessionDep = Annotated[Session, Depends(get_writer_session, scope="function")]
+OwnerDep = Annotated[str | None, Depends(get_owner)]
+
+
+def get_processing_request(
+    request_id: str, session: SessionDep, owner: OwnerDep
+) -> ProcessingRequest:
+    return get_request(session, request_id, owner)
+
+
+ProcessingRequestDep = Annotated[ProcessingRequest, Depends(get_processing_request)]

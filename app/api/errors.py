@@ -1,0 +1,145 @@
+"""One exception family and the handlers that render every error as RFC 9457 problem+json."""
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://errors.batch-image-service.dev/"
+
+
+class ProblemError(Exception):
+    """An error the client should see, with a stable type slug."""
+
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+    def __init__(
+        self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
+    ):
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra
+
+
+class NotFound(ProblemError):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class Conflict(ProblemError):
+    status, slug, title = 409, "conflict", "Conflict"
+
+
+class InvalidCsv(ProblemError):
+    status, slug, title = 422, "invalid-csv", "The CSV cannot be accepted"
+
+
+class InvalidInput(ProblemError):
+    status, slug, title = 422, "invalid-input", "The request is not valid"
+
+
+class PayloadTooLarge(ProblemError):
+    status, slug, title = 413, "payload-too-large", "The upload is too large"
+
+
+class Unauthorized(ProblemError):
+    status, slug, title = 401, "unauthorized", "Authentication required"
+
+
+class ServiceUnavailable(ProblemError):
+    status, slug, title = 503, "unavailable", "Service unavailable"
+
+
+def problem_response(
+    status: int,
+    title: str,
+    detail: str | None,
+    *,
+    slug: str | None = None,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + slug if slug else "about:blank",
+        "title": title,
+        "status": status,
+    }
+    if detail:
+        body["detail"] = detail
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    return JSONResponse(
+        body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError):
+        return problem_response(
+            exc.status,
+            exc.title,
+            exc.detail,
+            slug=exc.slug,
+            instance=request.url.path,
+            headers=exc.headers,
+            **exc.extra,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        title = (
+            HTTPStatus(exc.status_code).phrase
+            if exc.status_code in HTTPStatus._value2member_map_
+            else "Error"
+        )
+        detail = (
+            exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+        )
+        return problem_response(
+            exc.status_code,
+            title,
+            detail,
+            instance=request.url.path,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = [
+            {
+                "location": ".".join(str(part) for part in error.get("loc", ())),
+                "message": error.get("msg", ""),
+            }
+            for error in exc.errors()
+        ]
+        return problem_response(
+            422,
+            "The request is not valid",
+            "; ".join(f"{e['location']}: {e['message']}" for e in errors),
+            slug="invalid-input",
+            instance=request.url.path,
+            errors=errors,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(
+            500,
+            "Internal server error",
+            "The server could not complete the request; it has been logged.",
+            slug="internal",
+            instance=request.url.path,
+        )

@@ -1,0 +1,39 @@
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from app.api.deps import ProcessingRequestDep
+from app.api.errors import Conflict
+from app.api.routes.problems import PROBLEM_RESPONSES
+from app.services.batches import result_csv_lines
+
+router = APIRouter(tags=["batches"])
+
+
+@router.get(
+    "/download/{request_id}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "the result CSV"},
+        409: {
+            "description": "the request has not finished",
+            "content": {"application/problem+json": {}},
+        },
+        **PROBLEM_RESPONSES,
+    },
+    summary="The result CSV: input rows with an Output Image Urls column",
+)
+def download_results(
+    request: ProcessingRequestDep, http_request: Request
+) -> StreamingResponse:
+    if request.completed_at is None:
+        raise Conflict(
+            f"request {request.request_id} is {request.status}; the CSV is ready when it finishes",
+            request_status=request.status,
+        )
+    return StreamingResponse(
+        result_csv_lines(http_request.app.state.sessions, request.id),
+        media_type="text/csv; charset=utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="{request.request_id}.csv"'
+        },
+    )

@@ -1,0 +1,124 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import select
+
+from app.api.deps import (
+    OwnerDep,
+    ProcessingRequestDep,
+    RunnerDep,
+    SessionDep,
+    SettingsDep,
+)
+from app.api.errors import Conflict
+from app.api.routes.problems import PROBLEM_RESPONSES
+from app.api.schemas import (
+    ProductResult,
+    RequestList,
+    RequestStatusOut,
+    RequestSummary,
+    WebhookDeliveryList,
+    WebhookDeliveryOut,
+    WebhookStatus,
+)
+from app.db.models import ProcessingRequest, WebhookDelivery, WebhookEvent
+from app.services.batches import (
+    decode_cursor,
+    encode_cursor,
+    products_page,
+    requests_page,
+)
+from app.webhooks.events import latest_event, redeliver
+
+router = APIRouter(tags=["batches"], responses=PROBLEM_RESPONSES)
+
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
+Cursor = Annotated[str | None, Query(description="next_cursor from the previous page")]
+
+
+def _webhook_status(session, request: ProcessingRequest) -> WebhookStatus | None:
+    return WebhookStatus.of(request, latest_event(session, request.id))
+
+
+@router.get(
+    "/status/{request_id}",
+    response_model=RequestStatusOut,
+    summary="Status of a request",
+)
+def get_status(
+    request: ProcessingRequestDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> RequestStatusOut:
+    page, next_id = products_page(
+        session, request.id, after_id=decode_cursor(cursor), limit=limit
+    )
+    return RequestStatusOut.of(
+        request,
+        settings.base_url,
+        webhook=_webhook_status(session, request),
+        products=[ProductResult.of(item) for item in page],
+        next_cursor=encode_cursor(next_id) if next_id is not None else None,
+    )
+
+
+@router.get(
+    "/requests", response_model=RequestList, summary="All requests, newest first"
+)
+def list_requests(
+    session: SessionDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> RequestList:
+    items, next_id = requests_page(
+        session, owner, before_id=decode_cursor(cursor), limit=limit
+    )
+    return RequestList(
+        items=[RequestSummary.of(item, settings.base_url) for item in items],
+        next_cursor=encode_cursor(next_id) if next_id is not None else None,
+    )
+
+
+@router.get(
+    "/requests/{request_id}/webhook-deliveries",
+    response_model=WebhookDeliveryList,
+    summary="Webhook delivery attempts of a request",
+)
+def list_webhook_deliveries(
+    request: ProcessingRequestDep, session: SessionDep
+) -> WebhookDeliveryList:
+    deliveries = session.scalars(
+        select(WebhookDelivery)
+        .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
+        .where(WebhookEvent.request_pk == request.id)
+        .order_by(WebhookDelivery.id)
+    )
+    return WebhookDeliveryList(
+        webhook=_webhook_status(session, request),
+        deliveries=[WebhookDeliveryOut.of(d) for d in deliveries],
+    )
+
+
+@router.post(
+    "/requests/{request_id}/webhook-deliveries/redeliver",
+    status_code=202,
+    response_model=WebhookDeliveryList,
+    summary="Send the finished-request webhook again (same webhook-id)",
+)
+def redeliver_webhook(
+    request: ProcessingRequestDep, session: SessionDep, runner: RunnerDep
+) -> WebhookDeliveryList:
+    if not request.callback_url:
+        raise Conflict("this request has no webhook URL")
+    if request.completed_at is None:
+        raise Conflict(
+            "the request has not finished; its webhook will be sent when it does"
+        )
+    redeliver(session, request.id)
+    session.commit()
+    runner.notify_webhooks()
+    return WebhookDeliveryList(webhook=_webhook_status(session, request), deliveries=[])

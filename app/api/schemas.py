@@ -1,0 +1,197 @@
+"""Response bodies. Routes build these from rows; ORM objects never leave the API layer."""
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.db.models import Image, ProcessingRequest, WebhookDelivery, WebhookEvent
+from app.services.batches import ProductWithImages
+
+REQUEST_ID_EXAMPLE = "9b2f6c1e-4f7a-4f55-9f4e-2f2d0c6a7b10"
+
+
+class UploadAccepted(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "request_id": REQUEST_ID_EXAMPLE,
+                    "status": "pending",
+                    "status_url": f"http://127.0.0.1:8000/status/{REQUEST_ID_EXAMPLE}",
+                    "total_products": 8,
+                    "total_images": 24,
+                }
+            ]
+        }
+    )
+
+    request_id: str
+    status: str
+    status_url: str
+    total_products: int
+    total_images: int
+
+
+class Progress(BaseModel):
+    total_images: int
+    processed_images: int = Field(description="images that succeeded")
+    failed_images: int
+    percent: float = Field(description="share of images finished, succeeded or failed")
+
+
+class ImageError(BaseModel):
+    code: str = Field(examples=["http_404"])
+    message: str
+
+
+class ImageResult(BaseModel):
+    input_url: str
+    output_url: str | None
+    status: str = Field(examples=["succeeded"])
+    error: ImageError | None
+    input_bytes: int | None
+    output_bytes: int | None
+    width: int | None
+    height: int | None
+
+    @classmethod
+    def of(cls, image: Image) -> "ImageResult":
+        return cls(
+            input_url=image.input_url,
+            output_url=image.output_url,
+            status=image.status,
+            error=ImageError(code=image.error_code, message=image.error_message or "")
+            if image.error_code
+            else None,
+            input_bytes=image.input_bytes,
+            output_bytes=image.output_bytes,
+            width=image.width,
+            height=image.height,
+        )
+
+
+class ProductResult(BaseModel):
+    serial_number: int
+    product_name: str
+    input_image_urls: list[str]
+    output_image_urls: list[str] = Field(
+        description="same order and length; '' where an image failed"
+    )
+    images: list[ImageResult]
+
+    @classmethod
+    def of(cls, item: ProductWithImages) -> "ProductResult":
+        return cls(
+            serial_number=item.product.serial_number,
+            product_name=item.product.product_name,
+            input_image_urls=[image.input_url for image in item.images],
+            output_image_urls=[image.output_url or "" for image in item.images],
+            images=[ImageResult.of(image) for image in item.images],
+        )
+
+
+class WebhookDeliveryOut(BaseModel):
+    attempt: int
+    attempted_at: datetime
+    status_code: int | None
+    error: str | None
+    response_excerpt: str | None
+    duration_ms: int
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery) -> "WebhookDeliveryOut":
+        return cls(
+            attempt=delivery.attempt,
+            attempted_at=delivery.attempted_at,
+            status_code=delivery.status_code,
+            error=delivery.error,
+            response_excerpt=delivery.response_excerpt,
+            duration_ms=delivery.duration_ms,
+        )
+
+
+class WebhookStatus(BaseModel):
+    url: str
+    webhook_id: str | None = None
+    state: str = Field(
+        examples=["delivered"], description="waiting, pending, delivered or failed"
+    )
+    attempts: int = 0
+    last_status_code: int | None = None
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+    @classmethod
+    def of(
+        cls, request: ProcessingRequest, event: WebhookEvent | None
+    ) -> "WebhookStatus | None":
+        if not request.callback_url:
+            return None
+        if event is None:
+            return cls(url=request.callback_url, state="waiting")
+        return cls(
+            url=event.url,
+            webhook_id=event.webhook_id,
+            state=event.state,
+            attempts=event.attempts,
+            last_status_code=event.last_status_code,
+            last_error=event.last_error,
+            next_attempt_at=event.next_attempt_at if event.state == "pending" else None,
+            delivered_at=event.delivered_at,
+        )
+
+
+class RequestSummary(BaseModel):
+    request_id: str
+    status: str = Field(examples=["completed"])
+    created_at: datetime
+    completed_at: datetime | None
+    callback_url: str | None
+    total_products: int
+    progress: Progress
+    status_url: str
+    download_url: str | None = Field(description="set once the request has finished")
+
+    @classmethod
+    def of(cls, request: ProcessingRequest, base_url: str, **extra) -> "RequestSummary":
+        finished = request.processed_images + request.failed_images
+        return cls(
+            request_id=request.request_id,
+            status=request.status,
+            created_at=request.created_at,
+            completed_at=request.completed_at,
+            callback_url=request.callback_url,
+            total_products=request.total_products,
+            progress=Progress(
+                total_images=request.total_images,
+                processed_images=request.processed_images,
+                failed_images=request.failed_images,
+                percent=round(100 * finished / request.total_images, 2)
+                if request.total_images
+                else 100.0,
+            ),
+            status_url=f"{base_url}/status/{request.request_id}",
+            download_url=f"{base_url}/download/{request.request_id}"
+            if request.completed_at
+            else None,
+            **extra,
+        )
+
+
+class RequestStatusOut(RequestSummary):
+    webhook: WebhookStatus | None
+    products: list[ProductResult]
+    next_cursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null on the last"
+    )
+
+
+class RequestList(BaseModel):
+    items: list[RequestSummary]
+    next_cursor: str | None
+
+
+class WebhookDeliveryList(BaseModel):
+    webhook: WebhookStatus | None
+    deliveries: list[WebhookDeliveryOut]

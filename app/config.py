@@ -1,0 +1,76 @@
+"""The one settings class. Every key is documented in .env.example."""
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_concurrency() -> int:
+    # Downloads wait on the network while compression needs a core: keep several
+    # downloads in flight per core so the cores never starve.
+    return max(4, 4 * (os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str = f"sqlite:///{PROJECT_ROOT / 'data' / 'images.db'}"
+    media_root: Path = PROJECT_ROOT / "processed_images"
+    public_base_url: str = ""
+
+    jpeg_quality: int = Field(50, ge=1, le=95)
+    worker_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
+    compress_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    download_timeout_seconds: float = Field(30.0, gt=0)
+    max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(100_000_000, gt=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    recovery_interval_seconds: float = Field(30.0, gt=0)
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
+
+    max_csv_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_rows: int = Field(200_000, gt=0)
+    max_urls_per_row: int = Field(50, gt=0)
+
+    allow_private_hosts: str = ""
+    api_keys: str = ""
+
+    webhook_secret: str = ""
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_max_attempts: int = Field(8, ge=1)
+    webhook_retry_base_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_is_standard_webhooks(cls, value: str) -> str:
+        if value and not value.startswith("whsec_"):
+            raise ValueError(
+                "WEBHOOK_SECRET must be a Standard Webhooks secret (whsec_<base64>)"
+            )
+        return value
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def media_url(self) -> str:
+        return f"{self.base_url}/processed_images"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

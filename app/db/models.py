@@ -1,0 +1,147 @@
+"""The tables. Alembic migrations in alembic/versions are the only source of the schema."""
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base, UTCDateTime, utcnow
+
+
+class RequestStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    COMPLETED_WITH_ERRORS = "completed_with_errors"
+    FAILED = "failed"
+
+
+FINISHED_REQUEST_STATUSES = (
+    RequestStatus.COMPLETED,
+    RequestStatus.COMPLETED_WITH_ERRORS,
+    RequestStatus.FAILED,
+)
+
+
+class ImageStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class WebhookState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class ProcessingRequest(Base):
+    """One uploaded CSV. The counters are kept by the workers so status is cheap to read."""
+
+    __tablename__ = "processing_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(36), unique=True)
+    status: Mapped[str] = mapped_column(String(32), default=RequestStatus.PENDING)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    total_products: Mapped[int] = mapped_column(Integer, default=0)
+    total_images: Mapped[int] = mapped_column(Integer, default=0)
+    processed_images: Mapped[int] = mapped_column(Integer, default=0)
+    failed_images: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Product(Base):
+    """One CSV row. Products are ordered by id, which follows CSV order."""
+
+    __tablename__ = "products"
+    __table_args__ = (
+        UniqueConstraint("request_pk", "serial_number"),
+        Index("ix_products_request_pk_id", "request_pk", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_pk: Mapped[int] = mapped_column(
+        ForeignKey("processing_requests.id", ondelete="CASCADE")
+    )
+    serial_number: Mapped[int] = mapped_column(Integer)
+    product_name: Mapped[str] = mapped_column(Text)
+
+
+class Image(Base):
+    """One input URL of one product: the unit of work."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("product_id", "position"),
+        Index("ix_images_request_pk_status", "request_pk", "status"),
+        Index("ix_images_status_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_pk: Mapped[int] = mapped_column(
+        ForeignKey("processing_requests.id", ondelete="CASCADE")
+    )
+    product_id: Mapped[int] = mapped_column(
+        ForeignKey("products.id", ondelete="CASCADE")
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    input_url: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default=ImageStatus.PENDING)
+    output_url: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    input_bytes: Mapped[int | None] = mapped_column(Integer)
+    output_bytes: Mapped[int | None] = mapped_column(Integer)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    source_format: Mapped[str | None] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    fetch_ms: Mapped[int | None] = mapped_column(Integer)
+    compress_ms: Mapped[int | None] = mapped_column(Integer)
+
+
+class WebhookEvent(Base):
+    """A notification owed to a request's webhook URL; its webhook_id is stable across retries."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_pk: Mapped[int] = mapped_column(
+        ForeignKey("processing_requests.id", ondelete="CASCADE"), index=True
+    )
+    webhook_id: Mapped[str] = mapped_column(String(64), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=WebhookState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver a webhook event."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    attempted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer)

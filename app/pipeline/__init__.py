@@ -1,0 +1,1 @@
+"""The image pipeline: fetch -> compress -> store, each stage failing with an ImageFailure."""

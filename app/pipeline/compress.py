@@ -1,0 +1,131 @@
+"""Compress stage: decode untrusted bytes, normalise, encode as a JPEG at the set quality.
+
+Limits come before work: the format is decided from the bytes (not the Content-Type or
+extension), and the pixel count is checked from the header before any pixel is decoded.
+The output keeps the dimensions (after EXIF orientation) and the ICC colour profile
+where it still describes the output's colour space; all other metadata is dropped.
+"""
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+EXIF_ORIENTATION = 0x0112
+WHITE = (255, 255, 255)
+
+# This stage enforces its own pixel cap (MAX_IMAGE_PIXELS) before decoding; Pillow's
+# process-wide guard would otherwise refuse or warn at a different, fixed size.
+Image.MAX_IMAGE_PIXELS = None
+
+_SRGB_PROFILE = ImageCms.createProfile("sRGB")
+
+
+@dataclass(frozen=True)
+class CompressedImage:
+    data: bytes
+    width: int
+    height: int
+    source_format: str
+
+
+def compress_to_jpeg(data: bytes, *, quality: int, max_pixels: int) -> CompressedImage:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise NotAnImage("the content is not an image in a supported format") from exc
+    except Image.DecompressionBombError as exc:
+        raise DecompressionBomb(str(exc)) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CorruptImage(f"the image header cannot be read: {exc}") from exc
+
+    source_format = image.format or "unknown"
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise CorruptImage("the image has no pixels")
+    if width * height > max_pixels:
+        raise DecompressionBomb(
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    try:
+        image.load()  # first frame of an animation
+        orientation = image.getexif().get(EXIF_ORIENTATION)
+        if orientation in range(2, 9):
+            image = ImageOps.exif_transpose(image)
+        image, icc_profile = _jpeg_compatible(image)
+        out = io.BytesIO()
+        image.save(
+            out,
+            "JPEG",
+            quality=quality,
+            icc_profile=icc_profile,
+            comment=b"",
+        )
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombError,
+    ) as exc:
+        raise CorruptImage(f"the image cannot be decoded: {exc}") from exc
+    return CompressedImage(out.getvalue(), image.width, image.height, source_format)
+
+
+def _profile_colour_space(icc_profile: bytes | None) -> bytes | None:
+    return icc_profile[16:20] if icc_profile and len(icc_profile) >= 20 else None
+
+
+def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
+    """Return an L or RGB image and the ICC profile that still describes it, if any."""
+    icc_profile = image.info.get("icc_profile")
+    mode = image.mode
+
+    if mode == "CMYK":
+        if _profile_colour_space(icc_profile) == b"CMYK":
+            try:
+                source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+                return ImageCms.profileToProfile(
+                    image, source, _SRGB_PROFILE, outputMode="RGB"
+                ), None
+            except ImageCms.PyCMSError:
+                pass
+        return image.convert("RGB"), None
+
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit samples: scale to 8 bits rather than clipping everything above 255.
+        image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+        return image, icc_profile if _profile_colour_space(
+            icc_profile
+        ) == b"GRAY" else None
+    if mode == "F":
+        return image.convert("L"), None
+
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    )
+    if has_alpha:
+        grey = mode in ("LA", "La", "L")
+        image = image.convert("LA" if grey else "RGBA")
+        background = Image.new(
+            "L" if grey else "RGB", image.size, 255 if grey else WHITE
+        )
+        background.paste(
+            image.convert("L" if grey else "RGB"), mask=image.getchannel("A")
+        )
+        image = background
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+
+    expected = b"GRAY" if image.mode == "L" else b"RGB "
+    return image, icc_profile if _profile_colour_space(
+        icc_profile
+    ) == expected else None

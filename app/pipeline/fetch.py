@@ -1,0 +1,306 @@
+"""Fetch stage: download one untrusted URL into memory, within hard limits.
+
+Every URL in a CSV comes from someone we don't trust. Before any byte is sent:
+- the scheme must be http(s) with a host;
+- the host is resolved here and every address is checked against AddressPolicy, and the
+  socket connects to the address that passed the check (no DNS-rebinding gap);
+- redirects are followed by hand, so every hop goes through the same checks, and capped.
+While reading, the decoded size is capped (a gzip bomb is cut off), and so is the total
+wall-clock time (a server dripping one byte a second is cut off).
+"""
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NameResolutionError,
+    NewConnectionError,
+)
+
+from app.pipeline.failures import (
+    BlockedAddress,
+    ConnectionFailed,
+    FetchFailure,
+    HttpError,
+    ImageFailure,
+    InvalidUrl,
+    TooLarge,
+    TooManyRedirects,
+    UpstreamTimeout,
+)
+
+READ_CHUNK_BYTES = 256 * 1024
+MAX_URL_LENGTH = 2048
+USER_AGENT = "batch-image-service/1.0"
+
+
+def parse_allowlist(entries: str) -> frozenset[tuple[str, int]]:
+    """'host:port,host:port' -> {(host, port)}; hosts lowercased, IPv6 in brackets."""
+    allowed = set()
+    for entry in filter(None, (e.strip() for e in entries.split(","))):
+        parts = urlsplit(f"//{entry}")
+        if not parts.hostname or parts.port is None:
+            raise ValueError(f"allowlist entry {entry!r} is not host:port")
+        allowed.add((parts.hostname.lower(), parts.port))
+    return frozenset(allowed)
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is not None:
+            return is_public_address(embedded)
+        if address.teredo is not None:
+            return False
+    return address.is_global and not address.is_multicast
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """Which hosts may be contacted: public addresses, plus an explicit host:port allowlist."""
+
+    allowed_private: frozenset[tuple[str, int]] = frozenset()
+
+    def resolve(self, host: str, port: int, timeout: float | None) -> list[tuple]:
+        """Resolve host and return connectable addrinfo entries, or raise BlockedAddress."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ConnectionFailed(f"cannot resolve host {host!r}: {exc}") from exc
+        if (host.lower().strip("[]"), port) in self.allowed_private:
+            return infos
+        for info in infos:
+            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            if not is_public_address(address):
+                raise BlockedAddress(
+                    f"host {host!r} resolves to {address}, which is not a public address"
+                )
+        return infos
+
+
+def _guarded_new_conn(self) -> socket.socket:
+    infos = self.address_policy.resolve(self._dns_host, self.port, self.timeout)
+    last_error: OSError | None = None
+    for family, socktype, proto, _name, sockaddr in infos:
+        sock = socket.socket(family, socktype, proto)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.timeout is not None:
+                sock.settimeout(self.timeout)
+            sock.connect(sockaddr)
+            return sock
+        except TimeoutError as exc:
+            sock.close()
+            raise ConnectTimeoutError(
+                self, f"connect to {self.host} timed out"
+            ) from exc
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+    raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}")
+
+
+def guarded_session(policy: AddressPolicy, pool_size: int) -> requests.Session:
+    """A pooled requests.Session whose every connection passes the address policy."""
+
+    class GuardedHTTPConnection(HTTPConnection):
+        address_policy = policy
+        _new_conn = _guarded_new_conn
+
+    class GuardedHTTPSConnection(HTTPSConnection):
+        address_policy = policy
+        _new_conn = _guarded_new_conn
+
+    class GuardedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = GuardedHTTPConnection
+
+    class GuardedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = GuardedHTTPSConnection
+
+    class GuardedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {
+                "http": GuardedHTTPPool,
+                "https": GuardedHTTPSPool,
+            }
+
+    session = requests.Session()
+    # No proxies or .netrc from the environment: they would bypass the address policy.
+    session.trust_env = False
+    session.headers["User-Agent"] = USER_AGENT
+    adapter = GuardedAdapter(
+        pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def check_url(url: str) -> None:
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidUrl(f"URL is longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise InvalidUrl(f"malformed URL: {exc}") from exc
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InvalidUrl("only absolute http(s) URLs with a host can be fetched")
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    data: bytes
+    final_url: str
+    content_type: str | None
+
+
+class HttpFetcher:
+    """Downloads images with retries on transient failures (timeouts, 429, 5xx)."""
+
+    def __init__(
+        self,
+        session: requests.Session,
+        *,
+        timeout_seconds: float,
+        max_bytes: int,
+        max_redirects: int = 5,
+        retries: int = 2,
+        retry_backoff_seconds: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.session = session
+        self.timeout_seconds = timeout_seconds
+        self.max_bytes = max_bytes
+        self.max_redirects = max_redirects
+        self.retries = retries
+        self.retry_backoff_seconds = retry_backoff_seconds
+        self.sleep = sleep
+
+    def fetch(self, url: str) -> FetchedImage:
+        for attempt in range(self.retries + 1):
+            try:
+                return self._fetch_once(url)
+            except ImageFailure as failure:
+                if not failure.retryable or attempt == self.retries:
+                    raise
+            self.sleep(self.retry_backoff_seconds * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _fetch_once(self, url: str) -> FetchedImage:
+        deadline = time.monotonic() + self.timeout_seconds
+        for _hop in range(self.max_redirects + 1):
+            check_url(url)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeout(
+                    f"no complete answer within {self.timeout_seconds:g} s"
+                )
+            try:
+                response = self.session.get(
+                    url,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(remaining, remaining),
+                    headers={"Accept": "image/*,*/*;q=0.5"},
+                )
+            except ImageFailure:
+                raise
+            except requests.exceptions.Timeout as exc:
+                raise UpstreamTimeout(
+                    f"timed out after {self.timeout_seconds:g} s"
+                ) from exc
+            except requests.exceptions.InvalidURL as exc:
+                raise InvalidUrl(f"malformed URL: {exc}") from exc
+            except requests.exceptions.RequestException as exc:
+                raise ConnectionFailed(_connection_message(exc)) from exc
+            with response:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers["location"])
+                    continue
+                if response.status_code != 200:
+                    raise HttpError(response.status_code, response.reason or "")
+                data = self._read_body(response, deadline)
+                return FetchedImage(data, url, response.headers.get("content-type"))
+        raise TooManyRedirects(f"more than {self.max_redirects} redirects")
+
+    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+        declared = response.headers.get("content-length", "")
+        encoded = response.headers.get("content-encoding", "identity").lower()
+        if (
+            declared.isdigit()
+            and encoded == "identity"
+            and int(declared) > self.max_bytes
+        ):
+            raise TooLarge(
+                f"the image is {int(declared)} bytes; the limit is {self.max_bytes}"
+            )
+        body = bytearray()
+        raw = response.raw
+        try:
+            while True:
+                # read1 returns what one socket read gives, so the deadline is checked
+                # often even when the server sends a byte at a time; decoded output is
+                # capped per call, so a compressed bomb never inflates in one piece.
+                chunk = raw.read1(READ_CHUNK_BYTES, decode_content=True)
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise TooLarge(f"the image is larger than {self.max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise UpstreamTimeout(
+                        f"download did not finish within {self.timeout_seconds:g} s"
+                    )
+        except ImageFailure:
+            raise
+        except (TimeoutError, socket.timeout) as exc:
+            raise UpstreamTimeout(
+                f"download did not finish within {self.timeout_seconds:g} s"
+            ) from exc
+        except (
+            Exception
+        ) as exc:  # urllib3 and http.client raise many kinds on a broken body
+            if "timed out" in str(exc).lower():
+                raise UpstreamTimeout(
+                    f"download did not finish within {self.timeout_seconds:g} s"
+                ) from exc
+            raise FetchFailure(
+                f"the download broke off: {exc}", code="broken_download", retryable=True
+            ) from exc
+        return bytes(body)
+
+
+def _connection_message(exc: Exception) -> str:
+    for cause in _causes(exc):
+        if isinstance(cause, NameResolutionError):
+            return "the host name could not be resolved"
+        if isinstance(cause, ConnectionRefusedError):
+            return "the connection was refused"
+    return f"could not connect: {exc.__class__.__name__}"
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = (
+            exc.__cause__
+            or exc.__context__
+            or (
+                exc.args[0]
+                if exc.args and isinstance(exc.args[0], BaseException)
+                else None
+            )
+        )

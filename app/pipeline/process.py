@@ -1,0 +1,321 @@
+"""The unit of work: one image, by database id.
+
+    claim_images(ids)  -> WorkUnits     guarded pending -> processing, with a lease
+    run(unit)          -> ImageOutcome   fetch -> compress -> store; no database access
+    record_outcomes(outcomes)            guarded processing -> succeeded/failed, request
+                                         counters, and the request finished exactly once
+
+`process_image(image_id)` chains the three; a runner may batch the database ends. Every
+state change is guarded by the claim's attempt number, so a unit handled twice (a lost
+lease, a crash and restart, a duplicate dispatch) changes nothing the second time.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.base import utcnow
+from app.db.models import (
+    FINISHED_REQUEST_STATUSES,
+    Image,
+    ImageStatus,
+    ProcessingRequest,
+    RequestStatus,
+)
+from app.pipeline.compress import compress_to_jpeg
+from app.pipeline.failures import ImageFailure
+from app.pipeline.fetch import HttpFetcher
+from app.pipeline.store import ImageStorage, output_key
+from app.webhooks.events import create_finished_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    image_id: int
+    attempt: int
+    request_pk: int
+    request_id: str
+    input_url: str
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    unit: WorkUnit
+    output_url: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    input_bytes: int | None = None
+    output_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    source_format: str | None = None
+    fetch_ms: int | None = None
+    compress_ms: int | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error_code is None
+
+
+def _ms_since(start: float) -> int:
+    return round((time.perf_counter() - start) * 1000)
+
+
+class ImagePipeline:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        fetcher: HttpFetcher,
+        storage: ImageStorage,
+        jpeg_quality: int,
+        max_image_pixels: int,
+        lease_seconds: float,
+        compress_slots: int,
+        public_base_url: str,
+    ):
+        self.sessions = sessions
+        self.fetcher = fetcher
+        self.storage = storage
+        self.jpeg_quality = jpeg_quality
+        self.max_image_pixels = max_image_pixels
+        self.lease = timedelta(seconds=lease_seconds)
+        self.public_base_url = public_base_url
+        # Downloads may run many at once; decoding and encoding only as many as cores.
+        self._compress_slots = threading.BoundedSemaphore(compress_slots)
+
+    # -- database ends -------------------------------------------------------------
+
+    def claimable(self, now=None):
+        """Condition for images that may be claimed: pending, or with an expired lease."""
+        cutoff = (now or utcnow()) - self.lease
+        return or_(
+            Image.status == ImageStatus.PENDING,
+            and_(Image.status == ImageStatus.PROCESSING, Image.claimed_at < cutoff),
+        )
+
+    def claim_images(self, image_ids: Sequence[int]) -> list[WorkUnit]:
+        if not image_ids:
+            return []
+        now = utcnow()
+        with self.sessions.begin() as session:
+            claimed = session.execute(
+                update(Image)
+                .where(Image.id.in_(image_ids), self.claimable(now))
+                .values(
+                    status=ImageStatus.PROCESSING,
+                    claimed_at=now,
+                    attempts=Image.attempts + 1,
+                )
+                .returning(Image.id, Image.attempts, Image.request_pk, Image.input_url)
+            ).all()
+            if not claimed:
+                return []
+            request_pks = {row.request_pk for row in claimed}
+            session.execute(
+                update(ProcessingRequest)
+                .where(
+                    ProcessingRequest.id.in_(request_pks),
+                    ProcessingRequest.status == RequestStatus.PENDING,
+                )
+                .values(status=RequestStatus.PROCESSING, started_at=now)
+            )
+            public_ids = dict(
+                session.execute(
+                    select(ProcessingRequest.id, ProcessingRequest.request_id).where(
+                        ProcessingRequest.id.in_(request_pks)
+                    )
+                ).all()
+            )
+        units = [
+            WorkUnit(
+                row.id,
+                row.attempts,
+                row.request_pk,
+                public_ids[row.request_pk],
+                row.input_url,
+            )
+            for row in claimed
+        ]
+        units.sort(key=lambda unit: unit.image_id)
+        return units
+
+    def release(self, units: Sequence[WorkUnit]) -> None:
+        """Hand claimed but unprocessed units back (graceful shutdown)."""
+        if not units:
+            return
+        with self.sessions.begin() as session:
+            for unit in units:
+                session.execute(
+                    update(Image)
+                    .where(
+                        Image.id == unit.image_id,
+                        Image.status == ImageStatus.PROCESSING,
+                        Image.attempts == unit.attempt,
+                    )
+                    .values(status=ImageStatus.PENDING, claimed_at=None)
+                )
+
+    def record_outcomes(self, outcomes: Sequence[ImageOutcome]) -> list[int]:
+        """Store results in one transaction; return ids of webhook events it created."""
+        if not outcomes:
+            return []
+        now = utcnow()
+        succeeded: dict[int, int] = {}
+        failed: dict[int, int] = {}
+        with self.sessions.begin() as session:
+            for outcome in outcomes:
+                unit = outcome.unit
+                changed = session.execute(
+                    update(Image)
+                    .where(
+                        Image.id == unit.image_id,
+                        Image.status == ImageStatus.PROCESSING,
+                        Image.attempts == unit.attempt,
+                    )
+                    .values(
+                        status=ImageStatus.SUCCEEDED
+                        if outcome.succeeded
+                        else ImageStatus.FAILED,
+                        output_url=outcome.output_url,
+                        error_code=outcome.error_code,
+                        error_message=outcome.error_message,
+                        input_bytes=outcome.input_bytes,
+                        output_bytes=outcome.output_bytes,
+                        width=outcome.width,
+                        height=outcome.height,
+                        source_format=outcome.source_format,
+                        fetch_ms=outcome.fetch_ms,
+                        compress_ms=outcome.compress_ms,
+                        finished_at=now,
+                    )
+                ).rowcount
+                if changed:
+                    tally = succeeded if outcome.succeeded else failed
+                    tally[unit.request_pk] = tally.get(unit.request_pk, 0) + 1
+            events = []
+            for request_pk in sorted(succeeded.keys() | failed.keys()):
+                event_id = self._count_and_maybe_finish(
+                    session,
+                    request_pk,
+                    succeeded.get(request_pk, 0),
+                    failed.get(request_pk, 0),
+                    now,
+                )
+                if event_id is not None:
+                    events.append(event_id)
+        return events
+
+    def _count_and_maybe_finish(
+        self, session: Session, request_pk: int, succeeded: int, failed: int, now
+    ) -> int | None:
+        # The counter update locks the request row (PostgreSQL) or the database (SQLite),
+        # so whichever transaction brings the count to the total sees it, exactly once.
+        row = session.execute(
+            update(ProcessingRequest)
+            .where(ProcessingRequest.id == request_pk)
+            .values(
+                processed_images=ProcessingRequest.processed_images + succeeded,
+                failed_images=ProcessingRequest.failed_images + failed,
+            )
+            .returning(
+                ProcessingRequest.processed_images,
+                ProcessingRequest.failed_images,
+                ProcessingRequest.total_images,
+            )
+        ).one()
+        if row.processed_images + row.failed_images < row.total_images:
+            return None
+        final_status = case(
+            (ProcessingRequest.failed_images == 0, RequestStatus.COMPLETED),
+            (ProcessingRequest.processed_images == 0, RequestStatus.FAILED),
+            else_=RequestStatus.COMPLETED_WITH_ERRORS,
+        )
+        finished = session.execute(
+            update(ProcessingRequest)
+            .where(
+                ProcessingRequest.id == request_pk,
+                ProcessingRequest.status.not_in(FINISHED_REQUEST_STATUSES),
+            )
+            .values(status=final_status, completed_at=now)
+        ).rowcount
+        if not finished:
+            return None
+        request = session.get(ProcessingRequest, request_pk)
+        assert request is not None
+        return create_finished_event(session, request, self.public_base_url)
+
+    # -- the stages ----------------------------------------------------------------
+
+    def run(self, unit: WorkUnit) -> ImageOutcome:
+        start = time.perf_counter()
+        fetch_ms = compress_ms = None
+        try:
+            fetched = self.fetcher.fetch(unit.input_url)
+            fetch_ms = _ms_since(start)
+            start = time.perf_counter()
+            with self._compress_slots:
+                compressed = compress_to_jpeg(
+                    fetched.data,
+                    quality=self.jpeg_quality,
+                    max_pixels=self.max_image_pixels,
+                )
+            compress_ms = _ms_since(start)
+            output_url = self.storage.save(
+                output_key(unit.request_id, unit.image_id), compressed.data
+            )
+        except ImageFailure as failure:
+            return ImageOutcome(
+                unit,
+                error_code=failure.code,
+                error_message=failure.message,
+                fetch_ms=fetch_ms if fetch_ms is not None else _ms_since(start),
+                compress_ms=compress_ms,
+            )
+        except Exception as exc:  # a bug must fail one image, never the batch
+            log.exception("unexpected error processing image %s", unit.image_id)
+            return ImageOutcome(
+                unit,
+                error_code="internal_error",
+                error_message=f"unexpected error: {exc.__class__.__name__}",
+            )
+        return ImageOutcome(
+            unit,
+            output_url=output_url,
+            input_bytes=len(fetched.data),
+            output_bytes=len(compressed.data),
+            width=compressed.width,
+            height=compressed.height,
+            source_format=compressed.source_format,
+            fetch_ms=fetch_ms,
+            compress_ms=compress_ms,
+        )
+
+    def process_image(self, image_id: int) -> list[int]:
+        """Claim, run and record one image; returns webhook event ids to deliver."""
+        return [
+            event_id
+            for unit in self.claim_images([image_id])
+            for event_id in self.record_outcomes([self.run(unit)])
+        ]
+
+
+def next_claimable_ids(
+    session: Session, pipeline: ImagePipeline, after_id: int, limit: int
+) -> list[int]:
+    return list(
+        session.scalars(
+            select(Image.id)
+            .where(Image.id > after_id, pipeline.claimable())
+            .order_by(Image.id)
+            .limit(limit)
+        )
+    )

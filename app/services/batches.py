@@ -1,0 +1,237 @@
+"""Batches: creating one from a CSV, and reading its products and images back.
+
+Functions here only flush; the caller owns the transaction.
+"""
+
+import base64
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import groupby
+from typing import BinaryIO
+
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.api.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
+from app.db.models import Image, Product, ProcessingRequest, RequestStatus
+from app.services.csv_input import (
+    OUTPUT_COLUMNS,
+    CsvErrors,
+    CsvRow,
+    CsvTooLarge,
+    read_products,
+    url_problem,
+    write_csv_line,
+)
+
+INSERT_CHUNK_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class CsvLimits:
+    max_bytes: int
+    max_rows: int
+    max_urls_per_row: int
+
+
+@dataclass(frozen=True)
+class ProductWithImages:
+    product: Product
+    images: list[Image]
+
+
+def encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        version, _, value = text.partition(":")
+        if version != "v1" or not value.isdigit():
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise InvalidInput(
+            "the cursor is not one this service issued", cursor=cursor
+        ) from None
+
+
+def create_batch(
+    session: Session,
+    csv_file: BinaryIO,
+    *,
+    webhook_url: str | None,
+    owner: str | None,
+    limits: CsvLimits,
+) -> tuple[ProcessingRequest, list[int]]:
+    """Store a request, its products and images; return it and the new image ids.
+
+    Rows are inserted as they are parsed; if the file turns out to be invalid the caller
+    rolls the transaction back, so a refused file leaves nothing behind.
+    """
+    if webhook_url:
+        problem = url_problem(webhook_url)
+        if problem:
+            raise InvalidInput(f"webhook_url: {problem}")
+    request = ProcessingRequest(
+        request_id=str(uuid.uuid4()),
+        status=RequestStatus.PENDING,
+        owner=owner,
+        callback_url=webhook_url or None,
+    )
+    session.add(request)
+    session.flush()
+
+    errors = CsvErrors()
+    rows = read_products(
+        csv_file,
+        max_bytes=limits.max_bytes,
+        max_rows=limits.max_rows,
+        max_urls_per_row=limits.max_urls_per_row,
+        errors=errors,
+    )
+    image_ids: list[int] = []
+    total_products = 0
+    chunk: list[CsvRow] = []
+    try:
+        for row in rows:
+            if errors:
+                continue  # keep reading to report every problem, store nothing more
+            chunk.append(row)
+            if len(chunk) >= INSERT_CHUNK_ROWS:
+                image_ids += _insert_rows(session, request.id, chunk)
+                total_products += len(chunk)
+                chunk = []
+    except CsvTooLarge:
+        raise PayloadTooLarge(
+            f"the CSV is larger than {limits.max_bytes} bytes"
+        ) from None
+    if errors:
+        raise InvalidCsv(
+            f"{errors.total} problem(s) found in the CSV; nothing was stored",
+            errors=errors.items,
+            errors_not_shown=errors.not_shown,
+        )
+    image_ids += _insert_rows(session, request.id, chunk)
+    total_products += len(chunk)
+    request.total_products = total_products
+    request.total_images = len(image_ids)
+    session.flush()
+    return request, image_ids
+
+
+def _insert_rows(session: Session, request_pk: int, rows: list[CsvRow]) -> list[int]:
+    if not rows:
+        return []
+    product_ids = session.scalars(
+        insert(Product).returning(Product.id, sort_by_parameter_order=True),
+        [
+            {
+                "request_pk": request_pk,
+                "serial_number": row.serial_number,
+                "product_name": row.product_name,
+            }
+            for row in rows
+        ],
+    ).all()
+    return list(
+        session.scalars(
+            insert(Image).returning(Image.id, sort_by_parameter_order=True),
+            [
+                {
+                    "request_pk": request_pk,
+                    "product_id": product_id,
+                    "position": position,
+                    "input_url": url,
+                }
+                for product_id, row in zip(product_ids, rows, strict=True)
+                for position, url in enumerate(row.image_urls)
+            ],
+        ).all()
+    )
+
+
+def get_request(
+    session: Session, request_id: str, owner: str | None
+) -> ProcessingRequest:
+    query = select(ProcessingRequest).where(ProcessingRequest.request_id == request_id)
+    if owner is not None:
+        query = query.where(ProcessingRequest.owner == owner)
+    request = session.scalars(query).one_or_none()
+    if request is None:
+        raise NotFound(f"no request with id {request_id!r}")
+    return request
+
+
+def products_page(
+    session: Session, request_pk: int, *, after_id: int | None, limit: int
+) -> tuple[list[ProductWithImages], int | None]:
+    """Products in CSV order after the cursor, with their images; and the next cursor id."""
+    query = (
+        select(Product)
+        .where(Product.request_pk == request_pk)
+        .order_by(Product.id)
+        .limit(limit + 1)
+    )
+    if after_id is not None:
+        query = query.where(Product.id > after_id)
+    products = list(session.scalars(query))
+    has_more = len(products) > limit
+    products = products[:limit]
+    if not products:
+        return [], None
+    images = session.scalars(
+        select(Image)
+        .where(Image.product_id.in_([p.id for p in products]))
+        .order_by(Image.product_id, Image.position)
+    )
+    by_product = {
+        pid: list(group) for pid, group in groupby(images, key=lambda i: i.product_id)
+    }
+    page = [ProductWithImages(p, by_product.get(p.id, [])) for p in products]
+    return page, products[-1].id if has_more else None
+
+
+def requests_page(
+    session: Session, owner: str | None, *, before_id: int | None, limit: int
+) -> tuple[list[ProcessingRequest], int | None]:
+    query = (
+        select(ProcessingRequest).order_by(ProcessingRequest.id.desc()).limit(limit + 1)
+    )
+    if owner is not None:
+        query = query.where(ProcessingRequest.owner == owner)
+    if before_id is not None:
+        query = query.where(ProcessingRequest.id < before_id)
+    items = list(session.scalars(query))
+    has_more = len(items) > limit
+    items = items[:limit]
+    return items, items[-1].id if has_more and items else None
+
+
+def result_csv_lines(
+    sessions: sessionmaker[Session], request_pk: int, chunk: int = 1000
+) -> Iterator[str]:
+    """The result CSV, a page of products at a time, in a session of its own: it is read
+    while the response streams, after the request's own session has closed."""
+    yield write_csv_line(list(OUTPUT_COLUMNS))
+    after_id = None
+    while True:
+        with sessions() as session:
+            page, after_id = products_page(
+                session, request_pk, after_id=after_id, limit=chunk
+            )
+        for item in page:
+            yield write_csv_line(
+                [
+                    str(item.product.serial_number),
+                    item.product.product_name,
+                    ",".join(image.input_url for image in item.images),
+                    ",".join(image.output_url or "" for image in item.images),
+                ]
+            )
+        if after_id is None:
+            return

@@ -1,0 +1,240 @@
+"""Reading an uploaded products CSV: tolerant of harmless variation, strict about the rest.
+
+Rows are yielded as they are read, so a large file never sits in memory whole; problems
+are collected in `errors` (bounded) and the caller refuses the upload if any were found.
+"""
+
+import codecs
+import csv
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+from app.pipeline.fetch import MAX_URL_LENGTH
+
+COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
+OUTPUT_COLUMNS = (*COLUMNS, "Output Image Urls")
+MAX_REPORTED_ERRORS = 50
+MAX_PRODUCT_NAME_CHARS = 1000
+READ_BLOCK_BYTES = 64 * 1024
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _header_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+_COLUMN_BY_KEY = {_header_key(name): name for name in COLUMNS}
+_COLUMN_BY_KEY["serialnumber"] = "S. No."
+
+
+class CsvTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class CsvRow:
+    line: int
+    serial_number: int
+    product_name: str
+    image_urls: list[str]
+
+
+@dataclass
+class CsvErrors:
+    items: list[dict] = field(default_factory=list)
+    total: int = 0
+
+    def add(self, line: int | None, column: str | None, message: str) -> None:
+        self.total += 1
+        if len(self.items) < MAX_REPORTED_ERRORS:
+            self.items.append({"line": line, "column": column, "message": message})
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    @property
+    def not_shown(self) -> int:
+        return self.total - len(self.items)
+
+
+def url_problem(url: str) -> str | None:
+    """Why url cannot be an image source, or None if it can."""
+    if len(url) > MAX_URL_LENGTH:
+        return f"URL is longer than {MAX_URL_LENGTH} characters"
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return f"URL {url[:80]!r} contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return f"URL {url[:80]!r} is malformed"
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"URL {url[:80]!r} is not an absolute http(s) URL"
+    if not parts.hostname:
+        return f"URL {url[:80]!r} has no host"
+    if port == 0:
+        return f"URL {url[:80]!r} has port 0"
+    return None
+
+
+def _decoded_lines(
+    stream: BinaryIO, max_bytes: int, errors: CsvErrors
+) -> Iterator[str]:
+    """Yield text lines of a UTF-8 (optionally BOM-prefixed) byte stream, within max_bytes."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    seen = 0
+    pending = ""
+    lines_yielded = 0
+    while True:
+        block = stream.read(READ_BLOCK_BYTES)
+        seen += len(block)
+        if seen > max_bytes:
+            raise CsvTooLarge
+        if b"\x00" in block:
+            errors.add(None, None, "the file is binary, not a CSV text file")
+            return
+        try:
+            pending += decoder.decode(block, final=not block)
+        except UnicodeDecodeError:
+            errors.add(lines_yielded + 1, None, "the file is not valid UTF-8 text")
+            return
+        start = 0
+        for match in _LINE_END.finditer(pending):
+            if block and match.group() == "\r" and match.end() == len(pending):
+                break  # may be the first half of a "\r\n" split across blocks
+            yield pending[start : match.end()]
+            lines_yielded += 1
+            start = match.end()
+        pending = pending[start:]
+        if not block:
+            if pending:
+                yield pending
+            return
+
+
+def read_products(
+    stream: BinaryIO,
+    *,
+    max_bytes: int,
+    max_rows: int,
+    max_urls_per_row: int,
+    errors: CsvErrors,
+) -> Iterator[CsvRow]:
+    """Yield valid rows; record every problem in errors. Raises CsvTooLarge past max_bytes."""
+    reader = csv.reader(_decoded_lines(stream, max_bytes, errors), strict=True)
+    try:
+        header = next(reader, None)
+        while header is not None and not any(cell.strip() for cell in header):
+            header = next(reader, None)
+    except csv.Error as exc:
+        errors.add(reader.line_num, None, f"the header cannot be parsed: {exc}")
+        return
+    if header is None:
+        if not errors:
+            errors.add(
+                None, None, "the file is empty; expected a header: " + ",".join(COLUMNS)
+            )
+        return
+    columns = [_COLUMN_BY_KEY.get(_header_key(name)) for name in header]
+    unknown = [name.strip() for name, column in zip(header, columns) if column is None]
+    missing = [name for name in COLUMNS if name not in columns]
+    if unknown or missing or len(header) != len(COLUMNS):
+        problems = []
+        if missing:
+            problems.append("missing column(s): " + ", ".join(missing))
+        if unknown:
+            problems.append(
+                "unknown column(s): " + ", ".join(repr(name) for name in unknown)
+            )
+        if not problems:
+            problems.append("a column appears twice")
+        errors.add(
+            reader.line_num,
+            None,
+            "; ".join(problems) + ". Expected: " + ",".join(COLUMNS),
+        )
+        return
+    index = {column: position for position, column in enumerate(columns)}
+
+    serials: set[int] = set()
+    rows = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            errors.add(reader.line_num, None, f"the row cannot be parsed: {exc}")
+            return
+        line = reader.line_num
+        if not any(cell.strip() for cell in cells):
+            continue
+        rows += 1
+        if rows > max_rows:
+            errors.add(line, None, f"the file has more than {max_rows} product rows")
+            return
+        if len(cells) != len(COLUMNS):
+            errors.add(
+                line, None, f"expected {len(COLUMNS)} columns, found {len(cells)}"
+            )
+            continue
+        row = _parse_row(line, cells, index, max_urls_per_row, serials, errors)
+        if row is not None:
+            yield row
+    if rows == 0 and not errors:
+        errors.add(None, None, "the file has a header but no product rows")
+
+
+def _parse_row(line, cells, index, max_urls_per_row, serials, errors) -> CsvRow | None:
+    ok = True
+    raw_serial = cells[index["S. No."]].strip()
+    serial = int(raw_serial) if raw_serial.isdigit() and raw_serial.isascii() else 0
+    if serial <= 0 or serial >= 2**31:
+        errors.add(
+            line, "S. No.", f"{raw_serial[:40]!r} is not a positive whole number"
+        )
+        ok = False
+    elif serial in serials:
+        errors.add(line, "S. No.", f"serial number {serial} appears more than once")
+        ok = False
+    else:
+        serials.add(serial)
+
+    name = cells[index["Product Name"]].strip()
+    if not name:
+        errors.add(line, "Product Name", "the product name is empty")
+        ok = False
+    elif len(name) > MAX_PRODUCT_NAME_CHARS:
+        errors.add(
+            line, "Product Name", f"longer than {MAX_PRODUCT_NAME_CHARS} characters"
+        )
+        ok = False
+
+    urls = [url.strip() for url in cells[index["Input Image Urls"]].split(",")]
+    urls = [url for url in urls if url]
+    if not urls:
+        errors.add(line, "Input Image Urls", "no image URLs")
+        ok = False
+    elif len(urls) > max_urls_per_row:
+        errors.add(
+            line,
+            "Input Image Urls",
+            f"{len(urls)} URLs; at most {max_urls_per_row} per row",
+        )
+        ok = False
+    for url in urls:
+        problem = url_problem(url)
+        if problem:
+            errors.add(line, "Input Image Urls", problem)
+            ok = False
+    return CsvRow(line, serial, name, urls) if ok else None
+
+
+def write_csv_line(cells: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(cells)
+    return buffer.getvalue()

@@ -1,0 +1,1 @@
+"""Outgoing webhooks: an event row per finished request, a delivery row per attempt."""

@@ -1,0 +1,237 @@
+"""Delivery of webhook events: signed POSTs, retried with backoff, each attempt recorded.
+
+State lives in the webhook_events row (attempts, next_attempt_at, a claim with a lease),
+so retries survive a restart and two delivery loops never send the same attempt twice.
+"""
+
+import email.utils
+import logging
+import random
+import time
+from datetime import UTC, datetime, timedelta
+
+import requests
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.base import utcnow
+from app.db.models import WebhookDelivery, WebhookEvent, WebhookState
+from app.pipeline.failures import ImageFailure
+from app.pipeline.fetch import check_url
+from app.webhooks.signing import signature_headers
+
+log = logging.getLogger(__name__)
+
+RESPONSE_EXCERPT_CHARS = 500
+MAX_RETRY_AFTER = timedelta(hours=24)
+CLAIM_LEASE = timedelta(minutes=5)
+
+
+def parse_retry_after(value: str | None, now: datetime) -> timedelta | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(timedelta(seconds=int(value)), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max(when - now, timedelta(0)), MAX_RETRY_AFTER)
+
+
+class WebhookDeliverer:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        http: requests.Session,
+        secret: str,
+        timeout_seconds: float,
+        max_attempts: int,
+        retry_base_seconds: float,
+    ):
+        self.sessions = sessions
+        self.http = http
+        self.secret = secret
+        self.timeout_seconds = timeout_seconds
+        self.max_attempts = max_attempts
+        self.retry_base_seconds = retry_base_seconds
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Exponential in the attempts made so far, with full jitter in [0.5, 1.5)."""
+        return timedelta(
+            seconds=self.retry_base_seconds
+            * 2 ** (attempts - 1)
+            * (0.5 + random.random())
+        )
+
+    def due_event_ids(self, limit: int = 50) -> list[int]:
+        now = utcnow()
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(WebhookEvent.id)
+                    .where(
+                        WebhookEvent.state == WebhookState.PENDING,
+                        WebhookEvent.next_attempt_at <= now,
+                        or_(
+                            WebhookEvent.claimed_at.is_(None),
+                            WebhookEvent.claimed_at < now - CLAIM_LEASE,
+                        ),
+                    )
+                    .order_by(WebhookEvent.next_attempt_at)
+                    .limit(limit)
+                )
+            )
+
+    def seconds_until_next_due(self) -> float | None:
+        with self.sessions() as session:
+            next_at = session.scalar(
+                select(func.min(WebhookEvent.next_attempt_at)).where(
+                    WebhookEvent.state == WebhookState.PENDING
+                )
+            )
+        if next_at is None:
+            return None
+        if next_at.tzinfo is None:
+            next_at = next_at.replace(tzinfo=UTC)
+        return max(0.0, (next_at - utcnow()).total_seconds())
+
+    def deliver_due(self) -> int:
+        sent = 0
+        for event_id in self.due_event_ids():
+            if self.attempt(event_id):
+                sent += 1
+        return sent
+
+    def attempt(self, event_id: int) -> bool:
+        """Make one delivery attempt if the event is due and unclaimed; True if one was made."""
+        now = utcnow()
+        with self.sessions.begin() as session:
+            claimed = session.execute(
+                update(WebhookEvent)
+                .where(
+                    WebhookEvent.id == event_id,
+                    WebhookEvent.state == WebhookState.PENDING,
+                    WebhookEvent.next_attempt_at <= now,
+                    or_(
+                        WebhookEvent.claimed_at.is_(None),
+                        WebhookEvent.claimed_at < now - CLAIM_LEASE,
+                    ),
+                )
+                .values(claimed_at=now, attempts=WebhookEvent.attempts + 1)
+                .returning(
+                    WebhookEvent.url,
+                    WebhookEvent.payload,
+                    WebhookEvent.webhook_id,
+                    WebhookEvent.attempts,
+                )
+            ).one_or_none()
+        if claimed is None:
+            return False
+
+        status_code, error, excerpt, retry_after, duration_ms = self._send(
+            claimed.url, claimed.webhook_id, claimed.payload.encode()
+        )
+        finished_at = utcnow()
+        delivered = status_code is not None and 200 <= status_code < 300
+        if delivered:
+            values = {"state": WebhookState.DELIVERED, "delivered_at": finished_at}
+        elif claimed.attempts >= self.max_attempts:
+            values = {"state": WebhookState.FAILED}
+        else:
+            wait = max(self.backoff(claimed.attempts), retry_after or timedelta(0))
+            values = {"next_attempt_at": finished_at + wait}
+        with self.sessions.begin() as session:
+            session.add(
+                WebhookDelivery(
+                    event_id=event_id,
+                    attempt=claimed.attempts,
+                    attempted_at=now,
+                    status_code=status_code,
+                    error=error,
+                    response_excerpt=excerpt,
+                    duration_ms=duration_ms,
+                )
+            )
+            session.execute(
+                update(WebhookEvent)
+                .where(
+                    WebhookEvent.id == event_id,
+                    WebhookEvent.attempts == claimed.attempts,
+                )
+                .values(
+                    claimed_at=None,
+                    last_status_code=status_code,
+                    last_error=error,
+                    **values,
+                )
+            )
+        if not delivered:
+            log.info(
+                "webhook %s attempt %d failed: %s",
+                claimed.webhook_id,
+                claimed.attempts,
+                error,
+            )
+        return True
+
+    def _send(self, url: str, webhook_id: str, body: bytes):
+        start = time.perf_counter()
+        headers = {"content-type": "application/json"}
+        headers.update(
+            signature_headers(self.secret, webhook_id, int(time.time()), body)
+        )
+        try:
+            check_url(url)
+            response = self.http.post(
+                url,
+                data=body,
+                headers=headers,
+                timeout=self.timeout_seconds,
+                allow_redirects=False,
+                stream=True,
+            )
+        except ImageFailure as failure:
+            return None, f"{failure.code}: {failure.message}", None, None, _ms(start)
+        except requests.exceptions.Timeout:
+            return (
+                None,
+                f"timeout after {self.timeout_seconds:g} s",
+                None,
+                None,
+                _ms(start),
+            )
+        except requests.exceptions.RequestException as exc:
+            return (
+                None,
+                f"connection_error: {exc.__class__.__name__}",
+                None,
+                None,
+                _ms(start),
+            )
+        with response:
+            try:
+                head = (
+                    response.raw.read(RESPONSE_EXCERPT_CHARS * 4, decode_content=True)
+                    or b""
+                )
+            except Exception:  # the status code is what counts; the body is a courtesy
+                head = b""
+            excerpt = head.decode("utf-8", "replace")[:RESPONSE_EXCERPT_CHARS] or None
+            error = (
+                None
+                if 200 <= response.status_code < 300
+                else f"HTTP {response.status_code}"
+            )
+            retry_after = parse_retry_after(
+                response.headers.get("retry-after"), utcnow()
+            )
+            return response.status_code, error, excerpt, retry_after, _ms(start)
+
+
+def _ms(start: float) -> int:
+    return round((time.perf_counter() - start) * 1000)

@@ -1,0 +1,265 @@
+"""The in-process runner: threads in the web process, the database as the queue.
+
+    feeder  --claims batches of image ids-->  units queue  -->  N workers (fetch/compress/store)
+    workers --outcomes-->  recorder (one transaction per batch)  -->  webhook loop
+
+Threads suit this work: downloads wait on sockets, and Pillow releases the GIL while it
+decodes and encodes, so both cores stay busy without copying images between processes.
+Claimed units are kept alive by a heartbeat; a unit whose lease runs out (its process
+died) is claimed again by whichever runner scans next, so work survives a crash.
+"""
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import update
+
+from app.db.base import utcnow
+from app.db.models import Image, ImageStatus
+from app.pipeline.process import (
+    ImageOutcome,
+    ImagePipeline,
+    WorkUnit,
+    next_claimable_ids,
+)
+from app.webhooks.delivery import WebhookDeliverer
+
+log = logging.getLogger(__name__)
+
+RECORD_BATCH_MAX = 500
+WEBHOOK_IDLE_POLL_SECONDS = 5.0
+DB_RETRY_SECONDS = 1.0
+
+
+class InProcessRunner:
+    def __init__(
+        self,
+        pipeline: ImagePipeline,
+        deliverer: WebhookDeliverer,
+        *,
+        concurrency: int,
+        lease_seconds: float,
+        recovery_interval_seconds: float,
+        shutdown_grace_seconds: float,
+    ):
+        self.pipeline = pipeline
+        self.deliverer = deliverer
+        self.concurrency = concurrency
+        self.claim_batch = max(8, concurrency * 2)
+        self.heartbeat_seconds = lease_seconds / 3
+        self.recovery_interval_seconds = recovery_interval_seconds
+        self.shutdown_grace_seconds = shutdown_grace_seconds
+
+        self._units: queue.Queue[WorkUnit | None] = queue.Queue(
+            maxsize=self.claim_batch
+        )
+        self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
+        self._held: dict[int, WorkUnit] = {}  # claimed and not yet recorded
+        self._held_lock = threading.Lock()
+        self._wake_feeder = threading.Event()
+        self._wake_webhooks = threading.Event()
+        self._stopping = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._feeder: threading.Thread | None = None
+        self._recorder: threading.Thread | None = None
+        self._webhooks: threading.Thread | None = None
+
+    # -- the runner interface ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._feeder = self._thread(self._feed_loop, "image-feeder")
+        self._recorder = self._thread(self._record_loop, "image-recorder")
+        self._webhooks = self._thread(self._webhook_loop, "webhook-delivery")
+        self._thread(self._heartbeat_loop, "lease-heartbeat")
+        self._workers = [
+            self._thread(self._work_loop, f"image-worker-{n}")
+            for n in range(self.concurrency)
+        ]
+
+    def dispatch(self, image_ids: Sequence[int]) -> None:
+        """New committed work exists. This runner reads it from the database, so the ids
+        only wake the feeder; a distributed runner would send them to its queue."""
+        if image_ids:
+            self._wake_feeder.set()
+
+    def notify_webhooks(self) -> None:
+        self._wake_webhooks.set()
+
+    def stop(self) -> None:
+        """Stop taking work, let in-flight images finish within the grace period, and
+        hand back whatever was claimed but not finished."""
+        self._stopping.set()
+        self._wake_feeder.set()
+        self._wake_webhooks.set()
+        if self._feeder:
+            self._feeder.join(timeout=5)
+        unstarted = []
+        while True:
+            try:
+                unit = self._units.get_nowait()
+            except queue.Empty:
+                break
+            if unit is not None:
+                unstarted.append(unit)
+        self._release(unstarted)
+        for _ in self._workers:
+            self._units.put(None)
+        deadline = time.monotonic() + self.shutdown_grace_seconds
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._outcomes.put(None)
+        if self._recorder:
+            self._recorder.join(timeout=max(5.0, deadline - time.monotonic()))
+        with self._held_lock:
+            unfinished = list(self._held.values())
+        self._release(unfinished)
+        if self._webhooks:
+            self._webhooks.join(timeout=5)
+
+    # -- threads ----------------------------------------------------------------------
+
+    def _thread(self, target, name: str) -> threading.Thread:
+        thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _guarded(self, loop):
+        def run():
+            while not self._stopping.is_set():
+                try:
+                    loop()
+                    return
+                except Exception:
+                    log.exception(
+                        "%s failed; restarting it", threading.current_thread().name
+                    )
+                    time.sleep(DB_RETRY_SECONDS)
+
+        return run
+
+    def _feed_loop(self) -> None:
+        after_id = 0
+        while not self._stopping.is_set():
+            with self.pipeline.sessions() as session:
+                ids = next_claimable_ids(
+                    session, self.pipeline, after_id, self.claim_batch
+                )
+            if not ids:
+                after_id = 0
+                self._wake_feeder.wait(
+                    min(self.recovery_interval_seconds, self.heartbeat_seconds)
+                )
+                self._wake_feeder.clear()
+                continue
+            after_id = ids[-1]
+            units = self.pipeline.claim_images(ids)
+            with self._held_lock:
+                self._held.update((unit.image_id, unit) for unit in units)
+            for index, unit in enumerate(units):
+                if not self._put_unit(unit):
+                    self._release(units[index:])
+                    return
+
+    def _put_unit(self, unit: WorkUnit) -> bool:
+        while not self._stopping.is_set():
+            try:
+                self._units.put(unit, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work_loop(self) -> None:
+        while True:
+            unit = self._units.get()
+            if unit is None:
+                return
+            self._outcomes.put(self.pipeline.run(unit))
+
+    def _record_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._outcomes.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < RECORD_BATCH_MAX:
+                try:
+                    outcome = self._outcomes.get_nowait()
+                except queue.Empty:
+                    break
+                if outcome is None:
+                    stopping = True
+                    break
+                batch.append(outcome)
+            events = self._record(batch)
+            with self._held_lock:
+                for outcome in batch:
+                    self._held.pop(outcome.unit.image_id, None)
+            if events:
+                self._wake_webhooks.set()
+
+    def _record(self, batch: list[ImageOutcome]) -> list[int]:
+        # Outcomes are never dropped: if the database is away, wait and try again.
+        while True:
+            try:
+                return self.pipeline.record_outcomes(batch)
+            except Exception:
+                log.exception("recording %d outcomes failed; retrying", len(batch))
+                time.sleep(DB_RETRY_SECONDS)
+
+    def _webhook_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.deliverer.deliver_due()
+                wait = self.deliverer.seconds_until_next_due()
+            except Exception:
+                log.exception("webhook delivery loop failed")
+                wait = DB_RETRY_SECONDS
+            timeout = (
+                WEBHOOK_IDLE_POLL_SECONDS
+                if wait is None
+                else min(wait, WEBHOOK_IDLE_POLL_SECONDS)
+            )
+            self._wake_webhooks.wait(timeout)
+            self._wake_webhooks.clear()
+
+    # -- leases -----------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopping.wait(self.heartbeat_seconds):
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        with self._held_lock:
+            held = list(self._held.values())
+        if not held:
+            return
+        now = utcnow()
+        with self.pipeline.sessions.begin() as session:
+            for unit in held:
+                session.execute(
+                    update(Image)
+                    .where(
+                        Image.id == unit.image_id,
+                        Image.status == ImageStatus.PROCESSING,
+                        Image.attempts == unit.attempt,
+                    )
+                    .values(claimed_at=now)
+                )
+
+    def _release(self, units: Sequence[WorkUnit]) -> None:
+        if not units:
+            return
+        try:
+            self.pipeline.release(units)
+        except Exception:
+            log.exception(
+                "could not release %d units; their leases will expire", len(units)
+            )
+        with self._held_lock:
+            for unit in units:
+                self._held.pop(unit.image_id, None)

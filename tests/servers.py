@@ -1,0 +1,147 @@
+"""Real HTTP servers on 127.0.0.1 for the tests: one serves images, one receives webhooks."""
+
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Handler = Callable[[BaseHTTPRequestHandler], None]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _BaseServer:
+    def __init__(self):
+        self.hits: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        owner = self
+
+        class RequestHandler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                owner._handle(self)
+
+            def do_POST(self):
+                owner._handle(self)
+
+        self._server = _Server(("127.0.0.1", 0), RequestHandler)
+        self.port = self._server.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        path = request.path.split("?")[0]
+        with self._lock:
+            self.hits[path] += 1
+        try:
+            self.handle(path, request)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def handle(self, path: str, request: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+
+def send(request: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict | None = None):
+    request.send_response(status)
+    headers = {"Content-Length": str(len(body)), **(headers or {})}
+    for name, value in headers.items():
+        request.send_header(name, value)
+    request.end_headers()
+    if body:
+        request.wfile.write(body)
+
+
+class LocalServer(_BaseServer):
+    """Serves registered bodies or custom handlers by path."""
+
+    def __init__(self):
+        super().__init__()
+        self._routes: dict[str, Handler] = {}
+
+    def add(self, body: bytes, content_type: str = "image/jpeg", status: int = 200, suffix: str = ".img", headers=None) -> str:
+        def handler(request):
+            send(request, status, body, {"Content-Type": content_type, **(headers or {})})
+
+        return self.add_handler(handler, suffix)
+
+    def add_handler(self, handler: Handler, suffix: str = "") -> str:
+        path = f"/{uuid.uuid4().hex}{suffix}"
+        self._routes[path] = handler
+        return self.base_url + path
+
+    def hits_for(self, url: str) -> int:
+        return self.hits.get(url.removeprefix(self.base_url), 0)
+
+    def handle(self, path, request):
+        handler = self._routes.get(path)
+        if handler is None:
+            send(request, 404, b"not found", {"Content-Type": "text/plain"})
+        else:
+            handler(request)
+
+
+@dataclass
+class ReceivedWebhook:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class _Inbox:
+    statuses: list[int] = field(default_factory=list)  # answers to give, in order; then 200
+    received: list[ReceivedWebhook] = field(default_factory=list)
+
+
+class WebhookReceiver(_BaseServer):
+    def __init__(self):
+        super().__init__()
+        self._inboxes: dict[str, _Inbox] = defaultdict(_Inbox)
+        self._arrived = threading.Condition()
+
+    def new_url(self, fail_with: list[int] | None = None) -> str:
+        path = f"/hook/{uuid.uuid4().hex}"
+        self._inboxes[path].statuses = list(fail_with or [])
+        return self.base_url + path
+
+    def received(self, url: str) -> list[ReceivedWebhook]:
+        return list(self._inboxes[url.removeprefix(self.base_url)].received)
+
+    def wait_for(self, url: str, count: int = 1, timeout: float = 15) -> list[ReceivedWebhook]:
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while len(self.received(url)) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+        return self.received(url)
+
+    def handle(self, path, request):
+        length = int(request.headers.get("Content-Length", "0"))
+        body = request.rfile.read(length)
+        inbox = self._inboxes[path]
+        status = inbox.statuses.pop(0) if inbox.statuses else 200
+        with self._arrived:
+            inbox.received.append(ReceivedWebhook({k.lower(): v for k, v in request.headers.items()}, body, time.monotonic()))
+            self._arrived.notify_all()
+        send(request, status, b"ok" if status < 300 else b"try again", {"Content-Type": "text/plain"})
