@@ -1,7 +1,6 @@
 from logging.config import fileConfig
 
 from alembic import context
-
 from app.config import get_settings
 from app.db import models  # noqa: F401 - registers the tables on Base.metadata
 from app.db.base import Base, UTCDateTime

@@ -9,9 +9,7 @@ from app.db.migrate import upgrade_to_head
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     upgrade_to_head(settings.database_url)
     uvicorn.run(

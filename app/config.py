@@ -17,9 +17,7 @@ def _default_concurrency() -> int:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -53,9 +51,7 @@ class Settings(BaseSettings):
     @classmethod
     def _secret_is_standard_webhooks(cls, value: str) -> str:
         if value and not value.startswith("whsec_"):
-            raise ValueError(
-                "WEBHOOK_SECRET must be a Standard Webhooks secret (whsec_<base64>)"
-            )
+            raise ValueError("WEBHOOK_SECRET must be a Standard Webhooks secret (whsec_<base64>)")
         return value
 
     @property

@@ -40,11 +40,7 @@ class UploadSizeLimit:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send):
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] != "/upload"
-        ):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/upload":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -74,9 +70,7 @@ class UploadSizeLimit:
         return f"the upload is larger than {self.max_body_bytes - MULTIPART_OVERHEAD_BYTES} bytes"
 
 
-def build_runner(
-    settings: Settings, engine
-) -> tuple[InProcessRunner, LocalFileStorage, list]:
+def build_runner(settings: Settings, engine) -> tuple[InProcessRunner, LocalFileStorage, list]:
     policy = AddressPolicy(parse_allowlist(settings.allow_private_hosts))
     image_http = guarded_session(policy, pool_size=settings.worker_concurrency)
     webhook_http = guarded_session(policy, pool_size=2)

@@ -13,6 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app.config import Settings
+from app.db import models  # noqa: F401 - registers the tables
+from app.db.base import Base
 from app.db.migrate import upgrade_to_head
 from app.db.session import build_engine
 from app.main import create_app
@@ -41,6 +43,23 @@ def database_url(tmp_path_factory) -> str:
     return url
 
 
+@pytest.fixture(autouse=True)
+def empty_database(request) -> None:
+    """Each test starts with empty tables: a runner picks up any pending work it finds,
+    so work left by one test would otherwise be processed during the next."""
+    if "database_url" not in request.fixturenames:
+        return
+    engine = build_engine(request.getfixturevalue("database_url"))
+    tables = ", ".join(reversed([table.name for table in Base.metadata.sorted_tables]))
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        else:
+            for table in reversed(Base.metadata.sorted_tables):
+                connection.execute(table.delete())
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def image_server() -> Iterator[LocalServer]:
     with LocalServer() as server:
@@ -67,6 +86,7 @@ def make_settings(database_url, tmp_path, image_server, webhook_receiver) -> Cal
             "recovery_interval_seconds": 0.5,
             "lease_seconds": 30,
             "worker_concurrency": 4,
+            "shutdown_grace_seconds": 2,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

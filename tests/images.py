@@ -1,6 +1,7 @@
 """Real image bytes of every kind the service must handle, made with Pillow."""
 
 import io
+import zlib
 
 from PIL import Image, ImageCms, ImageDraw
 
@@ -12,7 +13,10 @@ def photo_like(size=(320, 240), mode="RGB") -> Image.Image:
     rgb = Image.merge("RGB", (image, image.rotate(90).resize(size), Image.new("L", size, 128)))
     draw = ImageDraw.Draw(rgb)
     draw.ellipse((width // 4, height // 4, width // 2, height // 2), fill=(200, 30, 30))
-    draw.rectangle((width // 2, height // 2, width - 10, height - 10), fill=(20, 160, 40))
+    draw.rectangle(
+        (width // 2, height // 2, max(width // 2, width - 10), max(height // 2, height - 10)),
+        fill=(20, 160, 40),
+    )
     return rgb.convert(mode) if mode != "RGB" else rgb
 
 
@@ -46,9 +50,17 @@ def palette_gif_transparent(size=(64, 48)) -> bytes:
 
 
 def png_16bit_grey(size=(100, 80)) -> bytes:
-    image = Image.new("I;16", size)
-    image.paste(40000, (0, 0, size[0], size[1]))
+    image = Image.frombytes("I;16", size, (40000).to_bytes(2, "little") * size[0] * size[1])
     return encode(image, "PNG")
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header (with a valid CRC) claims width x height pixels."""
+    data = bytearray(encode(Image.new("L", (1, 1)), "PNG"))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[ihdr + 17 : ihdr + 21] = zlib.crc32(bytes(data[ihdr : ihdr + 17])).to_bytes(4, "big")
+    return bytes(data)
 
 
 def animated_gif(size=(60, 40)) -> bytes:

@@ -1,5 +1,6 @@
 """Real HTTP servers on 127.0.0.1 for the tests: one serves images, one receives webhooks."""
 
+import contextlib
 import threading
 import time
 import uuid
@@ -51,10 +52,8 @@ class _BaseServer:
         path = request.path.split("?")[0]
         with self._lock:
             self.hits[path] += 1
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.handle(path, request)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
     def handle(self, path: str, request: BaseHTTPRequestHandler) -> None:
         raise NotImplementedError
@@ -77,7 +76,14 @@ class LocalServer(_BaseServer):
         super().__init__()
         self._routes: dict[str, Handler] = {}
 
-    def add(self, body: bytes, content_type: str = "image/jpeg", status: int = 200, suffix: str = ".img", headers=None) -> str:
+    def add(
+        self,
+        body: bytes,
+        content_type: str = "image/jpeg",
+        status: int = 200,
+        suffix: str = ".img",
+        headers=None,
+    ) -> str:
         def handler(request):
             send(request, status, body, {"Content-Type": content_type, **(headers or {})})
 
@@ -142,6 +148,8 @@ class WebhookReceiver(_BaseServer):
         inbox = self._inboxes[path]
         status = inbox.statuses.pop(0) if inbox.statuses else 200
         with self._arrived:
-            inbox.received.append(ReceivedWebhook({k.lower(): v for k, v in request.headers.items()}, body, time.monotonic()))
+            inbox.received.append(
+                ReceivedWebhook({k.lower(): v for k, v in request.headers.items()}, body, time.monotonic())
+            )
             self._arrived.notify_all()
         send(request, status, b"ok" if status < 300 else b"try again", {"Content-Type": "text/plain"})

@@ -42,9 +42,7 @@ def get_writer_session(request: Request) -> Iterator[Session]:
     yield from _session_scope(request.app.state.writer_sessions)
 
 
-def get_owner(
-    request: Request, settings: Annotated[Settings, Depends(get_settings)]
-) -> str | None:
+def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
     """The caller's identity when API keys are configured: a digest of their key."""
     keys = settings.api_key_list
     if not keys:
@@ -53,9 +51,7 @@ def get_owner(
     authorization = request.headers.get("authorization", "")
     if not presented and authorization[:7].lower() == "bearer ":
         presented = authorization[7:].strip()
-    if presented and any(
-        hmac.compare_digest(presented.encode(), key.encode()) for key in keys
-    ):
+    if presented and any(hmac.compare_digest(presented.encode(), key.encode()) for key in keys):
         return hashlib.sha256(presented.encode()).hexdigest()[:32]
     raise Unauthorized(
         "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
@@ -70,9 +66,7 @@ WriterSessionDep = Annotated[Session, Depends(get_writer_session, scope="functio
 OwnerDep = Annotated[str | None, Depends(get_owner)]
 
 
-def get_processing_request(
-    request_id: str, session: SessionDep, owner: OwnerDep
-) -> ProcessingRequest:
+def get_processing_request(request_id: str, session: SessionDep, owner: OwnerDep) -> ProcessingRequest:
     return get_request(session, request_id, owner)
 
 

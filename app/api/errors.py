@@ -22,9 +22,7 @@ class ProblemError(Exception):
     slug = "bad-request"
     title = "Bad request"
 
-    def __init__(
-        self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any
-    ):
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(detail)
         self.detail = detail
         self.headers = headers
@@ -79,9 +77,7 @@ def problem_response(
     if instance:
         body["instance"] = instance
     body.update(extra)
-    return JSONResponse(
-        body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers
-    )
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -104,9 +100,7 @@ def install_error_handlers(app: FastAPI) -> None:
             if exc.status_code in HTTPStatus._value2member_map_
             else "Error"
         )
-        detail = (
-            exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
-        )
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
         return problem_response(
             exc.status_code,
             title,

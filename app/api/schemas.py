@@ -74,9 +74,7 @@ class ProductResult(BaseModel):
     serial_number: int
     product_name: str
     input_image_urls: list[str]
-    output_image_urls: list[str] = Field(
-        description="same order and length; '' where an image failed"
-    )
+    output_image_urls: list[str] = Field(description="same order and length; '' where an image failed")
     images: list[ImageResult]
 
     @classmethod
@@ -113,9 +111,7 @@ class WebhookDeliveryOut(BaseModel):
 class WebhookStatus(BaseModel):
     url: str
     webhook_id: str | None = None
-    state: str = Field(
-        examples=["delivered"], description="waiting, pending, delivered or failed"
-    )
+    state: str = Field(examples=["delivered"], description="waiting, pending, delivered or failed")
     attempts: int = 0
     last_status_code: int | None = None
     last_error: str | None = None
@@ -123,9 +119,7 @@ class WebhookStatus(BaseModel):
     delivered_at: datetime | None = None
 
     @classmethod
-    def of(
-        cls, request: ProcessingRequest, event: WebhookEvent | None
-    ) -> "WebhookStatus | None":
+    def of(cls, request: ProcessingRequest, event: WebhookEvent | None) -> "WebhookStatus | None":
         if not request.callback_url:
             return None
         if event is None:
@@ -167,14 +161,10 @@ class RequestSummary(BaseModel):
                 total_images=request.total_images,
                 processed_images=request.processed_images,
                 failed_images=request.failed_images,
-                percent=round(100 * finished / request.total_images, 2)
-                if request.total_images
-                else 100.0,
+                percent=round(100 * finished / request.total_images, 2) if request.total_images else 100.0,
             ),
             status_url=f"{base_url}/status/{request.request_id}",
-            download_url=f"{base_url}/download/{request.request_id}"
-            if request.completed_at
-            else None,
+            download_url=f"{base_url}/download/{request.request_id}" if request.completed_at else None,
             **extra,
         )
 
@@ -182,9 +172,7 @@ class RequestSummary(BaseModel):
 class RequestStatusOut(RequestSummary):
     webhook: WebhookStatus | None
     products: list[ProductResult]
-    next_cursor: str | None = Field(
-        description="pass as ?cursor= for the next page; null on the last"
-    )
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
 
 
 class RequestList(BaseModel):

@@ -1,8 +1,8 @@
 """Apply Alembic migrations programmatically (the schema's only source)."""
 
-from alembic import command
 from alembic.config import Config
 
+from alembic import command
 from app.config import PROJECT_ROOT
 
 

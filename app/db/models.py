@@ -66,9 +66,7 @@ class Product(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_pk: Mapped[int] = mapped_column(
-        ForeignKey("processing_requests.id", ondelete="CASCADE")
-    )
+    request_pk: Mapped[int] = mapped_column(ForeignKey("processing_requests.id", ondelete="CASCADE"))
     serial_number: Mapped[int] = mapped_column(Integer)
     product_name: Mapped[str] = mapped_column(Text)
 
@@ -84,12 +82,8 @@ class Image(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_pk: Mapped[int] = mapped_column(
-        ForeignKey("processing_requests.id", ondelete="CASCADE")
-    )
-    product_id: Mapped[int] = mapped_column(
-        ForeignKey("products.id", ondelete="CASCADE")
-    )
+    request_pk: Mapped[int] = mapped_column(ForeignKey("processing_requests.id", ondelete="CASCADE"))
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     input_url: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=ImageStatus.PENDING)
@@ -136,9 +130,7 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    event_id: Mapped[int] = mapped_column(
-        ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
-    )
+    event_id: Mapped[int] = mapped_column(ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int] = mapped_column(Integer)
     attempted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     status_code: Mapped[int | None] = mapped_column(Integer)

@@ -45,9 +45,7 @@ def build_engine(database_url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        immediate = connection.get_execution_options().get(
-            "sqlite_begin_immediate", False
-        )
+        immediate = connection.get_execution_options().get("sqlite_begin_immediate", False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
@@ -59,6 +57,4 @@ def reader_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 
 def writer_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions for work that writes: takes the SQLite write lock at BEGIN."""
-    return sessionmaker(
-        engine.execution_options(sqlite_begin_immediate=True), expire_on_commit=False
-    )
+    return sessionmaker(engine.execution_options(sqlite_begin_immediate=True), expire_on_commit=False)

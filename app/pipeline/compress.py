@@ -14,7 +14,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 EXIF_ORIENTATION = 0x0112
 WHITE = (255, 255, 255)
 
@@ -91,9 +91,7 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
         if _profile_colour_space(icc_profile) == b"CMYK":
             try:
                 source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-                return ImageCms.profileToProfile(
-                    image, source, _SRGB_PROFILE, outputMode="RGB"
-                ), None
+                return ImageCms.profileToProfile(image, source, _SRGB_PROFILE, outputMode="RGB"), None
             except ImageCms.PyCMSError:
                 pass
         return image.convert("RGB"), None
@@ -101,24 +99,16 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples: scale to 8 bits rather than clipping everything above 255.
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-        return image, icc_profile if _profile_colour_space(
-            icc_profile
-        ) == b"GRAY" else None
+        return image, icc_profile if _profile_colour_space(icc_profile) == b"GRAY" else None
     if mode == "F":
         return image.convert("L"), None
 
-    has_alpha = (
-        mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    )
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         grey = mode in ("LA", "La", "L")
         image = image.convert("LA" if grey else "RGBA")
-        background = Image.new(
-            "L" if grey else "RGB", image.size, 255 if grey else WHITE
-        )
-        background.paste(
-            image.convert("L" if grey else "RGB"), mask=image.getchannel("A")
-        )
+        background = Image.new("L" if grey else "RGB", image.size, 255 if grey else WHITE)
+        background.paste(image.convert("L" if grey else "RGB"), mask=image.getchannel("A"))
         image = background
     elif mode == "1":
         image = image.convert("L")
@@ -126,6 +116,4 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
         image = image.convert("RGB")
 
     expected = b"GRAY" if image.mode == "L" else b"RGB "
-    return image, icc_profile if _profile_colour_space(
-        icc_profile
-    ) == expected else None
+    return image, icc_profile if _profile_colour_space(icc_profile) == expected else None

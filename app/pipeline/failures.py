@@ -9,9 +9,7 @@ class ImageFailure(Exception):
     code = "internal_error"
     retryable = False
 
-    def __init__(
-        self, message: str, *, code: str | None = None, retryable: bool | None = None
-    ):
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None):
         super().__init__(message)
         self.message = message
         if code is not None:

@@ -81,9 +81,7 @@ class AddressPolicy:
         for info in infos:
             address = ipaddress.ip_address(info[4][0].split("%")[0])
             if not is_public_address(address):
-                raise BlockedAddress(
-                    f"host {host!r} resolves to {address}, which is not a public address"
-                )
+                raise BlockedAddress(f"host {host!r} resolves to {address}, which is not a public address")
         return infos
 
 
@@ -100,9 +98,7 @@ def _guarded_new_conn(self) -> socket.socket:
             return sock
         except TimeoutError as exc:
             sock.close()
-            raise ConnectTimeoutError(
-                self, f"connect to {self.host} timed out"
-            ) from exc
+            raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from exc
         except OSError as exc:
             sock.close()
             last_error = exc
@@ -138,9 +134,7 @@ def guarded_session(policy: AddressPolicy, pool_size: int) -> requests.Session:
     # No proxies or .netrc from the environment: they would bypass the address policy.
     session.trust_env = False
     session.headers["User-Agent"] = USER_AGENT
-    adapter = GuardedAdapter(
-        pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0
-    )
+    adapter = GuardedAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -188,24 +182,27 @@ class HttpFetcher:
         self.sleep = sleep
 
     def fetch(self, url: str) -> FetchedImage:
+        """One deadline covers every attempt, so an image never takes longer than the
+        timeout however the server misbehaves."""
+        deadline = time.monotonic() + self.timeout_seconds
         for attempt in range(self.retries + 1):
             try:
-                return self._fetch_once(url)
+                return self._fetch_once(url, deadline)
             except ImageFailure as failure:
+                backoff = self.retry_backoff_seconds * 2**attempt
                 if not failure.retryable or attempt == self.retries:
                     raise
-            self.sleep(self.retry_backoff_seconds * 2**attempt)
+                if time.monotonic() + backoff >= deadline:
+                    raise
+            self.sleep(backoff)
         raise AssertionError("unreachable")
 
-    def _fetch_once(self, url: str) -> FetchedImage:
-        deadline = time.monotonic() + self.timeout_seconds
+    def _fetch_once(self, url: str, deadline: float) -> FetchedImage:
         for _hop in range(self.max_redirects + 1):
             check_url(url)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise UpstreamTimeout(
-                    f"no complete answer within {self.timeout_seconds:g} s"
-                )
+                raise UpstreamTimeout(f"no complete answer within {self.timeout_seconds:g} s")
             try:
                 response = self.session.get(
                     url,
@@ -217,9 +214,7 @@ class HttpFetcher:
             except ImageFailure:
                 raise
             except requests.exceptions.Timeout as exc:
-                raise UpstreamTimeout(
-                    f"timed out after {self.timeout_seconds:g} s"
-                ) from exc
+                raise UpstreamTimeout(f"timed out after {self.timeout_seconds:g} s") from exc
             except requests.exceptions.InvalidURL as exc:
                 raise InvalidUrl(f"malformed URL: {exc}") from exc
             except requests.exceptions.RequestException as exc:
@@ -237,14 +232,8 @@ class HttpFetcher:
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         declared = response.headers.get("content-length", "")
         encoded = response.headers.get("content-encoding", "identity").lower()
-        if (
-            declared.isdigit()
-            and encoded == "identity"
-            and int(declared) > self.max_bytes
-        ):
-            raise TooLarge(
-                f"the image is {int(declared)} bytes; the limit is {self.max_bytes}"
-            )
+        if declared.isdigit() and encoded == "identity" and int(declared) > self.max_bytes:
+            raise TooLarge(f"the image is {int(declared)} bytes; the limit is {self.max_bytes}")
         body = bytearray()
         raw = response.raw
         try:
@@ -259,22 +248,14 @@ class HttpFetcher:
                 if len(body) > self.max_bytes:
                     raise TooLarge(f"the image is larger than {self.max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise UpstreamTimeout(
-                        f"download did not finish within {self.timeout_seconds:g} s"
-                    )
+                    raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s")
         except ImageFailure:
             raise
-        except (TimeoutError, socket.timeout) as exc:
-            raise UpstreamTimeout(
-                f"download did not finish within {self.timeout_seconds:g} s"
-            ) from exc
-        except (
-            Exception
-        ) as exc:  # urllib3 and http.client raise many kinds on a broken body
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s") from exc
+        except Exception as exc:  # urllib3 and http.client raise many kinds on a broken body
             if "timed out" in str(exc).lower():
-                raise UpstreamTimeout(
-                    f"download did not finish within {self.timeout_seconds:g} s"
-                ) from exc
+                raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s") from exc
             raise FetchFailure(
                 f"the download broke off: {exc}", code="broken_download", retryable=True
             ) from exc
@@ -298,9 +279,5 @@ def _causes(exc: BaseException):
         exc = (
             exc.__cause__
             or exc.__context__
-            or (
-                exc.args[0]
-                if exc.args and isinstance(exc.args[0], BaseException)
-                else None
-            )
+            or (exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None)
         )

@@ -182,9 +182,7 @@ class ImagePipeline:
                         Image.attempts == unit.attempt,
                     )
                     .values(
-                        status=ImageStatus.SUCCEEDED
-                        if outcome.succeeded
-                        else ImageStatus.FAILED,
+                        status=ImageStatus.SUCCEEDED if outcome.succeeded else ImageStatus.FAILED,
                         output_url=outcome.output_url,
                         error_code=outcome.error_code,
                         error_message=outcome.error_message,
@@ -269,9 +267,7 @@ class ImagePipeline:
                     max_pixels=self.max_image_pixels,
                 )
             compress_ms = _ms_since(start)
-            output_url = self.storage.save(
-                output_key(unit.request_id, unit.image_id), compressed.data
-            )
+            output_url = self.storage.save(output_key(unit.request_id, unit.image_id), compressed.data)
         except ImageFailure as failure:
             return ImageOutcome(
                 unit,
@@ -308,14 +304,9 @@ class ImagePipeline:
         ]
 
 
-def next_claimable_ids(
-    session: Session, pipeline: ImagePipeline, after_id: int, limit: int
-) -> list[int]:
+def next_claimable_ids(session: Session, pipeline: ImagePipeline, after_id: int, limit: int) -> list[int]:
     return list(
         session.scalars(
-            select(Image.id)
-            .where(Image.id > after_id, pipeline.claimable())
-            .order_by(Image.id)
-            .limit(limit)
+            select(Image.id).where(Image.id > after_id, pipeline.claimable()).order_by(Image.id).limit(limit)
         )
     )

@@ -41,9 +41,7 @@ class LocalFileStorage:
                 handle.write(data)
             os.replace(temp, target)
         except OSError as exc:
-            raise StoreFailure(
-                f"could not store the output: {exc.strerror or exc}"
-            ) from exc
+            raise StoreFailure(f"could not store the output: {exc.strerror or exc}") from exc
         return f"{self.base_url}/{key}"
 
     def remove_stale_temp_files(self) -> None:

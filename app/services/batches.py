@@ -14,7 +14,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
-from app.db.models import Image, Product, ProcessingRequest, RequestStatus
+from app.db.models import Image, ProcessingRequest, Product, RequestStatus
 from app.services.csv_input import (
     OUTPUT_COLUMNS,
     CsvErrors,
@@ -55,9 +55,7 @@ def decode_cursor(cursor: str | None) -> int | None:
             raise ValueError
         return int(value)
     except ValueError:
-        raise InvalidInput(
-            "the cursor is not one this service issued", cursor=cursor
-        ) from None
+        raise InvalidInput("the cursor is not one this service issued", cursor=cursor) from None
 
 
 def create_batch(
@@ -107,9 +105,7 @@ def create_batch(
                 total_products += len(chunk)
                 chunk = []
     except CsvTooLarge:
-        raise PayloadTooLarge(
-            f"the CSV is larger than {limits.max_bytes} bytes"
-        ) from None
+        raise PayloadTooLarge(f"the CSV is larger than {limits.max_bytes} bytes") from None
     if errors:
         raise InvalidCsv(
             f"{errors.total} problem(s) found in the CSV; nothing was stored",
@@ -155,9 +151,7 @@ def _insert_rows(session: Session, request_pk: int, rows: list[CsvRow]) -> list[
     )
 
 
-def get_request(
-    session: Session, request_id: str, owner: str | None
-) -> ProcessingRequest:
+def get_request(session: Session, request_id: str, owner: str | None) -> ProcessingRequest:
     query = select(ProcessingRequest).where(ProcessingRequest.request_id == request_id)
     if owner is not None:
         query = query.where(ProcessingRequest.owner == owner)
@@ -171,12 +165,7 @@ def products_page(
     session: Session, request_pk: int, *, after_id: int | None, limit: int
 ) -> tuple[list[ProductWithImages], int | None]:
     """Products in CSV order after the cursor, with their images; and the next cursor id."""
-    query = (
-        select(Product)
-        .where(Product.request_pk == request_pk)
-        .order_by(Product.id)
-        .limit(limit + 1)
-    )
+    query = select(Product).where(Product.request_pk == request_pk).order_by(Product.id).limit(limit + 1)
     if after_id is not None:
         query = query.where(Product.id > after_id)
     products = list(session.scalars(query))
@@ -189,9 +178,7 @@ def products_page(
         .where(Image.product_id.in_([p.id for p in products]))
         .order_by(Image.product_id, Image.position)
     )
-    by_product = {
-        pid: list(group) for pid, group in groupby(images, key=lambda i: i.product_id)
-    }
+    by_product = {pid: list(group) for pid, group in groupby(images, key=lambda i: i.product_id)}
     page = [ProductWithImages(p, by_product.get(p.id, [])) for p in products]
     return page, products[-1].id if has_more else None
 
@@ -199,9 +186,7 @@ def products_page(
 def requests_page(
     session: Session, owner: str | None, *, before_id: int | None, limit: int
 ) -> tuple[list[ProcessingRequest], int | None]:
-    query = (
-        select(ProcessingRequest).order_by(ProcessingRequest.id.desc()).limit(limit + 1)
-    )
+    query = select(ProcessingRequest).order_by(ProcessingRequest.id.desc()).limit(limit + 1)
     if owner is not None:
         query = query.where(ProcessingRequest.owner == owner)
     if before_id is not None:
@@ -212,18 +197,14 @@ def requests_page(
     return items, items[-1].id if has_more and items else None
 
 
-def result_csv_lines(
-    sessions: sessionmaker[Session], request_pk: int, chunk: int = 1000
-) -> Iterator[str]:
+def result_csv_lines(sessions: sessionmaker[Session], request_pk: int, chunk: int = 1000) -> Iterator[str]:
     """The result CSV, a page of products at a time, in a session of its own: it is read
     while the response streams, after the request's own session has closed."""
     yield write_csv_line(list(OUTPUT_COLUMNS))
     after_id = None
     while True:
         with sessions() as session:
-            page, after_id = products_page(
-                session, request_pk, after_id=after_id, limit=chunk
-            )
+            page, after_id = products_page(session, request_pk, after_id=after_id, limit=chunk)
         for item in page:
             yield write_csv_line(
                 [

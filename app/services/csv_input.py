@@ -81,9 +81,7 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def _decoded_lines(
-    stream: BinaryIO, max_bytes: int, errors: CsvErrors
-) -> Iterator[str]:
+def _decoded_lines(stream: BinaryIO, max_bytes: int, errors: CsvErrors) -> Iterator[str]:
     """Yield text lines of a UTF-8 (optionally BOM-prefixed) byte stream, within max_bytes."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     seen = 0
@@ -135,21 +133,17 @@ def read_products(
         return
     if header is None:
         if not errors:
-            errors.add(
-                None, None, "the file is empty; expected a header: " + ",".join(COLUMNS)
-            )
+            errors.add(None, None, "the file is empty; expected a header: " + ",".join(COLUMNS))
         return
     columns = [_COLUMN_BY_KEY.get(_header_key(name)) for name in header]
-    unknown = [name.strip() for name, column in zip(header, columns) if column is None]
+    unknown = [name.strip() for name, column in zip(header, columns, strict=True) if column is None]
     missing = [name for name in COLUMNS if name not in columns]
     if unknown or missing or len(header) != len(COLUMNS):
         problems = []
         if missing:
             problems.append("missing column(s): " + ", ".join(missing))
         if unknown:
-            problems.append(
-                "unknown column(s): " + ", ".join(repr(name) for name in unknown)
-            )
+            problems.append("unknown column(s): " + ", ".join(repr(name) for name in unknown))
         if not problems:
             problems.append("a column appears twice")
         errors.add(
@@ -178,9 +172,7 @@ def read_products(
             errors.add(line, None, f"the file has more than {max_rows} product rows")
             return
         if len(cells) != len(COLUMNS):
-            errors.add(
-                line, None, f"expected {len(COLUMNS)} columns, found {len(cells)}"
-            )
+            errors.add(line, None, f"expected {len(COLUMNS)} columns, found {len(cells)}")
             continue
         row = _parse_row(line, cells, index, max_urls_per_row, serials, errors)
         if row is not None:
@@ -194,9 +186,7 @@ def _parse_row(line, cells, index, max_urls_per_row, serials, errors) -> CsvRow 
     raw_serial = cells[index["S. No."]].strip()
     serial = int(raw_serial) if raw_serial.isdigit() and raw_serial.isascii() else 0
     if serial <= 0 or serial >= 2**31:
-        errors.add(
-            line, "S. No.", f"{raw_serial[:40]!r} is not a positive whole number"
-        )
+        errors.add(line, "S. No.", f"{raw_serial[:40]!r} is not a positive whole number")
         ok = False
     elif serial in serials:
         errors.add(line, "S. No.", f"serial number {serial} appears more than once")
@@ -209,9 +199,7 @@ def _parse_row(line, cells, index, max_urls_per_row, serials, errors) -> CsvRow 
         errors.add(line, "Product Name", "the product name is empty")
         ok = False
     elif len(name) > MAX_PRODUCT_NAME_CHARS:
-        errors.add(
-            line, "Product Name", f"longer than {MAX_PRODUCT_NAME_CHARS} characters"
-        )
+        errors.add(line, "Product Name", f"longer than {MAX_PRODUCT_NAME_CHARS} characters")
         ok = False
 
     urls = [url.strip() for url in cells[index["Input Image Urls"]].split(",")]

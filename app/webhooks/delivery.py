@@ -62,11 +62,7 @@ class WebhookDeliverer:
 
     def backoff(self, attempts: int) -> timedelta:
         """Exponential in the attempts made so far, with full jitter in [0.5, 1.5)."""
-        return timedelta(
-            seconds=self.retry_base_seconds
-            * 2 ** (attempts - 1)
-            * (0.5 + random.random())
-        )
+        return timedelta(seconds=self.retry_base_seconds * 2 ** (attempts - 1) * (0.5 + random.random()))
 
     def due_event_ids(self, limit: int = 50) -> list[int]:
         now = utcnow()
@@ -182,9 +178,7 @@ class WebhookDeliverer:
     def _send(self, url: str, webhook_id: str, body: bytes):
         start = time.perf_counter()
         headers = {"content-type": "application/json"}
-        headers.update(
-            signature_headers(self.secret, webhook_id, int(time.time()), body)
-        )
+        headers.update(signature_headers(self.secret, webhook_id, int(time.time()), body))
         try:
             check_url(url)
             response = self.http.post(
@@ -215,21 +209,12 @@ class WebhookDeliverer:
             )
         with response:
             try:
-                head = (
-                    response.raw.read(RESPONSE_EXCERPT_CHARS * 4, decode_content=True)
-                    or b""
-                )
+                head = response.raw.read(RESPONSE_EXCERPT_CHARS * 4, decode_content=True) or b""
             except Exception:  # the status code is what counts; the body is a courtesy
                 head = b""
             excerpt = head.decode("utf-8", "replace")[:RESPONSE_EXCERPT_CHARS] or None
-            error = (
-                None
-                if 200 <= response.status_code < 300
-                else f"HTTP {response.status_code}"
-            )
-            retry_after = parse_retry_after(
-                response.headers.get("retry-after"), utcnow()
-            )
+            error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+            retry_after = parse_retry_after(response.headers.get("retry-after"), utcnow())
             return response.status_code, error, excerpt, retry_after, _ms(start)
 
 

@@ -17,9 +17,7 @@ def finished_payload(request: ProcessingRequest, public_base_url: str) -> dict:
         "type": EVENT_TYPE,
         "request_id": request.request_id,
         "status": request.status,
-        "completed_at": request.completed_at.isoformat()
-        if request.completed_at
-        else None,
+        "completed_at": request.completed_at.isoformat() if request.completed_at else None,
         "total_images": request.total_images,
         "processed_images": request.processed_images,
         "failed_images": request.failed_images,
@@ -27,9 +25,7 @@ def finished_payload(request: ProcessingRequest, public_base_url: str) -> dict:
     }
 
 
-def create_finished_event(
-    session: Session, request: ProcessingRequest, public_base_url: str
-) -> int | None:
+def create_finished_event(session: Session, request: ProcessingRequest, public_base_url: str) -> int | None:
     """Add the event in the caller's transaction, so it exists iff the request finished."""
     if not request.callback_url:
         return None
@@ -37,9 +33,7 @@ def create_finished_event(
         request_pk=request.id,
         webhook_id=f"msg_{uuid.uuid4().hex}",
         url=request.callback_url,
-        payload=json.dumps(
-            finished_payload(request, public_base_url), separators=(",", ":")
-        ),
+        payload=json.dumps(finished_payload(request, public_base_url), separators=(",", ":")),
         state=WebhookState.PENDING,
         next_attempt_at=utcnow(),
     )

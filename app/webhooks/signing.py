@@ -14,9 +14,7 @@ def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def signature_headers(
-    secret: str, webhook_id: str, timestamp: int, body: bytes
-) -> dict[str, str]:
+def signature_headers(secret: str, webhook_id: str, timestamp: int, body: bytes) -> dict[str, str]:
     headers = {"webhook-id": webhook_id, "webhook-timestamp": str(timestamp)}
     if secret:
         headers["webhook-signature"] = sign(secret, webhook_id, timestamp, body)

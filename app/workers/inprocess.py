@@ -53,9 +53,7 @@ class InProcessRunner:
         self.recovery_interval_seconds = recovery_interval_seconds
         self.shutdown_grace_seconds = shutdown_grace_seconds
 
-        self._units: queue.Queue[WorkUnit | None] = queue.Queue(
-            maxsize=self.claim_batch
-        )
+        self._units: queue.Queue[WorkUnit | None] = queue.Queue(maxsize=self.claim_batch)
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
         self._held: dict[int, WorkUnit] = {}  # claimed and not yet recorded
         self._held_lock = threading.Lock()
@@ -74,10 +72,7 @@ class InProcessRunner:
         self._recorder = self._thread(self._record_loop, "image-recorder")
         self._webhooks = self._thread(self._webhook_loop, "webhook-delivery")
         self._thread(self._heartbeat_loop, "lease-heartbeat")
-        self._workers = [
-            self._thread(self._work_loop, f"image-worker-{n}")
-            for n in range(self.concurrency)
-        ]
+        self._workers = [self._thread(self._work_loop, f"image-worker-{n}") for n in range(self.concurrency)]
 
     def dispatch(self, image_ids: Sequence[int]) -> None:
         """New committed work exists. This runner reads it from the database, so the ids
@@ -133,9 +128,7 @@ class InProcessRunner:
                     loop()
                     return
                 except Exception:
-                    log.exception(
-                        "%s failed; restarting it", threading.current_thread().name
-                    )
+                    log.exception("%s failed; restarting it", threading.current_thread().name)
                     time.sleep(DB_RETRY_SECONDS)
 
         return run
@@ -144,14 +137,10 @@ class InProcessRunner:
         after_id = 0
         while not self._stopping.is_set():
             with self.pipeline.sessions() as session:
-                ids = next_claimable_ids(
-                    session, self.pipeline, after_id, self.claim_batch
-                )
+                ids = next_claimable_ids(session, self.pipeline, after_id, self.claim_batch)
             if not ids:
                 after_id = 0
-                self._wake_feeder.wait(
-                    min(self.recovery_interval_seconds, self.heartbeat_seconds)
-                )
+                self._wake_feeder.wait(min(self.recovery_interval_seconds, self.heartbeat_seconds))
                 self._wake_feeder.clear()
                 continue
             after_id = ids[-1]
@@ -219,11 +208,7 @@ class InProcessRunner:
             except Exception:
                 log.exception("webhook delivery loop failed")
                 wait = DB_RETRY_SECONDS
-            timeout = (
-                WEBHOOK_IDLE_POLL_SECONDS
-                if wait is None
-                else min(wait, WEBHOOK_IDLE_POLL_SECONDS)
-            )
+            timeout = WEBHOOK_IDLE_POLL_SECONDS if wait is None else min(wait, WEBHOOK_IDLE_POLL_SECONDS)
             self._wake_webhooks.wait(timeout)
             self._wake_webhooks.clear()
 
@@ -257,9 +242,7 @@ class InProcessRunner:
         try:
             self.pipeline.release(units)
         except Exception:
-            log.exception(
-                "could not release %d units; their leases will expire", len(units)
-            )
+            log.exception("could not release %d units; their leases will expire", len(units))
         with self._held_lock:
             for unit in units:
                 self._held.pop(unit.image_id, None)

@@ -22,9 +22,7 @@ router = APIRouter(tags=["batches"])
     },
     summary="The result CSV: input rows with an Output Image Urls column",
 )
-def download_results(
-    request: ProcessingRequestDep, http_request: Request
-) -> StreamingResponse:
+def download_results(request: ProcessingRequestDep, http_request: Request) -> StreamingResponse:
     if request.completed_at is None:
         raise Conflict(
             f"request {request.request_id} is {request.status}; the CSV is ready when it finishes",
@@ -33,7 +31,5 @@ def download_results(
     return StreamingResponse(
         result_csv_lines(http_request.app.state.sessions, request.id),
         media_type="text/csv; charset=utf-8",
-        headers={
-            "Content-Disposition": f'attachment; filename="{request.request_id}.csv"'
-        },
+        headers={"Content-Disposition": f'attachment; filename="{request.request_id}.csv"'},
     )

@@ -17,7 +17,5 @@ def readyz(session: SessionDep) -> dict[str, str]:
     try:
         session.execute(text("SELECT 1"))
     except Exception as exc:
-        raise ServiceUnavailable(
-            f"the database does not answer: {exc.__class__.__name__}"
-        ) from exc
+        raise ServiceUnavailable(f"the database does not answer: {exc.__class__.__name__}") from exc
     return {"status": "ready"}

@@ -25,7 +25,5 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _problem("API keys are configured and none (or a wrong one) was sent"),
     404: _problem("No such request (or not yours)"),
     413: _problem("The CSV is larger than MAX_CSV_BYTES"),
-    422: _problem(
-        "The input is invalid; `errors` lists each problem with its line and column"
-    ),
+    422: _problem("The input is invalid; `errors` lists each problem with its line and column"),
 }

@@ -52,9 +52,7 @@ def get_status(
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> RequestStatusOut:
-    page, next_id = products_page(
-        session, request.id, after_id=decode_cursor(cursor), limit=limit
-    )
+    page, next_id = products_page(session, request.id, after_id=decode_cursor(cursor), limit=limit)
     return RequestStatusOut.of(
         request,
         settings.base_url,
@@ -64,9 +62,7 @@ def get_status(
     )
 
 
-@router.get(
-    "/requests", response_model=RequestList, summary="All requests, newest first"
-)
+@router.get("/requests", response_model=RequestList, summary="All requests, newest first")
 def list_requests(
     session: SessionDep,
     settings: SettingsDep,
@@ -74,9 +70,7 @@ def list_requests(
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> RequestList:
-    items, next_id = requests_page(
-        session, owner, before_id=decode_cursor(cursor), limit=limit
-    )
+    items, next_id = requests_page(session, owner, before_id=decode_cursor(cursor), limit=limit)
     return RequestList(
         items=[RequestSummary.of(item, settings.base_url) for item in items],
         next_cursor=encode_cursor(next_id) if next_id is not None else None,
@@ -88,9 +82,7 @@ def list_requests(
     response_model=WebhookDeliveryList,
     summary="Webhook delivery attempts of a request",
 )
-def list_webhook_deliveries(
-    request: ProcessingRequestDep, session: SessionDep
-) -> WebhookDeliveryList:
+def list_webhook_deliveries(request: ProcessingRequestDep, session: SessionDep) -> WebhookDeliveryList:
     deliveries = session.scalars(
         select(WebhookDelivery)
         .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_id)
@@ -115,9 +107,7 @@ def redeliver_webhook(
     if not request.callback_url:
         raise Conflict("this request has no webhook URL")
     if request.completed_at is None:
-        raise Conflict(
-            "the request has not finished; its webhook will be sent when it does"
-        )
+        raise Conflict("the request has not finished; its webhook will be sent when it does")
     redeliver(session, request.id)
     session.commit()
     runner.notify_webhooks()

@@ -4,8 +4,8 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 
 from app.api.deps import OwnerDep, RunnerDep, SettingsDep, WriterSessionDep
 from app.api.errors import InvalidInput
-from app.api.schemas import UploadAccepted
 from app.api.routes.problems import PROBLEM_RESPONSES
+from app.api.schemas import UploadAccepted
 from app.services.batches import CsvLimits, create_batch
 
 router = APIRouter(tags=["batches"])
@@ -31,9 +31,7 @@ def upload_csv(
     settings: SettingsDep,
     owner: OwnerDep,
     file: Annotated[UploadFile | None, File(description="the products CSV")] = None,
-    webhook_url: Annotated[
-        str | None, Form(description="http(s) URL notified when done")
-    ] = None,
+    webhook_url: Annotated[str | None, Form(description="http(s) URL notified when done")] = None,
 ) -> UploadAccepted:
     if file is None:
         raise InvalidInput("the form needs a 'file' field holding the CSV")
@@ -42,9 +40,7 @@ def upload_csv(
         file.file,
         webhook_url=(webhook_url or "").strip() or None,
         owner=owner,
-        limits=CsvLimits(
-            settings.max_csv_bytes, settings.max_rows, settings.max_urls_per_row
-        ),
+        limits=CsvLimits(settings.max_csv_bytes, settings.max_rows, settings.max_urls_per_row),
     )
     # Work leaves only after the commit: a runner must never see ids it cannot read.
     session.commit()

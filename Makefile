@@ -1,0 +1,53 @@
+# Batch image service. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+POSTGRES_TEST_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev run migrate test test-postgres test-all lint format bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.runtime-installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+install: $(VENV)/.runtime-installed ## Create .venv with the pinned runtime dependencies (quick when up to date)
+
+install-dev: $(VENV)/.dev-installed ## Add the test and lint tools
+
+run: install ## Apply migrations and serve on HOST:PORT (settings from the environment or .env)
+	$(PY) -m app
+
+migrate: install ## Apply Alembic migrations to DATABASE_URL
+	$(PY) -m alembic upgrade head
+
+test: install-dev ## Run the test suite (SQLite; set TEST_DATABASE_URL for another database)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-postgres: install-dev ## Run the test suite on PostgreSQL ($(POSTGRES_TEST_URL))
+	TEST_DATABASE_URL=$(POSTGRES_TEST_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: test test-postgres ## Both databases
+
+lint: install-dev ## ruff lint and format check
+	$(PY) -m ruff check app tests bench alembic
+	$(PY) -m ruff format --check app tests bench alembic
+
+format: install-dev ## Apply ruff fixes and formatting
+	$(PY) -m ruff check --fix app tests bench alembic
+	$(PY) -m ruff format app tests bench alembic
+
+bench: install-dev ## Benchmark the service against local servers; prints a table, saves JSON
+	$(PY) -m bench $(BENCH_ARGS)
+
+clean: ## Remove the venv, caches, the default SQLite database and processed images
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis data
+	find processed_images -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

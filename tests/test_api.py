@@ -1,0 +1,247 @@
+"""The main path through the real app and runner: upload -> status -> download -> webhook."""
+
+import csv
+import io
+import json
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from standardwebhooks import Webhook
+
+from app.main import create_app
+from tests import images
+from tests.conftest import csv_of, upload, wait_finished
+from tests.test_compress import STANDARD_LUMINANCE_TABLE
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def fetch_output(client: TestClient, output_url: str) -> Image.Image:
+    response = client.get(output_url.removeprefix("http://testserver"))
+    assert response.status_code == 200
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_batch_end_to_end(make_settings, image_server, webhook_receiver):
+    settings = make_settings(webhook_secret=SECRET)
+    sizes = [(320, 240), (200, 300), (640, 480)]
+    rows = []
+    for serial in range(1, 9):
+        urls = [image_server.add(images.jpeg(size)) for size in sizes]
+        rows.append((serial, f'Product {serial} «ünïcode», "quoted"', urls))
+    hook = webhook_receiver.new_url()
+
+    with TestClient(create_app(settings)) as client:
+        accepted = upload(client, csv_of(rows), webhook_url=hook)
+        assert accepted.status_code == 202
+        body = accepted.json()
+        assert body["status"] == "pending"
+        assert body["total_products"] == 8 and body["total_images"] == 24
+        assert accepted.headers["location"] == body["status_url"]
+        request_id = body["request_id"]
+
+        status = wait_finished(client, request_id)
+        assert status["status"] == "completed"
+        assert status["completed_at"] is not None
+        assert status["progress"] == {
+            "total_images": 24,
+            "processed_images": 24,
+            "failed_images": 0,
+            "percent": 100.0,
+        }
+        assert status["download_url"].endswith(f"/download/{request_id}")
+        assert [p["serial_number"] for p in status["products"]] == list(range(1, 9))
+
+        outputs = set()
+        for product, (_, name, urls) in zip(status["products"], rows, strict=True):
+            assert product["product_name"] == name
+            assert product["input_image_urls"] == urls
+            assert len(product["output_image_urls"]) == 3
+            for image, size, output_url in zip(
+                product["images"], sizes, product["output_image_urls"], strict=True
+            ):
+                assert image["status"] == "succeeded" and image["error"] is None
+                assert (image["width"], image["height"]) == size
+                assert image["output_url"] == output_url
+                out = fetch_output(client, output_url)
+                assert out.format == "JPEG" and out.size == size
+                assert list(out.quantization[0]) == STANDARD_LUMINANCE_TABLE
+                outputs.add(output_url)
+        assert len(outputs) == 24
+
+        download = client.get(f"/download/{request_id}")
+        assert download.status_code == 200
+        assert download.headers["content-type"].startswith("text/csv")
+        assert "attachment" in download.headers["content-disposition"]
+        table = list(csv.reader(io.StringIO(download.text)))
+        assert table[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
+        for line, product, (serial, name, urls) in zip(table[1:], status["products"], rows, strict=True):
+            assert line == [str(serial), name, ",".join(urls), ",".join(product["output_image_urls"])]
+
+    deliveries = webhook_receiver.wait_for(hook, 1)
+    assert len(deliveries) == 1
+    delivered = deliveries[0]
+    payload = Webhook(SECRET).verify(delivered.body, delivered.headers)
+    assert payload["request_id"] == request_id
+    assert payload["status"] == "completed"
+    assert payload["total_images"] == 24 and payload["processed_images"] == 24
+    assert payload["failed_images"] == 0
+    assert payload["download_url"].endswith(f"/download/{request_id}")
+    assert payload["completed_at"]
+
+
+def test_failed_images_leave_empty_outputs_and_the_batch_finishes(client, image_server):
+    good = image_server.add(images.jpeg())
+    missing = image_server.base_url + "/" + uuid.uuid4().hex
+    html = image_server.add(b"<html>not an image</html>", content_type="image/jpeg")
+    request_id = upload(client, csv_of([(1, "A", [good, missing]), (2, "B", [html])])).json()["request_id"]
+    status = wait_finished(client, request_id)
+    assert status["status"] == "completed_with_errors"
+    assert status["progress"]["processed_images"] == 1
+    assert status["progress"]["failed_images"] == 2
+    first, second = status["products"]
+    assert first["output_image_urls"][0].endswith(".jpg")
+    assert first["output_image_urls"][1] == ""
+    assert first["images"][1]["error"]["code"] == "http_404"
+    assert second["images"][0]["error"]["code"] == "not_an_image"
+    table = list(csv.reader(io.StringIO(client.get(f"/download/{request_id}").text)))
+    assert table[1][3] == first["output_image_urls"][0] + ","
+    assert table[2][3] == ""
+
+
+def test_a_batch_where_every_image_fails_is_failed(client, image_server):
+    missing = image_server.base_url + "/" + uuid.uuid4().hex
+    request_id = upload(client, csv_of([(1, "A", [missing])])).json()["request_id"]
+    assert wait_finished(client, request_id)["status"] == "failed"
+
+
+def test_every_kind_of_image_through_the_service(client, image_server):
+    kinds = {
+        "cmyk": images.cmyk_jpeg(),
+        "rotated": images.exif_rotated_jpeg((300, 100)),
+        "alpha": images.png_rgba(),
+        "grey16": images.png_16bit_grey(),
+        "animated": images.animated_gif(),
+        "palette": images.palette_gif_transparent(),
+        "webp": images.webp(),
+        "bmp": images.bmp(),
+        "tiff": images.tiff(),
+    }
+    urls = {
+        kind: image_server.add(data, content_type="application/octet-stream") for kind, data in kinds.items()
+    }
+    request_id = upload(client, csv_of([(1, "All kinds", list(urls.values()))])).json()["request_id"]
+    status = wait_finished(client, request_id)
+    assert status["status"] == "completed", status["products"][0]["images"]
+    results = dict(zip(urls, status["products"][0]["images"], strict=True))
+    assert (results["rotated"]["width"], results["rotated"]["height"]) == (100, 300)
+    for image in results.values():
+        assert fetch_output(client, image["output_url"]).format == "JPEG"
+
+
+def test_status_pages_products_with_a_cursor(client, image_server):
+    url = image_server.add(images.jpeg((32, 32)))
+    rows = [(serial, f"P{serial}", [url]) for serial in range(1, 26)]
+    request_id = upload(client, csv_of(rows)).json()["request_id"]
+    wait_finished(client, request_id)
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 10} | ({"cursor": cursor} if cursor else {})
+        body = client.get(f"/status/{request_id}", params=params).json()
+        seen += [p["serial_number"] for p in body["products"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(range(1, 26))
+    assert pages == 3
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 1001}, {"cursor": "not-a-cursor"}])
+def test_bad_paging_parameters_are_problems(client, image_server, params):
+    request_id = upload(client, csv_of([(1, "A", [image_server.add(images.jpeg())])])).json()["request_id"]
+    response = client.get(f"/status/{request_id}", params=params)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_requests_are_listed_newest_first_and_paged(make_settings, image_server):
+    key = uuid.uuid4().hex  # a key of our own: the list shows only this test's requests
+    settings = make_settings(api_keys=key)
+    headers = {"Authorization": f"Bearer {key}"}
+    url = image_server.add(images.jpeg((16, 16)))
+    with TestClient(create_app(settings)) as client:
+        ids = [
+            upload(client, csv_of([(1, "A", [url])]), headers=headers).json()["request_id"] for _ in range(3)
+        ]
+        first = client.get("/requests", params={"limit": 2}, headers=headers).json()
+        assert [item["request_id"] for item in first["items"]] == ids[::-1][:2]
+        second = client.get("/requests", params={"limit": 2, "cursor": first["next_cursor"]}, headers=headers)
+        assert [item["request_id"] for item in second.json()["items"]] == ids[:1]
+        assert second.json()["next_cursor"] is None
+
+
+def test_unknown_request_is_a_404_problem(client):
+    for path in ("/status/nope", "/download/nope", "/requests/nope/webhook-deliveries"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["status"] == 404 and problem["title"] and problem["type"]
+
+
+def test_download_before_finishing_is_a_409_problem(client, image_server):
+    def never(request):
+        import time
+
+        time.sleep(3)
+
+    url = image_server.add_handler(never)
+    request_id = upload(client, csv_of([(1, "A", [url])])).json()["request_id"]
+    response = client.get(f"/download/{request_id}")
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_unknown_route_is_a_problem(client):
+    response = client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_health_checks(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+
+
+def test_openapi_documents_the_routes(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/upload", "/status/{request_id}", "/download/{request_id}", "/requests", "/healthz"):
+        assert path in spec["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_api_keys_guard_routes_and_scope_requests(make_settings, image_server):
+    settings = make_settings(api_keys="key-one,key-two")
+    url = image_server.add(images.jpeg((16, 16)))
+    with TestClient(create_app(settings)) as client:
+        refused = upload(client, csv_of([(1, "A", [url])]))
+        assert refused.status_code == 401
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert client.get("/requests", headers={"X-API-Key": "wrong"}).status_code == 401
+        mine = upload(client, csv_of([(1, "A", [url])]), headers={"X-API-Key": "key-one"}).json()[
+            "request_id"
+        ]
+        assert client.get(f"/status/{mine}", headers={"Authorization": "Bearer key-one"}).status_code == 200
+        assert client.get(f"/status/{mine}", headers={"X-API-Key": "key-two"}).status_code == 404
+        assert client.get("/healthz").status_code == 200
+        wait_finished(client, mine, headers={"X-API-Key": "key-one"})
+
+
+def test_status_is_json_a_browser_can_read(client, image_server):
+    request_id = upload(client, csv_of([(1, "A", [image_server.add(images.jpeg())])])).json()["request_id"]
+    response = client.get(f"/status/{request_id}", headers={"Accept": "text/html"})
+    assert response.status_code == 200
+    json.loads(response.text)

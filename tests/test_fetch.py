@@ -1,0 +1,232 @@
+"""The fetch stage against real local servers, including hostile ones."""
+
+import gzip
+import ipaddress
+import time
+
+import pytest
+
+from app.pipeline.failures import (
+    BlockedAddress,
+    ConnectionFailed,
+    HttpError,
+    InvalidUrl,
+    TooLarge,
+    TooManyRedirects,
+    UpstreamTimeout,
+)
+from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_session, is_public_address
+from tests import images
+from tests.servers import LocalServer, send
+
+
+@pytest.fixture
+def fetcher(image_server):
+    policy = AddressPolicy(frozenset({("127.0.0.1", image_server.port)}))
+    return HttpFetcher(
+        guarded_session(policy, pool_size=4),
+        timeout_seconds=1.5,
+        max_bytes=1_000_000,
+        retry_backoff_seconds=0.01,
+    )
+
+
+@pytest.fixture(scope="module")
+def outside_server():
+    """A loopback server that is not on the allowlist: it must never be reached."""
+    with LocalServer() as server:
+        yield server
+
+
+def test_fetches_an_image(fetcher, image_server):
+    data = images.jpeg()
+    assert fetcher.fetch(image_server.add(data)).data == data
+
+
+def test_404_is_final_and_not_retried(fetcher, image_server):
+    url = image_server.add(b"gone", status=404)
+    with pytest.raises(HttpError) as failure:
+        fetcher.fetch(url)
+    assert failure.value.code == "http_404"
+    assert image_server.hits_for(url) == 1
+
+
+def test_5xx_is_retried_then_succeeds(fetcher, image_server):
+    data = images.jpeg()
+    calls = []
+
+    def flaky(request):
+        calls.append(1)
+        if len(calls) < 3:
+            send(request, 503, b"busy")
+        else:
+            send(request, 200, data, {"Content-Type": "image/jpeg"})
+
+    assert fetcher.fetch(image_server.add_handler(flaky)).data == data
+    assert len(calls) == 3
+
+
+def test_429_is_retried_a_bounded_number_of_times(fetcher, image_server):
+    url = image_server.add(b"slow down", status=429)
+    with pytest.raises(HttpError) as failure:
+        fetcher.fetch(url)
+    assert failure.value.code == "http_429"
+    assert image_server.hits_for(url) == fetcher.retries + 1
+
+
+def test_redirects_are_followed(fetcher, image_server):
+    data = images.jpeg()
+    target = image_server.add(data)
+    url = image_server.add(b"", status=302, headers={"Location": target})
+    assert fetcher.fetch(url).data == data
+
+
+def test_redirect_loop_is_cut_off(fetcher, image_server):
+    holder = {}
+
+    def loop(request):
+        send(request, 302, b"", {"Location": holder["url"]})
+
+    holder["url"] = image_server.add_handler(loop)
+    with pytest.raises(TooManyRedirects):
+        fetcher.fetch(holder["url"])
+
+
+def test_redirect_to_a_loopback_port_outside_the_allowlist_is_blocked(fetcher, image_server, outside_server):
+    secret = outside_server.add(b"internal data")
+    url = image_server.add(b"", status=302, headers={"Location": secret})
+    with pytest.raises(BlockedAddress):
+        fetcher.fetch(url)
+    assert outside_server.hits_for(secret) == 0
+
+
+def test_loopback_is_blocked_without_the_allowlist(outside_server):
+    fetcher = HttpFetcher(guarded_session(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000)
+    url = outside_server.add(b"x")
+    with pytest.raises(BlockedAddress):
+        fetcher.fetch(url)
+    assert outside_server.hits_for(url) == 0
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "2130706433",
+        "127.1",
+        "0x7f000001",
+        "0177.0.0.1",
+        "localhost",
+        "0.0.0.0",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+    ],
+)
+def test_loopback_spellings_are_blocked(outside_server, host):
+    fetcher = HttpFetcher(guarded_session(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000, retries=0)
+    with pytest.raises((BlockedAddress, ConnectionFailed)) as failure:
+        fetcher.fetch(f"http://{host}:{outside_server.port}/x")
+    assert outside_server.hits["/x"] == 0
+    if host not in ("0x7f000001", "0177.0.0.1"):  # resolvers differ on these spellings
+        assert isinstance(failure.value, BlockedAddress)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "100.64.0.1", "224.0.0.1",
+        "0.0.0.0", "::", "::1", "fc00::1", "fe80::1", "ff02::1", "::ffff:10.0.0.1", "2002:7f00:1::1",
+    ],
+)  # fmt: skip
+def test_non_public_addresses_are_not_public(address):
+    assert not is_public_address(ipaddress.ip_address(address))
+
+
+def test_public_addresses_are_public():
+    assert is_public_address(ipaddress.ip_address("93.184.216.34"))
+    assert is_public_address(ipaddress.ip_address("2606:2800:220:1:248:1893:25c8:1946"))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///etc/passwd",
+        "ftp://example.com/a.jpg",
+        "javascript:alert(1)",
+        "data:image/png;base64,AAAA",
+        "nohost",
+    ],
+)
+def test_non_http_urls_are_refused(fetcher, url):
+    with pytest.raises(InvalidUrl):
+        fetcher.fetch(url)
+
+
+def test_declared_oversize_body_is_refused(fetcher, image_server):
+    with pytest.raises(TooLarge):
+        fetcher.fetch(image_server.add(b"x" * 1_000_001))
+
+
+def test_endless_stream_is_cut_off_at_the_byte_cap(fetcher, image_server):
+    def endless(request):
+        request.send_response(200)
+        request.send_header("Content-Type", "image/jpeg")
+        request.end_headers()
+        chunk = b"\xff" * 65536
+        for _ in range(1000):
+            request.wfile.write(chunk)
+
+    with pytest.raises(TooLarge):
+        fetcher.fetch(image_server.add_handler(endless))
+
+
+def test_gzip_bomb_is_cut_off_on_decoded_bytes(fetcher, image_server):
+    bomb = gzip.compress(b"\0" * 50_000_000)
+    url = image_server.add(bomb, headers={"Content-Encoding": "gzip"})
+    assert len(bomb) < 1_000_000
+    with pytest.raises(TooLarge):
+        fetcher.fetch(url)
+
+
+def test_dripping_server_is_cut_off_by_the_wall_clock_deadline(fetcher, image_server):
+    def drip(request):
+        request.send_response(200)
+        request.send_header("Content-Length", "1000")
+        request.end_headers()
+        for _ in range(1000):
+            request.wfile.write(b"x")
+            request.wfile.flush()
+            time.sleep(0.1)
+
+    fetcher.retries = 0
+    start = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        fetcher.fetch(image_server.add_handler(drip))
+    assert time.monotonic() - start < 3
+
+
+def test_silent_server_times_out(fetcher, image_server):
+    def silent(request):
+        time.sleep(5)
+
+    fetcher.retries = 0
+    start = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        fetcher.fetch(image_server.add_handler(silent))
+    assert time.monotonic() - start < 3
+
+
+def test_connection_refused_is_a_connection_error(image_server):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fetcher = HttpFetcher(
+        guarded_session(AddressPolicy(frozenset({("127.0.0.1", port)})), 1),
+        timeout_seconds=1,
+        max_bytes=1000,
+        retry_backoff_seconds=0.01,
+    )
+    with pytest.raises(ConnectionFailed):
+        fetcher.fetch(f"http://127.0.0.1:{port}/x")
