@@ -142,3 +142,7 @@ def wait_finished(client: TestClient, request_id: str, timeout: float = 30, head
         if time.monotonic() > deadline:
             raise AssertionError(f"request did not finish in {timeout} s: {body['progress']}")
         time.sleep(0.05)
+
+
+def pytest_report_header(config) -> str:
+    return f"database: {os.environ.get('TEST_DATABASE_URL') or 'SQLite (temporary file)'}"

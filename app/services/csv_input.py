@@ -97,8 +97,10 @@ def _decoded_lines(stream: BinaryIO, max_bytes: int, errors: CsvErrors) -> Itera
             return
         try:
             pending += decoder.decode(block, final=not block)
-        except UnicodeDecodeError:
-            errors.add(lines_yielded + 1, None, "the file is not valid UTF-8 text")
+        except UnicodeDecodeError as exc:
+            before = pending + block[: exc.start].decode("utf-8", "ignore")
+            line = lines_yielded + 1 + len(_LINE_END.findall(before))
+            errors.add(line, None, "the file is not valid UTF-8 text")
             return
         start = 0
         for match in _LINE_END.finditer(pending):

@@ -1,0 +1,181 @@
+"""Uploads: tolerant of harmless variation, clear 4xx answers for everything else."""
+
+import io
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.services.csv_input import CsvErrors, CsvTooLarge, read_products
+from tests.conftest import upload
+
+HEADER = "S. No.,Product Name,Input Image Urls"
+URL = "https://images.example.com/a.jpg"
+
+
+def parse(data: bytes, **limits):
+    errors = CsvErrors()
+    options = {"max_bytes": 10_000_000, "max_rows": 1000, "max_urls_per_row": 50} | limits
+    rows = list(read_products(io.BytesIO(data), errors=errors, **options))
+    return rows, errors
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        f"{HEADER}\n1,Shirt,{URL}\n".encode(),
+        f"\ufeff{HEADER}\r\n1,Shirt,{URL}\r\n".encode(),
+        f" S. No. , Product Name ,  Input Image Urls \n 1 , Shirt ,  {URL}  \n".encode(),
+        f'{HEADER}\n1,Shirt,"{URL}, {URL}?b=2"\n\n'.encode(),
+        f"{HEADER}\r1,Shirt,{URL}\r".encode(),
+    ],
+)
+def test_harmless_variations_parse(data):
+    rows, errors = parse(data)
+    assert not errors, errors.items
+    assert rows[0].serial_number == 1 and rows[0].product_name == "Shirt"
+    assert rows[0].image_urls[0] == URL
+
+
+def test_non_ascii_names_and_quoted_commas_survive():
+    name = 'Café "Crème", 東京 ✓'
+    data = f'{HEADER}\n7,"{name.replace(chr(34), chr(34) * 2)}","{URL},{URL}?x=1"\n'.encode()
+    rows, errors = parse(data)
+    assert not errors
+    assert rows[0].product_name == name
+    assert rows[0].image_urls == [URL, URL + "?x=1"]
+
+
+def test_block_boundaries_do_not_split_lines():
+    lines = [f"{n},Product {n} {'é' * (n % 7)},{URL}?n={n}" for n in range(1, 3000)]
+    data = ("\r\n".join([HEADER, *lines]) + "\r\n").encode()
+    rows, errors = parse(data, max_rows=5000)
+    assert not errors
+    assert [row.serial_number for row in rows] == list(range(1, 3000))
+
+
+BAD_FILES = {
+    "empty": (b"", None),
+    "header only": (f"{HEADER}\n".encode(), None),
+    "missing column": (b"S. No.,Product Name\n1,Shirt\n", 1),
+    "unknown column": (f"{HEADER},Colour\n1,Shirt,{URL},red\n".encode(), 1),
+    "wrong column count": (f"{HEADER}\n1,Shirt,{URL},extra\n".encode(), 2),
+    "no urls": (f"{HEADER}\n1,Shirt,\n".encode(), 2),
+    "file url": (f"{HEADER}\n1,Shirt,file:///etc/passwd\n".encode(), 2),
+    "ftp url": (f"{HEADER}\n1,Shirt,ftp://example.com/a.jpg\n".encode(), 2),
+    "javascript url": (f"{HEADER}\n1,Shirt,javascript:alert(1)\n".encode(), 2),
+    "data url": (f"{HEADER}\n1,Shirt,data:image/png;base64,AAAA\n".encode(), 2),
+    "bare word": (f"{HEADER}\n1,Shirt,picture\n".encode(), 2),
+    "long url": (f"{HEADER}\n1,Shirt,https://example.com/{'a' * 2100}\n".encode(), 2),
+    "serial not a number": (f"{HEADER}\nabc,Shirt,{URL}\n".encode(), 2),
+    "serial zero": (f"{HEADER}\n0,Shirt,{URL}\n".encode(), 2),
+    "serial negative": (f"{HEADER}\n-3,Shirt,{URL}\n".encode(), 2),
+    "duplicate serial": (f"{HEADER}\n1,Shirt,{URL}\n1,Hat,{URL}\n".encode(), 3),
+    "empty name": (f"{HEADER}\n1,,{URL}\n".encode(), 2),
+    "not utf-8": (f"{HEADER}\n1,Caf".encode() + b"\xe9," + URL.encode() + b"\n", 2),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", None),
+    "unclosed quote": (f'{HEADER}\n1,"Shirt,{URL}\n'.encode(), None),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_csvs_are_refused_with_the_line_and_nothing_is_stored(client, name):
+    data, line = BAD_FILES[name]
+    response = upload(client, data)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["status"] == 422 and problem["errors"]
+    if line is not None:
+        assert problem["errors"][0]["line"] == line
+    assert client.get("/requests").json()["items"] == []
+
+
+def test_every_bad_row_is_reported_up_to_a_bound(client):
+    rows = "".join(f"{n},Shirt,not-a-url\n" for n in range(1, 201))
+    problem = upload(client, f"{HEADER}\n{rows}".encode()).json()
+    assert len(problem["errors"]) == 50
+    assert problem["errors_not_shown"] == 150
+    assert [error["line"] for error in problem["errors"][:3]] == [2, 3, 4]
+    assert problem["errors"][0]["column"] == "Input Image Urls"
+
+
+def test_limits_on_rows_and_urls(make_settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(max_rows=2, max_urls_per_row=2))) as client:
+        many_rows = f"{HEADER}\n" + "".join(f"{n},S,{URL}\n" for n in range(1, 4))
+        assert upload(client, many_rows.encode()).status_code == 422
+        many_urls = f'{HEADER}\n1,S,"{URL},{URL},{URL}"\n'
+        problem = upload(client, many_urls.encode()).json()
+        assert "at most 2" in problem["errors"][0]["message"]
+
+
+def test_oversize_csv_is_a_413_problem(make_settings):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(max_csv_bytes=1000))) as client:
+        body = f"{HEADER}\n" + "".join(f"{n},S,{URL}\n" for n in range(1, 40))
+        assert 1000 < len(body) < 64 * 1024  # passes the body limit, caught while parsing
+        response = upload(client, body.encode())
+        assert response.status_code == 413
+        assert response.headers["content-type"] == "application/problem+json"
+        huge = upload(client, b"x" * 200_000)
+        assert huge.status_code == 413
+        assert huge.headers["content-type"] == "application/problem+json"
+        assert client.get("/requests").json()["items"] == []
+
+
+def test_parser_stops_reading_past_the_byte_limit():
+    with pytest.raises(CsvTooLarge):
+        parse(f"{HEADER}\n".encode() + b"1,a,b\n" * 100_000, max_bytes=10_000)
+
+
+def test_missing_file_field_is_a_problem(client):
+    response = client.post("/upload", data={"webhook_url": "https://example.com/hook"})
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("hook", ["ftp://example.com/hook", "javascript:alert(1)", "not a url"])
+def test_webhook_url_must_be_http(client, hook):
+    response = upload(client, f"{HEADER}\n1,Shirt,{URL}\n".encode(), webhook_url=hook)
+    assert response.status_code == 422
+    assert "webhook_url" in response.json()["detail"]
+    assert client.get("/requests").json()["items"] == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_any_bytes_parse_or_yield_errors(data):
+    rows, errors = parse(data)
+    assert rows or errors
+
+
+csv_cells = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(csv_cells, min_size=0, max_size=5), max_size=6))
+def test_any_table_parses_or_yields_errors(table):
+    import csv
+
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([["S. No.", "Product Name", "Input Image Urls"], *table])
+    rows, errors = parse(buffer.getvalue().encode())
+    assert rows or errors
+    for row in rows:
+        assert row.serial_number > 0 and row.product_name and row.image_urls
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_upload_of_any_bytes_is_never_a_server_error(client, data):
+    response = upload(client, data)
+    assert response.status_code in (202, 413, 422)
+    if response.status_code != 202:
+        assert response.headers["content-type"] == "application/problem+json"
