@@ -1,0 +1,120 @@
+"""Webhook delivery: signed, retried with growing gaps, recorded, redeliverable."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from standardwebhooks import Webhook
+
+from app.main import create_app
+from app.webhooks.delivery import parse_retry_after
+from app.webhooks.signing import sign
+from tests import images
+from tests.conftest import csv_of, upload, wait_finished
+from tests.test_api import SECRET
+
+
+@pytest.fixture
+def signed_client(make_settings):
+    with TestClient(create_app(make_settings(webhook_secret=SECRET, webhook_max_attempts=4))) as client:
+        yield client
+
+
+def finished_request(client, image_server, hook) -> str:
+    request_id = upload(client, csv_of([(1, "A", [image_server.add(images.jpeg())])]), webhook_url=hook)
+    request_id = request_id.json()["request_id"]
+    wait_finished(client, request_id)
+    return request_id
+
+
+def wait_webhook_state(client, request_id, state, timeout=15):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        webhook = client.get(f"/status/{request_id}").json()["webhook"]
+        if webhook["state"] == state:
+            return webhook
+        time.sleep(0.05)
+    raise AssertionError(f"webhook never reached {state}: {webhook}")
+
+
+def test_a_failing_receiver_gets_retries_with_the_same_id_and_growing_gaps(
+    signed_client, image_server, webhook_receiver
+):
+    hook = webhook_receiver.new_url(fail_with=[500, 500])
+    request_id = finished_request(signed_client, image_server, hook)
+    received = webhook_receiver.wait_for(hook, 3)
+    assert len(received) == 3
+    assert len({r.headers["webhook-id"] for r in received}) == 1
+    for delivery in received:
+        assert Webhook(SECRET).verify(delivery.body, delivery.headers)["request_id"] == request_id
+    gaps = [later.at - earlier.at for earlier, later in zip(received, received[1:], strict=False)]
+    assert gaps[1] > gaps[0]
+
+    webhook = wait_webhook_state(signed_client, request_id, "delivered")
+    assert webhook["attempts"] == 3 and webhook["last_status_code"] == 200
+    log = signed_client.get(f"/requests/{request_id}/webhook-deliveries").json()
+    assert [d["status_code"] for d in log["deliveries"]] == [500, 500, 200]
+    assert [d["attempt"] for d in log["deliveries"]] == [1, 2, 3]
+    assert log["deliveries"][0]["error"] == "HTTP 500"
+    assert log["deliveries"][0]["response_excerpt"] == "try again"
+
+
+def test_delivery_gives_up_after_the_attempt_limit(signed_client, image_server, webhook_receiver):
+    hook = webhook_receiver.new_url(fail_with=[503] * 10)
+    request_id = finished_request(signed_client, image_server, hook)
+    webhook = wait_webhook_state(signed_client, request_id, "failed")
+    assert webhook["attempts"] == 4
+    assert len(webhook_receiver.received(hook)) == 4
+
+
+def test_redeliver_sends_the_same_event_again(signed_client, image_server, webhook_receiver):
+    hook = webhook_receiver.new_url()
+    request_id = finished_request(signed_client, image_server, hook)
+    (first,) = webhook_receiver.wait_for(hook, 1)
+    wait_webhook_state(signed_client, request_id, "delivered")
+    response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
+    assert response.status_code == 202
+    received = webhook_receiver.wait_for(hook, 2)
+    assert len(received) == 2
+    assert received[1].headers["webhook-id"] == first.headers["webhook-id"]
+    assert received[1].body == first.body
+
+
+def test_redeliver_without_a_webhook_is_a_409_problem(signed_client, image_server):
+    request_id = finished_request(signed_client, image_server, None)
+    response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
+    assert response.status_code == 409
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_webhook_to_a_blocked_address_fails_without_a_request(make_settings, image_server):
+    from tests.servers import WebhookReceiver
+
+    with (
+        WebhookReceiver() as outside,
+        TestClient(create_app(make_settings(webhook_max_attempts=1))) as client,
+    ):
+        hook = outside.new_url()
+        request_id = finished_request(client, image_server, hook)
+        webhook = wait_webhook_state(client, request_id, "failed")
+        assert webhook["last_error"].startswith("blocked_address")
+        assert outside.received(hook) == []
+
+
+def test_signature_matches_the_reference_implementation():
+    body = b'{"a":1}'
+    signature = sign(SECRET, "msg_1", 1_700_000_000, body)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000", "webhook-signature": signature}
+    reference = Webhook(SECRET)
+    assert reference.sign("msg_1", datetime.fromtimestamp(1_700_000_000, UTC), body.decode()) == signature
+    assert headers["webhook-signature"].startswith("v1,")
+
+
+def test_retry_after_is_understood():
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_retry_after("120", now) == timedelta(seconds=120)
+    assert parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", now) == timedelta(seconds=60)
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after("99999999", now) == timedelta(hours=24)
