@@ -31,13 +31,14 @@ class Settings(BaseSettings):
     download_timeout_seconds: float = Field(30.0, gt=0)
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(100_000_000, gt=0)
-    lease_seconds: float = Field(300.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0)
     recovery_interval_seconds: float = Field(30.0, gt=0)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
 
     max_csv_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_rows: int = Field(200_000, gt=0)
     max_urls_per_row: int = Field(50, gt=0)
+    idempotency_key_ttl_seconds: float = Field(24 * 3600, gt=0)
 
     allow_private_hosts: str = ""
     api_keys: str = ""

@@ -34,14 +34,10 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_processing_requests")),
-        sa.UniqueConstraint(
-            "request_id", name=op.f("uq_processing_requests_request_id")
-        ),
+        sa.UniqueConstraint("request_id", name=op.f("uq_processing_requests_request_id")),
     )
     with op.batch_alter_table("processing_requests", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_processing_requests_owner"), ["owner"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_processing_requests_owner"), ["owner"], unique=False)
 
     op.create_table(
         "products",
@@ -63,9 +59,7 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("products", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_products_request_pk_id", ["request_pk", "id"], unique=False
-        )
+        batch_op.create_index("ix_products_request_pk_id", ["request_pk", "id"], unique=False)
 
     op.create_table(
         "webhook_events",
@@ -97,9 +91,7 @@ def upgrade() -> None:
             ["next_attempt_at"],
             unique=False,
         )
-        batch_op.create_index(
-            batch_op.f("ix_webhook_events_request_pk"), ["request_pk"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_webhook_events_request_pk"), ["request_pk"], unique=False)
 
     op.create_table(
         "images",
@@ -135,14 +127,10 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_images")),
-        sa.UniqueConstraint(
-            "product_id", "position", name=op.f("uq_images_product_id_position")
-        ),
+        sa.UniqueConstraint("product_id", "position", name=op.f("uq_images_product_id_position")),
     )
     with op.batch_alter_table("images", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_images_request_pk_status", ["request_pk", "status"], unique=False
-        )
+        batch_op.create_index("ix_images_request_pk_status", ["request_pk", "status"], unique=False)
         batch_op.create_index("ix_images_status_id", ["status", "id"], unique=False)
 
     op.create_table(
@@ -164,9 +152,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_deliveries")),
     )
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_webhook_deliveries_event_id"), ["event_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_webhook_deliveries_event_id"), ["event_id"], unique=False)
 
     # ### end Alembic commands ###
 

@@ -137,3 +137,18 @@ class WebhookDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text)
     response_excerpt: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[int] = mapped_column(Integer)
+
+
+class IdempotencyKey(Base):
+    """An upload's Idempotency-Key, remembered so a retried upload returns the first answer."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner_scope", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_scope: Mapped[str] = mapped_column(String(64))  # "" when the API is open
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    request_pk: Mapped[int] = mapped_column(ForeignKey("processing_requests.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -5,7 +5,7 @@ Functions here only flush; the caller owns the transaction.
 
 import base64
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
@@ -65,6 +65,7 @@ def create_batch(
     webhook_url: str | None,
     owner: str | None,
     limits: CsvLimits,
+    on_request_created: Callable[[ProcessingRequest], None] | None = None,
 ) -> tuple[ProcessingRequest, list[int]]:
     """Store a request, its products and images; return it and the new image ids.
 
@@ -83,6 +84,8 @@ def create_batch(
     )
     session.add(request)
     session.flush()
+    if on_request_created is not None:
+        on_request_created(request)
 
     errors = CsvErrors()
     rows = read_products(

@@ -1,12 +1,14 @@
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 
 from app.api.deps import OwnerDep, RunnerDep, SettingsDep, WriterSessionDep
 from app.api.errors import InvalidInput
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import UploadAccepted
+from app.db.models import ProcessingRequest, RequestStatus
 from app.services.batches import CsvLimits, create_batch
+from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
 
 router = APIRouter(tags=["batches"])
 
@@ -32,24 +34,46 @@ def upload_csv(
     owner: OwnerDep,
     file: Annotated[UploadFile | None, File(description="the products CSV")] = None,
     webhook_url: Annotated[str | None, Form(description="http(s) URL notified when done")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="retrying with the same key and file returns the first answer"),
+    ] = None,
 ) -> UploadAccepted:
     if file is None:
         raise InvalidInput("the form needs a 'file' field holding the CSV")
+    webhook_url = (webhook_url or "").strip() or None
+    remember_key = None
+    if idempotency_key is not None:
+        key = check_key(idempotency_key)
+        fingerprint = payload_fingerprint(file.file, webhook_url)
+        original = find_original(session, owner, key, fingerprint)
+        if original is not None:
+            response.headers["Idempotent-Replayed"] = "true"
+            return _accepted(response, original, settings.base_url)
+
+        def remember_key(request):
+            remember(session, owner, key, fingerprint, request.id, settings.idempotency_key_ttl_seconds)
+
     request, image_ids = create_batch(
         session,
         file.file,
-        webhook_url=(webhook_url or "").strip() or None,
+        webhook_url=webhook_url,
         owner=owner,
         limits=CsvLimits(settings.max_csv_bytes, settings.max_rows, settings.max_urls_per_row),
+        on_request_created=remember_key,
     )
     # Work leaves only after the commit: a runner must never see ids it cannot read.
     session.commit()
     runner.dispatch(image_ids)
-    status_url = f"{settings.base_url}/status/{request.request_id}"
+    return _accepted(response, request, settings.base_url)
+
+
+def _accepted(response: Response, request: ProcessingRequest, base_url: str) -> UploadAccepted:
+    status_url = f"{base_url}/status/{request.request_id}"
     response.headers["Location"] = status_url
     return UploadAccepted(
         request_id=request.request_id,
-        status=request.status,
+        status=RequestStatus.PENDING,
         status_url=status_url,
         total_products=request.total_products,
         total_images=request.total_images,

@@ -1,0 +1,61 @@
+"""Idempotency-Key on uploads."""
+
+from tests import images
+from tests.conftest import csv_of, upload, wait_finished
+
+
+def test_same_key_and_file_returns_the_original_and_creates_nothing(client, image_server):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    first = upload(client, data, headers={"Idempotency-Key": "order-42"})
+    again = upload(client, data, headers={"Idempotency-Key": "order-42"})
+    assert first.status_code == again.status_code == 202
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.headers["location"] == first.headers["location"]
+    assert len(client.get("/requests").json()["items"]) == 1
+    wait_finished(client, first.json()["request_id"])
+
+
+def test_same_key_with_a_different_file_is_refused(client, image_server):
+    url = image_server.add(images.jpeg())
+    assert upload(client, csv_of([(1, "A", [url])]), headers={"Idempotency-Key": "k"}).status_code == 202
+    other = upload(client, csv_of([(1, "B", [url])]), headers={"Idempotency-Key": "k"})
+    assert other.status_code == 422
+    assert other.headers["content-type"] == "application/problem+json"
+    assert len(client.get("/requests").json()["items"]) == 1
+
+
+def test_same_key_with_a_different_webhook_is_refused(client, image_server):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    upload(client, data, webhook_url="https://a.example/hook", headers={"Idempotency-Key": "w"})
+    other = upload(client, data, webhook_url="https://b.example/hook", headers={"Idempotency-Key": "w"})
+    assert other.status_code == 422
+
+
+def test_different_keys_create_different_requests(client, image_server):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    first = upload(client, data, headers={"Idempotency-Key": "one"}).json()["request_id"]
+    second = upload(client, data, headers={"Idempotency-Key": "two"}).json()["request_id"]
+    assert first != second
+
+
+def test_expired_keys_are_forgotten(make_settings, image_server):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(idempotency_key_ttl_seconds=0.2))) as client:
+        data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+        first = upload(client, data, headers={"Idempotency-Key": "short"}).json()["request_id"]
+        time.sleep(0.3)
+        second = upload(client, data, headers={"Idempotency-Key": "short"}).json()["request_id"]
+        assert first != second
+
+
+def test_a_refused_csv_does_not_use_up_the_key(client, image_server):
+    bad = b"S. No.,Product Name,Input Image Urls\n1,A,not-a-url\n"
+    assert upload(client, bad, headers={"Idempotency-Key": "retry-me"}).status_code == 422
+    good = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    assert upload(client, good, headers={"Idempotency-Key": "retry-me"}).status_code == 202
