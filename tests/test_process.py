@@ -35,10 +35,11 @@ def pipeline(settings, engine):
 
 def make_batch(engine, rows, webhook_url=None) -> tuple[int, list[int]]:
     with writer_sessionmaker(engine).begin() as session:
-        request, image_ids = create_batch(
+        request = create_batch(
             session, io.BytesIO(csv_of(rows)), webhook_url=webhook_url, owner=None, limits=LIMITS
         )
-        return request.id, image_ids
+        image_ids = session.scalars(select(Image.id).where(Image.request_pk == request.id).order_by(Image.id))
+        return request.id, list(image_ids)
 
 
 def request_row(engine, request_pk) -> ProcessingRequest:

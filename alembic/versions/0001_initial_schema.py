@@ -130,7 +130,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("product_id", "position", name=op.f("uq_images_product_id_position")),
     )
     with op.batch_alter_table("images", schema=None) as batch_op:
-        batch_op.create_index("ix_images_request_pk_status", ["request_pk", "status"], unique=False)
         batch_op.create_index("ix_images_status_id", ["status", "id"], unique=False)
 
     op.create_table(
@@ -165,7 +164,6 @@ def downgrade() -> None:
     op.drop_table("webhook_deliveries")
     with op.batch_alter_table("images", schema=None) as batch_op:
         batch_op.drop_index("ix_images_status_id")
-        batch_op.drop_index("ix_images_request_pk_status")
 
     op.drop_table("images")
     with op.batch_alter_table("webhook_events", schema=None) as batch_op:

@@ -77,7 +77,6 @@ class Image(Base):
     __tablename__ = "images"
     __table_args__ = (
         UniqueConstraint("product_id", "position"),
-        Index("ix_images_request_pk_status", "request_pk", "status"),
         Index("ix_images_status_id", "status", "id"),
     )
 

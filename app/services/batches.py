@@ -4,17 +4,19 @@ Functions here only flush; the caller owns the transaction.
 """
 
 import base64
+import csv
+import io
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
-from app.db.models import Image, ProcessingRequest, Product, RequestStatus
+from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
 from app.services.csv_input import (
     OUTPUT_COLUMNS,
     CsvErrors,
@@ -66,8 +68,8 @@ def create_batch(
     owner: str | None,
     limits: CsvLimits,
     on_request_created: Callable[[ProcessingRequest], None] | None = None,
-) -> tuple[ProcessingRequest, list[int]]:
-    """Store a request, its products and images; return it and the new image ids.
+) -> ProcessingRequest:
+    """Store a request, its products and images (all pending), and return the request.
 
     Rows are inserted as they are parsed; if the file turns out to be invalid the caller
     rolls the transaction back, so a refused file leaves nothing behind.
@@ -95,7 +97,7 @@ def create_batch(
         max_urls_per_row=limits.max_urls_per_row,
         errors=errors,
     )
-    image_ids: list[int] = []
+    total_images = 0
     total_products = 0
     chunk: list[CsvRow] = []
     try:
@@ -104,7 +106,7 @@ def create_batch(
                 continue  # keep reading to report every problem, store nothing more
             chunk.append(row)
             if len(chunk) >= INSERT_CHUNK_ROWS:
-                image_ids += _insert_rows(session, request.id, chunk)
+                total_images += _insert_rows(session, request.id, chunk)
                 total_products += len(chunk)
                 chunk = []
     except CsvTooLarge:
@@ -115,43 +117,66 @@ def create_batch(
             errors=errors.items,
             errors_not_shown=errors.not_shown,
         )
-    image_ids += _insert_rows(session, request.id, chunk)
+    total_images += _insert_rows(session, request.id, chunk)
     total_products += len(chunk)
     request.total_products = total_products
-    request.total_images = len(image_ids)
+    request.total_images = total_images
     session.flush()
-    return request, image_ids
+    return request
 
 
-def _insert_rows(session: Session, request_pk: int, rows: list[CsvRow]) -> list[int]:
+def _insert_rows(session: Session, request_pk: int, rows: list[CsvRow]) -> int:
+    """Insert a chunk of rows; returns the number of images inserted."""
     if not rows:
-        return []
-    product_ids = session.scalars(
-        insert(Product).returning(Product.id, sort_by_parameter_order=True),
-        [
-            {
-                "request_pk": request_pk,
-                "serial_number": row.serial_number,
-                "product_name": row.product_name,
-            }
-            for row in rows
-        ],
-    ).all()
-    return list(
-        session.scalars(
-            insert(Image).returning(Image.id, sort_by_parameter_order=True),
-            [
-                {
-                    "request_pk": request_pk,
-                    "product_id": product_id,
-                    "position": position,
-                    "input_url": url,
-                }
-                for product_id, row in zip(product_ids, rows, strict=True)
-                for position, url in enumerate(row.image_urls)
-            ],
+        return 0
+    connection = session.connection()
+    _bulk_insert(
+        connection,
+        Product.__table__,
+        ("request_pk", "serial_number", "product_name"),
+        [(request_pk, row.serial_number, row.product_name) for row in rows],
+    )
+    product_ids = dict(
+        connection.execute(
+            select(Product.serial_number, Product.id).where(
+                Product.request_pk == request_pk,
+                Product.serial_number.in_([row.serial_number for row in rows]),
+            )
         ).all()
     )
+    images = [
+        (request_pk, product_ids[row.serial_number], position, url, ImageStatus.PENDING.value, 0)
+        for row in rows
+        for position, url in enumerate(row.image_urls)
+    ]
+    _bulk_insert(
+        connection,
+        Image.__table__,
+        ("request_pk", "product_id", "position", "input_url", "status", "attempts"),
+        images,
+    )
+    return len(images)
+
+
+def _bulk_insert(connection: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """Many rows at once, by each driver's fastest path: the SQLite driver's executemany of
+    plain tuples (several times faster than SQLAlchemy's per-row parameter processing),
+    PostgreSQL's COPY, and SQLAlchemy's batched INSERT elsewhere."""
+    if connection.dialect.name == "sqlite":
+        placeholders = ", ".join("?" for _ in columns)
+        connection.exec_driver_sql(
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})", rows
+        )
+    elif connection.dialect.driver == "psycopg2":
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(rows)
+        buffer.seek(0)
+        with connection.connection.dbapi_connection.cursor() as cursor:
+            cursor.copy_expert(
+                f"COPY {table.name} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)", buffer
+            )
+    else:
+        connection.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
 
 
 def get_request(session: Session, request_id: str, owner: str | None) -> ProcessingRequest:

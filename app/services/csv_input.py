@@ -11,7 +11,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 from app.pipeline.fetch import MAX_URL_LENGTH
 
@@ -61,23 +60,27 @@ class CsvErrors:
         return self.total - len(self.items)
 
 
+# scheme://[userinfo@]host[:port][/path?query#fragment], with no whitespace or controls.
+_HTTP_URL = re.compile(
+    r"(?i)https?://(?:[^\s\x00-\x1f\x7f/?#@]*@)?"
+    r"(?P<host>\[[0-9a-f:.]+\]|[^\s\x00-\x1f\x7f/?#@:\[\]]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?(?:[/?#][^\s\x00-\x1f\x7f]*)?"
+)
+
+
 def url_problem(url: str) -> str | None:
-    """Why url cannot be an image source, or None if it can."""
+    """Why url cannot be an image source, or None if it can.
+
+    A single regular expression, not urlsplit: this runs for every URL of a CSV that
+    may hold hundreds of thousands of them."""
     if len(url) > MAX_URL_LENGTH:
         return f"URL is longer than {MAX_URL_LENGTH} characters"
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
-        return f"URL {url[:80]!r} contains whitespace or control characters"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return f"URL {url[:80]!r} is malformed"
-    if parts.scheme.lower() not in ("http", "https"):
-        return f"URL {url[:80]!r} is not an absolute http(s) URL"
-    if not parts.hostname:
-        return f"URL {url[:80]!r} has no host"
-    if port == 0:
-        return f"URL {url[:80]!r} has port 0"
+    match = _HTTP_URL.fullmatch(url)
+    if match is None:
+        return f"URL {url[:80]!r} is not an absolute http(s) URL with a host"
+    port = match["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        return f"URL {url[:80]!r} has an invalid port"
     return None
 
 

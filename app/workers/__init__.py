@@ -1,6 +1,5 @@
 """Runners: what takes committed work units and drives them through the pipeline."""
 
-from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -9,8 +8,10 @@ class Runner(Protocol):
 
     def start(self) -> None: ...
 
-    def dispatch(self, image_ids: Sequence[int]) -> None:
-        """Hand over ids of images whose rows are committed and pending."""
+    def dispatch(self, request_pk: int) -> None:
+        """The request's images are committed and pending: see that they get processed.
+        A broker-based runner sends one message per image id (each message is one
+        pipeline.process_image call); the in-process runner reads them from the database."""
 
     def notify_webhooks(self) -> None: ...
 

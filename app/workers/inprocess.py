@@ -74,11 +74,9 @@ class InProcessRunner:
         self._thread(self._heartbeat_loop, "lease-heartbeat")
         self._workers = [self._thread(self._work_loop, f"image-worker-{n}") for n in range(self.concurrency)]
 
-    def dispatch(self, image_ids: Sequence[int]) -> None:
-        """New committed work exists. This runner reads it from the database, so the ids
-        only wake the feeder; a distributed runner would send them to its queue."""
-        if image_ids:
-            self._wake_feeder.set()
+    def dispatch(self, request_pk: int) -> None:
+        """New committed work exists; the feeder reads it from the database."""
+        self._wake_feeder.set()
 
     def notify_webhooks(self) -> None:
         self._wake_webhooks.set()

@@ -54,7 +54,7 @@ def upload_csv(
         def remember_key(request):
             remember(session, owner, key, fingerprint, request.id, settings.idempotency_key_ttl_seconds)
 
-    request, image_ids = create_batch(
+    request = create_batch(
         session,
         file.file,
         webhook_url=webhook_url,
@@ -64,7 +64,7 @@ def upload_csv(
     )
     # Work leaves only after the commit: a runner must never see ids it cannot read.
     session.commit()
-    runner.dispatch(image_ids)
+    runner.dispatch(request.id)
     return _accepted(response, request, settings.base_url)
 
 

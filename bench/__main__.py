@@ -1,0 +1,268 @@
+"""`make bench`: the real service as a subprocess against local servers; prints a table and
+saves it as JSON under bench-results/.
+
+Figures (medians of BENCH_RUNS runs where it says so):
+1. photos: the bare-Pillow ceiling (decode -> q50 encode in a 2-thread pool, in this
+   process) against the same images through the service, upload to finished;
+2. tiny images (64x64) through the service, images per second;
+3. a 100,000-row CSV (3 URLs a row): time to the 202, then GET /status?limit=100
+   latency (p50, p95) while that batch is being processed;
+4. the service's peak RSS over all of it.
+
+Environment: BENCH_CORPUS=dir (real images instead of generated ones), BENCH_RUNS (3),
+BENCH_PHOTOS (40), BENCH_TINY (3000), BENCH_ROWS (100000), BENCH_DATABASE_URL (a
+PostgreSQL URL to run on it instead of a temporary SQLite file; its tables are emptied).
+"""
+
+import csv
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+from PIL import Image, ImageFilter
+
+from app.config import PROJECT_ROOT
+from tests.servers import LocalServer
+from tests.service_process import ServiceProcess
+
+RESULTS_DIR = PROJECT_ROOT / "bench-results"
+FINISHED = {"completed", "completed_with_errors", "failed"}
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def photo(rng: random.Random, megapixels: float) -> Image.Image:
+    """Smooth shapes plus fine noise: decodes and encodes like a photograph."""
+    width = int((megapixels * 1_000_000 * 4 / 3) ** 0.5)
+    height = int(width * 3 / 4)
+    base = Image.radial_gradient("L").resize((width, height))
+    channels = [base.rotate(rng.randint(0, 359)).resize((width, height)) for _ in range(3)]
+    image = Image.merge("RGB", channels)
+    noise = Image.effect_noise((width, height), rng.uniform(20, 40)).convert("RGB")
+    return Image.blend(image, noise.filter(ImageFilter.GaussianBlur(1)), 0.3)
+
+
+def generated_corpus(count: int) -> list[bytes]:
+    rng = random.Random(7)
+    corpus = []
+    for n in range(count):
+        image = photo(rng, rng.uniform(1.0, 3.0))
+        buffer = io.BytesIO()
+        kind = ("JPEG", "PNG", "WEBP")[n % 3]
+        image.save(buffer, kind, **({"quality": 90} if kind != "PNG" else {}))
+        corpus.append(buffer.getvalue())
+    return corpus
+
+
+def folder_corpus(folder: str) -> list[bytes]:
+    return [path.read_bytes() for path in sorted(Path(folder).iterdir()) if path.is_file()]
+
+
+def bare_pillow(data: bytes) -> int:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=50)
+    return len(out.getvalue())
+
+
+def ceiling_seconds(corpus: list[bytes]) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(bare_pillow, corpus))
+    return time.perf_counter() - start
+
+
+def csv_bytes(urls: list[str], per_row: int) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["S. No.", "Product Name", "Input Image Urls"])
+    for row, start in enumerate(range(0, len(urls), per_row), start=1):
+        writer.writerow([row, f"Product {row}", ",".join(urls[start : start + per_row])])
+    return buffer.getvalue().encode()
+
+
+def run_batch(service: ServiceProcess, data: bytes, timeout: float = 900) -> tuple[float, dict]:
+    start = time.perf_counter()
+    accepted = service.post("/upload", files={"file": ("bench.csv", data, "text/csv")})
+    accepted.raise_for_status()
+    request_id = accepted.json()["request_id"]
+    while True:
+        body = service.get(f"/status/{request_id}", params={"limit": 1}).json()
+        if body["status"] in FINISHED:
+            return time.perf_counter() - start, body
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"batch did not finish in {timeout} s")
+        time.sleep(0.02)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def empty_postgres(url: str) -> None:
+    from sqlalchemy import text
+
+    from app.db.base import Base
+    from app.db.migrate import upgrade_to_head
+    from app.db.session import build_engine
+
+    upgrade_to_head(url)
+    engine = build_engine(url)
+    with engine.begin() as connection:
+        names = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+def main() -> int:
+    runs = env_int("BENCH_RUNS", 3)
+    corpus_dir = os.environ.get("BENCH_CORPUS")
+    database_url = os.environ.get("BENCH_DATABASE_URL")
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    if database_url:
+        empty_postgres(database_url)
+    else:
+        database_url = f"sqlite:///{work / 'bench.db'}"
+    print(f"database: {database_url.split('@')[-1]}; work folder: {work}", flush=True)
+
+    corpus = folder_corpus(corpus_dir) if corpus_dir else generated_corpus(env_int("BENCH_PHOTOS", 40))
+    megapixels = (
+        sum(Image.open(io.BytesIO(d)).size[0] * Image.open(io.BytesIO(d)).size[1] for d in corpus) / 1e6
+    )
+    print(
+        f"corpus: {len(corpus)} images, {megapixels:.1f} MP, {sum(map(len, corpus)) / 1e6:.1f} MB", flush=True
+    )
+
+    results: dict = {
+        "when": datetime.now(UTC).isoformat(),
+        "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
+        "cpus": os.cpu_count(),
+        "corpus": {
+            "images": len(corpus),
+            "megapixels": round(megapixels, 1),
+            "source": corpus_dir or "generated",
+        },
+    }
+    with LocalServer() as images_server:
+        photo_urls = [images_server.add(data) for data in corpus]
+        tiny = io.BytesIO()
+        Image.new("RGB", (64, 64), (90, 140, 200)).save(tiny, "JPEG", quality=90)
+        tiny_urls = [images_server.add(tiny.getvalue()) for _ in range(env_int("BENCH_TINY", 3000))]
+
+        service = ServiceProcess(
+            {
+                "DATABASE_URL": database_url,
+                "MEDIA_ROOT": str(work / "media"),
+                "ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{images_server.port}",
+            },
+            work / "service.log",
+        ).start()
+        try:
+            ceilings, services = [], []
+            for run in range(runs):
+                ceilings.append(ceiling_seconds(corpus))
+                elapsed, body = run_batch(service, csv_bytes(photo_urls, 4))
+                assert body["status"] == "completed", body
+                services.append(elapsed)
+                print(
+                    f"photos run {run + 1}: ceiling {ceilings[-1]:.2f} s, service {elapsed:.2f} s", flush=True
+                )
+            ceiling, through_service = statistics.median(ceilings), statistics.median(services)
+            results["photos"] = {
+                "ceiling_s": round(ceiling, 3),
+                "service_s": round(through_service, 3),
+                "ratio": round(ceiling / through_service, 3),
+                "runs": {"ceiling_s": ceilings, "service_s": services},
+            }
+
+            rates = []
+            for run in range(runs):
+                elapsed, body = run_batch(service, csv_bytes(tiny_urls, 3))
+                assert body["status"] == "completed", body
+                rates.append(len(tiny_urls) / elapsed)
+                print(f"tiny run {run + 1}: {rates[-1]:.0f} images/s", flush=True)
+            results["tiny"] = {
+                "images": len(tiny_urls),
+                "per_second": round(statistics.median(rates)),
+                "runs": rates,
+            }
+
+            rows = env_int("BENCH_ROWS", 100_000)
+            big = csv_bytes([tiny_urls[n % len(tiny_urls)] + f"?n={n}" for n in range(rows * 3)], 3)
+            start = time.perf_counter()
+            accepted = service.post("/upload", files={"file": ("big.csv", big, "text/csv")})
+            upload_s = time.perf_counter() - start
+            accepted.raise_for_status()
+            request_id = accepted.json()["request_id"]
+            latencies = []
+            until = time.perf_counter() + 15
+            while time.perf_counter() < until:
+                start = time.perf_counter()
+                response = service.get(f"/status/{request_id}", params={"limit": 100})
+                latencies.append((time.perf_counter() - start) * 1000)
+                response.raise_for_status()
+                time.sleep(0.05)
+            progress = response.json()["progress"]
+            results["big_csv"] = {
+                "rows": rows,
+                "csv_mb": round(len(big) / 1e6, 1),
+                "upload_to_202_s": round(upload_s, 3),
+                "status_p50_ms": round(percentile(latencies, 0.5), 1),
+                "status_p95_ms": round(percentile(latencies, 0.95), 1),
+                "status_samples": len(latencies),
+                "images_done_while_sampling": progress["processed_images"] + progress["failed_images"],
+            }
+            print(f"big csv: 202 after {upload_s:.2f} s", flush=True)
+            results["peak_rss_mb"] = round(peak_rss_mb(service.process.pid), 1)
+        finally:
+            service.stop()
+
+    print_table(results)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"bench-{results['database']}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(f"saved {path}")
+    return 0
+
+
+def print_table(results: dict) -> None:
+    photos, tiny, big = results["photos"], results["tiny"], results["big_csv"]
+    rows = [
+        ("photos: bare Pillow ceiling (2 threads)", f"{photos['ceiling_s']:.2f} s", ""),
+        ("photos: through the service", f"{photos['service_s']:.2f} s", ""),
+        ("photos: ceiling / service", f"{photos['ratio']:.3f}", ">= 0.95"),
+        ("tiny 64x64 images through the service", f"{tiny['per_second']} /s", ">= 500 /s"),
+        (f"{big['rows']:,}-row CSV upload to 202", f"{big['upload_to_202_s']:.2f} s", "<= 3 s"),
+        ("GET /status?limit=100 p50 while it runs", f"{big['status_p50_ms']:.1f} ms", ""),
+        ("GET /status?limit=100 p95 while it runs", f"{big['status_p95_ms']:.1f} ms", "<= 50 ms"),
+        ("service peak RSS", f"{results['peak_rss_mb']:.0f} MB", "<= 500 MB"),
+    ]
+    print(f"\nresults on {results['database']}, {results['cpus']} CPUs (medians of runs)")
+    print(f"{'figure':<44} {'value':>12}  target")
+    for name, value, target in rows:
+        print(f"{name:<44} {value:>12}  {target}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
