@@ -25,6 +25,9 @@ class _BaseServer:
 
         class RequestHandler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes; with Nagle's algorithm the body
+            # would wait for the client's delayed ACK (about 40 ms a response).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
@@ -63,6 +63,24 @@ class ImageOutcome:
     @property
     def succeeded(self) -> bool:
         return self.error_code is None
+
+
+def _outcome_params(outcome: "ImageOutcome") -> dict:
+    return {
+        "image_id": outcome.unit.image_id,
+        "attempt": outcome.unit.attempt,
+        "new_status": ImageStatus.SUCCEEDED if outcome.succeeded else ImageStatus.FAILED,
+        "new_output_url": outcome.output_url,
+        "new_error_code": outcome.error_code,
+        "new_error_message": outcome.error_message,
+        "new_input_bytes": outcome.input_bytes,
+        "new_output_bytes": outcome.output_bytes,
+        "new_width": outcome.width,
+        "new_height": outcome.height,
+        "new_source_format": outcome.source_format,
+        "new_fetch_ms": outcome.fetch_ms,
+        "new_compress_ms": outcome.compress_ms,
+    }
 
 
 def _ms_since(start: float) -> int:
@@ -172,33 +190,46 @@ class ImagePipeline:
         succeeded: dict[int, int] = {}
         failed: dict[int, int] = {}
         with self.sessions.begin() as session:
-            for outcome in outcomes:
-                unit = outcome.unit
-                changed = session.execute(
-                    update(Image)
+            # One guarded read picks the outcomes whose claim is still current (rows
+            # locked on PostgreSQL; SQLite's write lock is already held), then one
+            # executemany writes them all.
+            current = {
+                (row.id, row.attempts)
+                for row in session.execute(
+                    select(Image.id, Image.attempts)
                     .where(
-                        Image.id == unit.image_id,
+                        Image.id.in_([o.unit.image_id for o in outcomes]),
                         Image.status == ImageStatus.PROCESSING,
-                        Image.attempts == unit.attempt,
                     )
+                    .with_for_update()
+                )
+            }
+            fresh = list(
+                {o.unit.image_id: o for o in outcomes if (o.unit.image_id, o.unit.attempt) in current}.values()
+            )
+            if fresh:
+                session.connection().execute(
+                    update(Image.__table__)
+                    .where(Image.id == bindparam("image_id"), Image.attempts == bindparam("attempt"))
                     .values(
-                        status=ImageStatus.SUCCEEDED if outcome.succeeded else ImageStatus.FAILED,
-                        output_url=outcome.output_url,
-                        error_code=outcome.error_code,
-                        error_message=outcome.error_message,
-                        input_bytes=outcome.input_bytes,
-                        output_bytes=outcome.output_bytes,
-                        width=outcome.width,
-                        height=outcome.height,
-                        source_format=outcome.source_format,
-                        fetch_ms=outcome.fetch_ms,
-                        compress_ms=outcome.compress_ms,
+                        status=bindparam("new_status"),
+                        output_url=bindparam("new_output_url"),
+                        error_code=bindparam("new_error_code"),
+                        error_message=bindparam("new_error_message"),
+                        input_bytes=bindparam("new_input_bytes"),
+                        output_bytes=bindparam("new_output_bytes"),
+                        width=bindparam("new_width"),
+                        height=bindparam("new_height"),
+                        source_format=bindparam("new_source_format"),
+                        fetch_ms=bindparam("new_fetch_ms"),
+                        compress_ms=bindparam("new_compress_ms"),
                         finished_at=now,
-                    )
-                ).rowcount
-                if changed:
-                    tally = succeeded if outcome.succeeded else failed
-                    tally[unit.request_pk] = tally.get(unit.request_pk, 0) + 1
+                    ),
+                    [_outcome_params(o) for o in fresh],
+                )
+            for outcome in fresh:
+                tally = succeeded if outcome.succeeded else failed
+                tally[outcome.unit.request_pk] = tally.get(outcome.unit.request_pk, 0) + 1
             events = []
             for request_pk in sorted(succeeded.keys() | failed.keys()):
                 event_id = self._count_and_maybe_finish(

@@ -6,6 +6,7 @@ Bytes go to a temporary name first and are moved into place, so a reader never s
 half-written file.
 """
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -30,19 +31,32 @@ class LocalFileStorage:
         self.root = Path(root)
         self.base_url = base_url.rstrip("/")
         self.temp_dir = self.root / TEMP_DIR_NAME
+        self._known_folders: set = set()
 
     def save(self, key: str, data: bytes) -> str:
-        target = self.root / key
+        target = os.path.join(self.root, key)
+        temp = os.path.join(self.temp_dir, f"{uuid.uuid4().hex}.part")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.temp_dir.mkdir(parents=True, exist_ok=True)
-            temp = self.temp_dir / f"{uuid.uuid4().hex}.part"
-            with open(temp, "wb") as handle:
-                handle.write(data)
+            self._ensure_folder(os.path.dirname(target))
+            self._ensure_folder(self.temp_dir)
+            descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                remaining = memoryview(data)
+                while remaining:
+                    remaining = remaining[os.write(descriptor, remaining) :]
+            finally:
+                os.close(descriptor)
             os.replace(temp, target)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
             raise StoreFailure(f"could not store the output: {exc.strerror or exc}") from exc
         return f"{self.base_url}/{key}"
+
+    def _ensure_folder(self, folder) -> None:
+        if folder not in self._known_folders:
+            os.makedirs(folder, exist_ok=True)
+            self._known_folders.add(folder)
 
     def remove_stale_temp_files(self) -> None:
         """Drop partial files left by a crash; they were never visible under a real name."""
