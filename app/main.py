@@ -6,6 +6,8 @@ webhooks/delivery.py.
 """
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -16,6 +18,7 @@ from app.api.errors import install_error_handlers, problem_response
 from app.api.routes import download, health, status, upload
 from app.config import Settings, get_settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
+from app.pipeline.compress import warm_up_worker
 from app.pipeline.fetch import (
     AddressPolicy,
     HttpFetcher,
@@ -70,7 +73,20 @@ class UploadSizeLimit:
         return f"the upload is larger than {self.max_body_bytes - MULTIPART_OVERHEAD_BYTES} bytes"
 
 
-def build_runner(settings: Settings, engine) -> tuple[InProcessRunner, LocalFileStorage, list]:
+def build_compress_pool(settings: Settings) -> ProcessPoolExecutor | None:
+    """Worker processes for decoding and encoding, when COMPRESS_EXECUTOR=process. Started
+    here (spawn, so no threads are forked) and warmed so the first batch pays no start-up."""
+    if settings.compress_executor != "process":
+        return None
+    pool = ProcessPoolExecutor(settings.compress_concurrency, mp_context=multiprocessing.get_context("spawn"))
+    for warm in [pool.submit(warm_up_worker) for _ in range(settings.compress_concurrency)]:
+        warm.result()
+    return pool
+
+
+def build_runner(
+    settings: Settings, engine, compress_pool: ProcessPoolExecutor | None = None
+) -> tuple[InProcessRunner, LocalFileStorage, list]:
     policy = AddressPolicy(parse_allowlist(settings.allow_private_hosts))
     image_http = guarded_session(policy, pool_size=settings.worker_concurrency)
     webhook_http = guarded_session(policy, pool_size=2)
@@ -89,6 +105,7 @@ def build_runner(settings: Settings, engine) -> tuple[InProcessRunner, LocalFile
         lease_seconds=settings.lease_seconds,
         compress_slots=settings.compress_concurrency,
         public_base_url=settings.base_url,
+        compress_pool=compress_pool,
     )
     deliverer = WebhookDeliverer(
         sessions=writer_sessions,
@@ -116,7 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = build_engine(settings.database_url)
-        runner, storage, http_sessions = build_runner(settings, engine)
+        compress_pool = build_compress_pool(settings)
+        runner, storage, http_sessions = build_runner(settings, engine, compress_pool)
         storage.remove_stale_temp_files()
         app.state.settings = settings
         app.state.engine = engine
@@ -128,6 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             runner.stop()
+            if compress_pool is not None:
+                compress_pool.shutdown(cancel_futures=True)
             for http in http_sessions:
                 http.close()
             engine.dispose()

@@ -245,3 +245,14 @@ def test_status_is_json_a_browser_can_read(client, image_server):
     response = client.get(f"/status/{request_id}", headers={"Accept": "text/html"})
     assert response.status_code == 200
     json.loads(response.text)
+
+
+def test_process_executor_compresses_in_worker_processes(make_settings, image_server):
+    settings = make_settings(compress_executor="process", compress_concurrency=1)
+    urls = [image_server.add(images.jpeg((640, 480))), image_server.add(b"<html>no</html>")]
+    with TestClient(create_app(settings)) as client:
+        request_id = upload(client, csv_of([(1, "A", urls)])).json()["request_id"]
+        status = wait_finished(client, request_id)
+    good, bad = status["products"][0]["images"]
+    assert (good["status"], good["width"], good["height"]) == ("succeeded", 640, 480)
+    assert bad["error"]["code"] == "not_an_image"

@@ -7,6 +7,8 @@ where it still describes the output's colour space; all other metadata is droppe
 """
 
 import io
+import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +19,8 @@ from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 EXIF_ORIENTATION = 0x0112
 WHITE = (255, 255, 255)
+SMALL_IMAGE_PIXELS = 250_000
+_thread_sink = threading.local()
 
 # This stage enforces its own pixel cap (MAX_IMAGE_PIXELS) before decoding; Pillow's
 # process-wide guard would otherwise refuse or warn at a different, fixed size.
@@ -45,6 +49,9 @@ def compress_to_jpeg(data: bytes, *, quality: int, max_pixels: int) -> Compresse
     except (OSError, ValueError, SyntaxError) as exc:
         raise CorruptImage(f"the image header cannot be read: {exc}") from exc
 
+    # Decode in one call rather than in 64 KiB steps: each step re-takes the GIL, and with
+    # download threads running that wait is what keeps threads from using both cores.
+    image.decodermaxblock = max(image.decodermaxblock, len(data))
     source_format = image.format or "unknown"
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -59,14 +66,7 @@ def compress_to_jpeg(data: bytes, *, quality: int, max_pixels: int) -> Compresse
         if orientation in range(2, 9):
             image = ImageOps.exif_transpose(image)
         image, icc_profile = _jpeg_compatible(image)
-        out = io.BytesIO()
-        image.save(
-            out,
-            "JPEG",
-            quality=quality,
-            icc_profile=icc_profile,
-            comment=b"",
-        )
+        output = _encode_jpeg(image, quality=quality, icc_profile=icc_profile, comment=b"")
     except (
         OSError,
         ValueError,
@@ -75,7 +75,27 @@ def compress_to_jpeg(data: bytes, *, quality: int, max_pixels: int) -> Compresse
         Image.DecompressionBombError,
     ) as exc:
         raise CorruptImage(f"the image cannot be decoded: {exc}") from exc
-    return CompressedImage(out.getvalue(), image.width, image.height, source_format)
+    return CompressedImage(output, image.width, image.height, source_format)
+
+
+def _encode_jpeg(image: Image.Image, **params) -> bytes:
+    """Encode into a file descriptor, not a BytesIO: Pillow releases the GIL while it
+    encodes to a real file but holds it while encoding to a Python buffer, which would
+    let only one thread encode at a time. An in-memory file (memfd) gives us both. Small
+    images skip it: their encoding is quicker than the extra system calls."""
+    if not hasattr(os, "memfd_create") or image.width * image.height < SMALL_IMAGE_PIXELS:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", **params)
+        return buffer.getvalue()
+    sink = getattr(_thread_sink, "file", None)
+    if sink is None:  # one per thread, reused: creating a memfd costs more than using one
+        sink = _thread_sink.file = os.fdopen(os.memfd_create("jpeg", os.MFD_CLOEXEC), "w+b")
+    sink.seek(0)
+    sink.truncate()
+    image.save(sink, "JPEG", **params)
+    size = sink.tell()
+    sink.seek(0)
+    return sink.read(size)
 
 
 def _profile_colour_space(icc_profile: bytes | None) -> bytes | None:
@@ -117,3 +137,8 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
 
     expected = b"GRAY" if image.mode == "L" else b"RGB "
     return image, icc_profile if _profile_colour_space(icc_profile) == expected else None
+
+
+def warm_up_worker() -> bool:
+    """Run in a fresh compress worker process so its imports happen before real work."""
+    return True

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -99,6 +100,7 @@ class ImagePipeline:
         lease_seconds: float,
         compress_slots: int,
         public_base_url: str,
+        compress_pool: Executor | None = None,
     ):
         self.sessions = sessions
         self.fetcher = fetcher
@@ -109,6 +111,7 @@ class ImagePipeline:
         self.public_base_url = public_base_url
         # Downloads may run many at once; decoding and encoding only as many as cores.
         self._compress_slots = threading.BoundedSemaphore(compress_slots)
+        self.compress_pool = compress_pool
 
     # -- database ends -------------------------------------------------------------
 
@@ -205,7 +208,9 @@ class ImagePipeline:
                 )
             }
             fresh = list(
-                {o.unit.image_id: o for o in outcomes if (o.unit.image_id, o.unit.attempt) in current}.values()
+                {
+                    o.unit.image_id: o for o in outcomes if (o.unit.image_id, o.unit.attempt) in current
+                }.values()
             )
             if fresh:
                 session.connection().execute(
@@ -290,14 +295,22 @@ class ImagePipeline:
         try:
             fetched = self.fetcher.fetch(unit.input_url)
             fetch_ms = _ms_since(start)
-            start = time.perf_counter()
             with self._compress_slots:
-                compressed = compress_to_jpeg(
-                    fetched.data,
-                    quality=self.jpeg_quality,
-                    max_pixels=self.max_image_pixels,
-                )
-            compress_ms = _ms_since(start)
+                start = time.perf_counter()
+                if self.compress_pool is not None:
+                    compressed = self.compress_pool.submit(
+                        compress_to_jpeg,
+                        fetched.data,
+                        quality=self.jpeg_quality,
+                        max_pixels=self.max_image_pixels,
+                    ).result()
+                else:
+                    compressed = compress_to_jpeg(
+                        fetched.data,
+                        quality=self.jpeg_quality,
+                        max_pixels=self.max_image_pixels,
+                    )
+                compress_ms = _ms_since(start)
             output_url = self.storage.save(output_key(unit.request_id, unit.image_id), compressed.data)
         except ImageFailure as failure:
             return ImageOutcome(
