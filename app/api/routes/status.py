@@ -1,6 +1,7 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel
 from sqlalchemy import select
 
 from app.api.deps import (
@@ -51,15 +52,22 @@ def get_status(
     settings: SettingsDep,
     limit: Limit = 100,
     cursor: Cursor = None,
-) -> RequestStatusOut:
+) -> Response:
     page, next_id = products_page(session, request.id, after_id=decode_cursor(cursor), limit=limit)
-    return RequestStatusOut.of(
+    body = RequestStatusOut.of(
         request,
         settings.base_url,
         webhook=_webhook_status(session, request),
         products=[ProductResult.of(item) for item in page],
         next_cursor=encode_cursor(next_id) if next_id is not None else None,
     )
+    return json_response(body)
+
+
+def json_response(body: BaseModel) -> Response:
+    """Serialise an already validated model directly: status is polled often while
+    batches run, and FastAPI would otherwise validate the whole page a second time."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.get("/requests", response_model=RequestList, summary="All requests, newest first")
