@@ -127,3 +127,16 @@ def test_released_units_go_back_to_pending(engine, pipeline, image_server):
     units = pipeline.claim_images([image_id])
     pipeline.release(units)
     assert [unit.image_id for unit in pipeline.claim_images([image_id])] == [image_id]
+
+
+def test_renewed_leases_are_not_taken_back(engine, pipeline, image_server, settings):
+    _, (image_id,) = make_batch(engine, [(1, "A", [image_server.add(images.jpeg())])])
+    units = pipeline.claim_images([image_id])
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(
+            update(Image)
+            .where(Image.id == image_id)
+            .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
+        )
+    pipeline.renew_leases(units)
+    assert pipeline.claim_images([image_id]) == []

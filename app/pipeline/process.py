@@ -171,19 +171,26 @@ class ImagePipeline:
 
     def release(self, units: Sequence[WorkUnit]) -> None:
         """Hand claimed but unprocessed units back (graceful shutdown)."""
+        self._update_still_claimed(units, status=ImageStatus.PENDING, claimed_at=None)
+
+    def renew_leases(self, units: Sequence[WorkUnit]) -> None:
+        self._update_still_claimed(units, claimed_at=utcnow())
+
+    def _update_still_claimed(self, units: Sequence[WorkUnit], **values) -> None:
+        """Change the rows of units whose claim is still the one they carry."""
         if not units:
             return
         with self.sessions.begin() as session:
-            for unit in units:
-                session.execute(
-                    update(Image)
-                    .where(
-                        Image.id == unit.image_id,
-                        Image.status == ImageStatus.PROCESSING,
-                        Image.attempts == unit.attempt,
-                    )
-                    .values(status=ImageStatus.PENDING, claimed_at=None)
+            session.connection().execute(
+                update(Image.__table__)
+                .where(
+                    Image.id == bindparam("image_id"),
+                    Image.status == ImageStatus.PROCESSING,
+                    Image.attempts == bindparam("attempt"),
                 )
+                .values(**values),
+                [{"image_id": unit.image_id, "attempt": unit.attempt} for unit in units],
+            )
 
     def record_outcomes(self, outcomes: Sequence[ImageOutcome]) -> list[int]:
         """Store results in one transaction; return ids of webhook events it created."""

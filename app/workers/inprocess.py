@@ -15,10 +15,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import update
-
-from app.db.base import utcnow
-from app.db.models import Image, ImageStatus
 from app.pipeline.process import (
     ImageOutcome,
     ImagePipeline,
@@ -219,20 +215,7 @@ class InProcessRunner:
     def _heartbeat(self) -> None:
         with self._held_lock:
             held = list(self._held.values())
-        if not held:
-            return
-        now = utcnow()
-        with self.pipeline.sessions.begin() as session:
-            for unit in held:
-                session.execute(
-                    update(Image)
-                    .where(
-                        Image.id == unit.image_id,
-                        Image.status == ImageStatus.PROCESSING,
-                        Image.attempts == unit.attempt,
-                    )
-                    .values(claimed_at=now)
-                )
+        self.pipeline.renew_leases(held)
 
     def _release(self, units: Sequence[WorkUnit]) -> None:
         if not units:
