@@ -230,3 +230,32 @@ def test_connection_refused_is_a_connection_error(image_server):
     )
     with pytest.raises(ConnectionFailed):
         fetcher.fetch(f"http://127.0.0.1:{port}/x")
+
+
+def test_headers_dripped_a_byte_at_a_time_are_cut_off_by_the_deadline(fetcher, image_server):
+    def drip_headers(request):
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+            request.wfile.write(bytes([byte]))
+            request.wfile.flush()
+            time.sleep(0.1)
+
+    fetcher.retries = 0
+    start = time.monotonic()
+    with pytest.raises(UpstreamTimeout):
+        fetcher.fetch(image_server.add_handler(drip_headers))
+    assert time.monotonic() - start < 3
+
+
+def test_pooled_connections_still_work_after_a_deadline_cut(fetcher, image_server):
+    def drip_headers(request):
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            request.wfile.write(bytes([byte]))
+            request.wfile.flush()
+            time.sleep(0.1)
+
+    fetcher.retries = 0
+    with pytest.raises(UpstreamTimeout):
+        fetcher.fetch(image_server.add_handler(drip_headers))
+    data = images.jpeg()
+    for _ in range(3):
+        assert fetcher.fetch(image_server.add(data)).data == data

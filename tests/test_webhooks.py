@@ -21,6 +21,14 @@ def signed_client(make_settings):
         yield client
 
 
+@pytest.fixture
+def slow_retry_client(make_settings):
+    """Retry gaps long enough (0.2 s base) that scheduling noise cannot reorder them."""
+    settings = make_settings(webhook_secret=SECRET, webhook_max_attempts=4, webhook_retry_base_seconds=0.2)
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
 def finished_request(client, image_server, hook) -> str:
     request_id = upload(client, csv_of([(1, "A", [image_server.add(images.jpeg())])]), webhook_url=hook)
     request_id = request_id.json()["request_id"]
@@ -41,8 +49,9 @@ def wait_webhook_state(client, request_id, state, timeout=15):
 
 
 def test_a_failing_receiver_gets_retries_with_the_same_id_and_growing_gaps(
-    signed_client, image_server, webhook_receiver
+    slow_retry_client, image_server, webhook_receiver
 ):
+    signed_client = slow_retry_client
     hook = webhook_receiver.new_url(fail_with=[500, 500])
     request_id = finished_request(signed_client, image_server, hook)
     received = webhook_receiver.wait_for(hook, 3)
@@ -51,7 +60,7 @@ def test_a_failing_receiver_gets_retries_with_the_same_id_and_growing_gaps(
     for delivery in received:
         assert Webhook(SECRET).verify(delivery.body, delivery.headers)["request_id"] == request_id
     gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(received)]
-    assert gaps[1] > gaps[0]
+    assert 0.15 * 0.9 < gaps[0] < gaps[1]  # 0.2 s and 0.4 s, each jittered by 25%
 
     webhook = wait_webhook_state(signed_client, request_id, "delivered")
     assert webhook["attempts"] == 3 and webhook["last_status_code"] == 200

@@ -9,8 +9,12 @@ While reading, the decoded size is capped (a gzip bomb is cut off), and so is th
 wall-clock time (a server dripping one byte a second is cut off).
 """
 
+import contextlib
+import heapq
 import ipaddress
+import itertools
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +89,76 @@ class AddressPolicy:
         return infos
 
 
+class DeadlineReaper:
+    """Shuts a socket down when the fetch using it runs past its wall-clock deadline.
+
+    Socket timeouts apply to one read at a time, so a server that sends its status line
+    and headers a byte at a time would hold a fetch for ever; shutting the socket down
+    wakes the blocked read from another thread."""
+
+    def __init__(self):
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._cancelled: set[int] = set()
+        self._tokens = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, deadline: float) -> int:
+        token = next(self._tokens)
+        with self._wake:
+            heapq.heappush(self._heap, (deadline, token, sock))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return token
+
+    def cancel(self, token: int) -> None:
+        with self._wake:
+            self._cancelled.add(token)
+
+    def _run(self) -> None:
+        with self._wake:
+            while True:
+                while self._heap and self._heap[0][1] in self._cancelled:
+                    self._cancelled.discard(heapq.heappop(self._heap)[1])
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                deadline, _token, sock = self._heap[0]
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._wake.wait(remaining)
+                    continue
+                heapq.heappop(self._heap)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_reaper = DeadlineReaper()
+_fetch_scope = threading.local()
+
+
+@contextlib.contextmanager
+def wall_clock_deadline(deadline: float):
+    """Every response read by this thread inside the block is cut off at deadline."""
+    _fetch_scope.deadline = deadline
+    _fetch_scope.tokens = []
+    try:
+        yield
+    finally:
+        for token in _fetch_scope.tokens:
+            _reaper.cancel(token)
+        _fetch_scope.deadline = None
+        _fetch_scope.tokens = []
+
+
+def _watch_deadline(connection: HTTPConnection) -> None:
+    deadline = getattr(_fetch_scope, "deadline", None)
+    if deadline is not None and connection.sock is not None:
+        _fetch_scope.tokens.append(_reaper.watch(connection.sock, deadline))
+
+
 def _guarded_new_conn(self) -> socket.socket:
     infos = self.address_policy.resolve(self._dns_host, self.port, self.timeout)
     last_error: OSError | None = None
@@ -112,9 +186,17 @@ def guarded_session(policy: AddressPolicy, pool_size: int) -> requests.Session:
         address_policy = policy
         _new_conn = _guarded_new_conn
 
+        def getresponse(self, *args, **kwargs):
+            _watch_deadline(self)
+            return super().getresponse(*args, **kwargs)
+
     class GuardedHTTPSConnection(HTTPSConnection):
         address_policy = policy
         _new_conn = _guarded_new_conn
+
+        def getresponse(self, *args, **kwargs):
+            _watch_deadline(self)
+            return super().getresponse(*args, **kwargs)
 
     class GuardedHTTPPool(HTTPConnectionPool):
         ConnectionCls = GuardedHTTPConnection
@@ -187,7 +269,8 @@ class HttpFetcher:
         deadline = time.monotonic() + self.timeout_seconds
         for attempt in range(self.retries + 1):
             try:
-                return self._fetch_once(url, deadline)
+                with wall_clock_deadline(deadline):
+                    return self._fetch_once(url, deadline)
             except ImageFailure as failure:
                 backoff = self.retry_backoff_seconds * 2**attempt
                 if not failure.retryable or attempt == self.retries:
@@ -218,6 +301,8 @@ class HttpFetcher:
             except requests.exceptions.InvalidURL as exc:
                 raise InvalidUrl(f"malformed URL: {exc}") from exc
             except requests.exceptions.RequestException as exc:
+                if time.monotonic() >= deadline:
+                    raise UpstreamTimeout(f"no complete answer within {self.timeout_seconds:g} s") from exc
                 raise ConnectionFailed(_connection_message(exc)) from exc
             with response:
                 if response.is_redirect:
@@ -254,11 +339,13 @@ class HttpFetcher:
         except TimeoutError as exc:
             raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s") from exc
         except Exception as exc:  # urllib3 and http.client raise many kinds on a broken body
-            if "timed out" in str(exc).lower():
+            if "timed out" in str(exc).lower() or time.monotonic() >= deadline:
                 raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s") from exc
             raise FetchFailure(
                 f"the download broke off: {exc}", code="broken_download", retryable=True
             ) from exc
+        if time.monotonic() >= deadline:  # the reaper's shutdown can look like a clean end
+            raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s")
         return bytes(body)
 
 

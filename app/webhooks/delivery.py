@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.base import utcnow
 from app.db.models import WebhookDelivery, WebhookEvent, WebhookState
 from app.pipeline.failures import ImageFailure
-from app.pipeline.fetch import check_url
+from app.pipeline.fetch import check_url, wall_clock_deadline
 from app.webhooks.signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -181,32 +181,21 @@ class WebhookDeliverer:
         headers.update(signature_headers(self.secret, webhook_id, int(time.time()), body))
         try:
             check_url(url)
-            response = self.http.post(
-                url,
-                data=body,
-                headers=headers,
-                timeout=self.timeout_seconds,
-                allow_redirects=False,
-                stream=True,
-            )
+            with wall_clock_deadline(time.monotonic() + self.timeout_seconds):
+                return self._post(url, body, headers, start)
         except ImageFailure as failure:
             return None, f"{failure.code}: {failure.message}", None, None, _ms(start)
         except requests.exceptions.Timeout:
-            return (
-                None,
-                f"timeout after {self.timeout_seconds:g} s",
-                None,
-                None,
-                _ms(start),
-            )
+            return None, f"timeout after {self.timeout_seconds:g} s", None, None, _ms(start)
         except requests.exceptions.RequestException as exc:
-            return (
-                None,
-                f"connection_error: {exc.__class__.__name__}",
-                None,
-                None,
-                _ms(start),
-            )
+            if time.perf_counter() - start >= self.timeout_seconds:
+                return None, f"timeout after {self.timeout_seconds:g} s", None, None, _ms(start)
+            return None, f"connection_error: {exc.__class__.__name__}", None, None, _ms(start)
+
+    def _post(self, url: str, body: bytes, headers: dict, start: float):
+        response = self.http.post(
+            url, data=body, headers=headers, timeout=self.timeout_seconds, allow_redirects=False, stream=True
+        )
         with response:
             try:
                 head = response.raw.read(RESPONSE_EXCERPT_CHARS * 4, decode_content=True) or b""
