@@ -18,7 +18,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class _BaseServer:
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.hits: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
         owner = self
@@ -38,7 +38,7 @@ class _BaseServer:
             def do_POST(self):
                 owner._handle(self)
 
-        self._server = _Server(("127.0.0.1", 0), RequestHandler)
+        self._server = _Server(("127.0.0.1", port), RequestHandler)
         self.port = self._server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -122,8 +122,8 @@ class _Inbox:
 
 
 class WebhookReceiver(_BaseServer):
-    def __init__(self):
-        super().__init__()
+    def __init__(self, port: int = 0):
+        super().__init__(port)
         self._inboxes: dict[str, _Inbox] = defaultdict(_Inbox)
         self._arrived = threading.Condition()
 

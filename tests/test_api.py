@@ -256,3 +256,51 @@ def test_process_executor_compresses_in_worker_processes(make_settings, image_se
     good, bad = status["products"][0]["images"]
     assert (good["status"], good["width"], good["height"]) == ("succeeded", 640, 480)
     assert bad["error"]["code"] == "not_an_image"
+
+
+def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, image_server):
+    import gzip
+    import time
+
+    from tests.servers import LocalServer
+
+    def drip(request):
+        request.send_response(200)
+        request.send_header("Content-Length", "100000")
+        request.end_headers()
+        for _ in range(1000):
+            request.wfile.write(b"x")
+            request.wfile.flush()
+            time.sleep(0.05)
+
+    settings = make_settings(download_timeout_seconds=1.5, max_image_bytes=2_000_000)
+    with LocalServer() as private, TestClient(create_app(settings)) as client:
+        secret = private.add(images.jpeg())
+        hostile = {
+            "blocked_address": secret,
+            "blocked_redirect": image_server.add(b"", status=302, headers={"Location": secret}),
+            "timeout": image_server.add_handler(drip),
+            "too_large": image_server.add(
+                gzip.compress(b"\0" * 20_000_000), headers={"Content-Encoding": "gzip"}
+            ),
+            "decompression_bomb": image_server.add(images.png_claiming_size(40000, 40000)),
+            "not_an_image": image_server.add(b"<html></html>", content_type="image/jpeg"),
+            "corrupt_image": image_server.add(images.jpeg((640, 480))[:3000]),
+            "http_404": image_server.base_url + "/missing",
+            "metadata": "http://169.254.169.254/latest/meta-data/",
+        }
+        good = [image_server.add(images.cmyk_jpeg()), image_server.add(images.webp())]
+        started = time.monotonic()
+        request_id = upload(client, csv_of([(1, "Good", good), (2, "Hostile", list(hostile.values()))]))
+        request_id = request_id.json()["request_id"]
+        status = wait_finished(client, request_id)
+        assert time.monotonic() - started < 10
+    assert status["status"] == "completed_with_errors"
+    good_images, hostile_images = (p["images"] for p in status["products"])
+    assert all(image["status"] == "succeeded" for image in good_images)
+    codes = [image["error"]["code"] for image in hostile_images]
+    expected = [code if code != "metadata" else "blocked_address" for code in hostile]
+    expected[1] = "blocked_address"
+    assert codes == expected
+    assert all(image["error"]["message"] for image in hostile_images)
+    assert private.hits_for(secret) == 0

@@ -59,14 +59,16 @@ def test_a_failing_receiver_gets_retries_with_the_same_id_and_growing_gaps(
     assert len({r.headers["webhook-id"] for r in received}) == 1
     for delivery in received:
         assert Webhook(SECRET).verify(delivery.body, delivery.headers)["request_id"] == request_id
-    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(received)]
-    assert 0.15 * 0.9 < gaps[0] < gaps[1]  # 0.2 s and 0.4 s, each jittered by 25%
 
     webhook = wait_webhook_state(signed_client, request_id, "delivered")
     assert webhook["attempts"] == 3 and webhook["last_status_code"] == 200
     log = signed_client.get(f"/requests/{request_id}/webhook-deliveries").json()
     assert [d["status_code"] for d in log["deliveries"]] == [500, 500, 200]
     assert [d["attempt"] for d in log["deliveries"]] == [1, 2, 3]
+    # The schedule grows: at least 0.2 s and 0.4 s (each less at most 25% jitter).
+    times = [datetime.fromisoformat(d["attempted_at"]) for d in log["deliveries"]]
+    gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(times)]
+    assert gaps[0] >= 0.15 and gaps[1] >= 0.3, (gaps, log["deliveries"])
     assert log["deliveries"][0]["error"] == "HTTP 500"
     assert log["deliveries"][0]["response_excerpt"] == "try again"
 
@@ -128,3 +130,43 @@ def test_retry_after_is_understood():
     assert parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", now) == timedelta(seconds=60)
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after("99999999", now) == timedelta(hours=24)
+
+
+def test_a_receiver_down_until_after_a_restart_still_gets_the_event(make_settings, image_server):
+    from tests.servers import WebhookReceiver
+    from tests.service_process import free_port
+
+    port = free_port()  # nothing listens here yet: connections are refused
+    settings = make_settings(
+        webhook_secret=SECRET,
+        webhook_retry_base_seconds=0.2,
+        allow_private_hosts=f"127.0.0.1:{image_server.port},127.0.0.1:{port}",
+    )
+    hook = f"http://127.0.0.1:{port}/hook/down"
+    with TestClient(create_app(settings)) as client:
+        request_id = finished_request(client, image_server, hook)
+        webhook = wait_webhook_state(client, request_id, "pending")
+        deadline = __import__("time").monotonic() + 10
+        while webhook["attempts"] < 1 and __import__("time").monotonic() < deadline:
+            webhook = client.get(f"/status/{request_id}").json()["webhook"]
+        assert webhook["attempts"] >= 1 and webhook["last_error"].startswith("connection_error")
+
+    with WebhookReceiver(port) as receiver, TestClient(create_app(settings)) as client:
+        received = receiver.wait_for(hook, 1)
+        assert len(received) == 1
+        assert received[0].headers["webhook-id"] == webhook["webhook_id"]
+        assert Webhook(SECRET).verify(received[0].body, received[0].headers)["request_id"] == request_id
+        wait_webhook_state(client, request_id, "delivered")
+
+
+def test_backoff_grows_exponentially_within_its_jitter():
+    from app.webhooks.delivery import WebhookDeliverer
+
+    deliverer = WebhookDeliverer(
+        sessions=None, http=None, secret="", timeout_seconds=1, max_attempts=8, retry_base_seconds=60
+    )
+    for attempts in range(1, 8):
+        nominal = 60 * 2 ** (attempts - 1)
+        for _ in range(50):
+            wait = deliverer.backoff(attempts).total_seconds()
+            assert 0.75 * nominal <= wait <= 1.25 * nominal

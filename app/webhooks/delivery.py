@@ -61,8 +61,10 @@ class WebhookDeliverer:
         self.retry_base_seconds = retry_base_seconds
 
     def backoff(self, attempts: int) -> timedelta:
-        """Exponential in the attempts made so far, with full jitter in [0.5, 1.5)."""
-        return timedelta(seconds=self.retry_base_seconds * 2 ** (attempts - 1) * (0.5 + random.random()))
+        """Exponential in the attempts made so far, jittered by +-25% so that receivers
+        coming back from an outage are not hit by every sender at once; the gaps still grow."""
+        jitter = 0.75 + 0.5 * random.random()
+        return timedelta(seconds=self.retry_base_seconds * 2 ** (attempts - 1) * jitter)
 
     def due_event_ids(self, limit: int = 50) -> list[int]:
         now = utcnow()
