@@ -3,8 +3,9 @@
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row
 
-from app.db.models import Image, ProcessingRequest, WebhookDelivery, WebhookEvent
+from app.db.models import ProcessingRequest, WebhookDelivery, WebhookEvent
 from app.services.batches import ProductWithImages
 
 REQUEST_ID_EXAMPLE = "9b2f6c1e-4f7a-4f55-9f4e-2f2d0c6a7b10"
@@ -55,7 +56,7 @@ class ImageResult(BaseModel):
     height: int | None
 
     @classmethod
-    def of(cls, image: Image) -> "ImageResult":
+    def of(cls, image: Row) -> "ImageResult":
         return cls(
             input_url=image.input_url,
             output_url=image.output_url,

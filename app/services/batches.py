@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
 
-from sqlalchemy import Connection, Table, insert, select
+from sqlalchemy import Connection, Row, Table, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
@@ -37,10 +37,27 @@ class CsvLimits:
     max_urls_per_row: int
 
 
+PRODUCT_COLUMNS = (Product.id, Product.serial_number, Product.product_name)
+IMAGE_COLUMNS = (
+    Image.product_id,
+    Image.input_url,
+    Image.output_url,
+    Image.status,
+    Image.error_code,
+    Image.error_message,
+    Image.input_bytes,
+    Image.output_bytes,
+    Image.width,
+    Image.height,
+)
+
+
 @dataclass(frozen=True)
 class ProductWithImages:
-    product: Product
-    images: list[Image]
+    """A product row and its image rows (the columns above), in CSV order."""
+
+    product: Row
+    images: list[Row]
 
 
 def encode_cursor(last_id: int) -> str:
@@ -144,8 +161,9 @@ def _insert_rows(session: Session, request_pk: int, rows: list[CsvRow]) -> int:
             )
         ).all()
     )
+    pending = ImageStatus.PENDING.value
     images = [
-        (request_pk, product_ids[row.serial_number], position, url, ImageStatus.PENDING.value, 0)
+        (request_pk, product_ids[row.serial_number], position, url, pending, 0)
         for row in rows
         for position, url in enumerate(row.image_urls)
     ]
@@ -193,16 +211,19 @@ def products_page(
     session: Session, request_pk: int, *, after_id: int | None, limit: int
 ) -> tuple[list[ProductWithImages], int | None]:
     """Products in CSV order after the cursor, with their images; and the next cursor id."""
-    query = select(Product).where(Product.request_pk == request_pk).order_by(Product.id).limit(limit + 1)
+    # Plain rows of the columns shown, not ORM objects: this runs on every status poll.
+    query = (
+        select(*PRODUCT_COLUMNS).where(Product.request_pk == request_pk).order_by(Product.id).limit(limit + 1)
+    )
     if after_id is not None:
         query = query.where(Product.id > after_id)
-    products = list(session.scalars(query))
+    products = session.execute(query).all()
     has_more = len(products) > limit
     products = products[:limit]
     if not products:
         return [], None
-    images = session.scalars(
-        select(Image)
+    images = session.execute(
+        select(*IMAGE_COLUMNS)
         .where(Image.product_id.in_([p.id for p in products]))
         .order_by(Image.product_id, Image.position)
     )
