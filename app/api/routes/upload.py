@@ -1,11 +1,12 @@
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
 from app.api.deps import OwnerDep, RunnerDep, SettingsDep, WriterSessionDep
 from app.api.errors import InvalidInput
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import UploadAccepted
+from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest, RequestStatus
 from app.services.batches import CsvLimits, create_batch
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
@@ -27,6 +28,7 @@ router = APIRouter(tags=["batches"])
     ),
 )
 def upload_csv(
+    http_request: Request,
     response: Response,
     session: WriterSessionDep,
     runner: RunnerDep,
@@ -65,6 +67,7 @@ def upload_csv(
     # Work leaves only after the commit: a runner must never see ids it cannot read.
     session.commit()
     runner.dispatch(request.id)
+    refresh_statistics_after_upload(http_request.app.state.engine, request.total_images)
     return _accepted(response, request, settings.base_url)
 
 
