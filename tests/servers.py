@@ -156,3 +156,30 @@ class WebhookReceiver(_BaseServer):
             )
             self._arrived.notify_all()
         send(request, status, b"ok" if status < 300 else b"try again", {"Content-Type": "text/plain"})
+
+
+def dripping_body(seconds_per_byte: float = 0.1, length: int = 1000) -> Handler:
+    """A handler that sends valid headers, then the body one byte at a time."""
+
+    def handler(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(200)
+        request.send_header("Content-Length", str(length))
+        request.end_headers()
+        for _ in range(length):
+            request.wfile.write(b"x")
+            request.wfile.flush()
+            time.sleep(seconds_per_byte)
+
+    return handler
+
+
+def dripping_headers(seconds_per_byte: float = 0.1, length: int = 1000) -> Handler:
+    """A handler that sends its status line and headers one byte at a time."""
+
+    def handler(request: BaseHTTPRequestHandler) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * length:
+            request.wfile.write(bytes([byte]))
+            request.wfile.flush()
+            time.sleep(seconds_per_byte)
+
+    return handler

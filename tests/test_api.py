@@ -262,16 +262,7 @@ def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, 
     import gzip
     import time
 
-    from tests.servers import LocalServer
-
-    def drip(request):
-        request.send_response(200)
-        request.send_header("Content-Length", "100000")
-        request.end_headers()
-        for _ in range(1000):
-            request.wfile.write(b"x")
-            request.wfile.flush()
-            time.sleep(0.05)
+    from tests.servers import LocalServer, dripping_body
 
     settings = make_settings(download_timeout_seconds=1.5, max_image_bytes=2_000_000)
     with LocalServer() as private, TestClient(create_app(settings)) as client:
@@ -279,7 +270,7 @@ def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, 
         hostile = {
             "blocked_address": secret,
             "blocked_redirect": image_server.add(b"", status=302, headers={"Location": secret}),
-            "timeout": image_server.add_handler(drip),
+            "timeout": image_server.add_handler(dripping_body(0.05)),
             "too_large": image_server.add(
                 gzip.compress(b"\0" * 20_000_000), headers={"Content-Encoding": "gzip"}
             ),

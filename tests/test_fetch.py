@@ -17,7 +17,7 @@ from app.pipeline.failures import (
 )
 from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_session, is_public_address
 from tests import images
-from tests.servers import LocalServer, send
+from tests.servers import LocalServer, dripping_body, dripping_headers, send
 
 
 @pytest.fixture
@@ -189,19 +189,10 @@ def test_gzip_bomb_is_cut_off_on_decoded_bytes(fetcher, image_server):
 
 
 def test_dripping_server_is_cut_off_by_the_wall_clock_deadline(fetcher, image_server):
-    def drip(request):
-        request.send_response(200)
-        request.send_header("Content-Length", "1000")
-        request.end_headers()
-        for _ in range(1000):
-            request.wfile.write(b"x")
-            request.wfile.flush()
-            time.sleep(0.1)
-
     fetcher.retries = 0
     start = time.monotonic()
     with pytest.raises(UpstreamTimeout):
-        fetcher.fetch(image_server.add_handler(drip))
+        fetcher.fetch(image_server.add_handler(dripping_body()))
     assert time.monotonic() - start < 3
 
 
@@ -233,29 +224,17 @@ def test_connection_refused_is_a_connection_error(image_server):
 
 
 def test_headers_dripped_a_byte_at_a_time_are_cut_off_by_the_deadline(fetcher, image_server):
-    def drip_headers(request):
-        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
-            request.wfile.write(bytes([byte]))
-            request.wfile.flush()
-            time.sleep(0.1)
-
     fetcher.retries = 0
     start = time.monotonic()
     with pytest.raises(UpstreamTimeout):
-        fetcher.fetch(image_server.add_handler(drip_headers))
+        fetcher.fetch(image_server.add_handler(dripping_headers()))
     assert time.monotonic() - start < 3
 
 
 def test_pooled_connections_still_work_after_a_deadline_cut(fetcher, image_server):
-    def drip_headers(request):
-        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
-            request.wfile.write(bytes([byte]))
-            request.wfile.flush()
-            time.sleep(0.1)
-
     fetcher.retries = 0
     with pytest.raises(UpstreamTimeout):
-        fetcher.fetch(image_server.add_handler(drip_headers))
+        fetcher.fetch(image_server.add_handler(dripping_headers(length=100)))
     data = images.jpeg()
     for _ in range(3):
         assert fetcher.fetch(image_server.add(data)).data == data
