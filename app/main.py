@@ -28,7 +28,7 @@ from app.pipeline.fetch import (
 from app.pipeline.process import ImagePipeline
 from app.pipeline.store import LocalFileStorage
 from app.webhooks.delivery import WebhookDeliverer
-from app.workers.inprocess import InProcessRunner
+from app.workers.inprocess import PARALLEL_DELIVERIES, InProcessRunner
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def build_runner(
 ) -> tuple[InProcessRunner, LocalFileStorage, list]:
     policy = AddressPolicy(parse_allowlist(settings.allow_private_hosts))
     image_http = guarded_session(policy, pool_size=settings.worker_concurrency)
-    webhook_http = guarded_session(policy, pool_size=2)
+    webhook_http = guarded_session(policy, pool_size=PARALLEL_DELIVERIES)
     storage = LocalFileStorage(settings.media_root, settings.media_url)
     writer_sessions = writer_sessionmaker(engine)
     pipeline = ImagePipeline(

@@ -89,7 +89,8 @@ class WebhookDeliverer:
         with self.sessions() as session:
             next_at = session.scalar(
                 select(func.min(WebhookEvent.next_attempt_at)).where(
-                    WebhookEvent.state == WebhookState.PENDING
+                    WebhookEvent.state == WebhookState.PENDING,
+                    or_(WebhookEvent.claimed_at.is_(None), WebhookEvent.claimed_at < utcnow() - CLAIM_LEASE),
                 )
             )
         if next_at is None:
@@ -97,13 +98,6 @@ class WebhookDeliverer:
         if next_at.tzinfo is None:
             next_at = next_at.replace(tzinfo=UTC)
         return max(0.0, (next_at - utcnow()).total_seconds())
-
-    def deliver_due(self) -> int:
-        sent = 0
-        for event_id in self.due_event_ids():
-            if self.attempt(event_id):
-                sent += 1
-        return sent
 
     def attempt(self, event_id: int) -> bool:
         """Make one delivery attempt if the event is due and unclaimed; True if one was made."""

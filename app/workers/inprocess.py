@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from app.pipeline.process import (
     ImageOutcome,
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 RECORD_BATCH_MAX = 500
 WEBHOOK_IDLE_POLL_SECONDS = 5.0
+WEBHOOK_MIN_POLL_SECONDS = 0.02
+PARALLEL_DELIVERIES = 4
 DB_RETRY_SECONDS = 1.0
 
 
@@ -195,16 +198,38 @@ class InProcessRunner:
                 time.sleep(DB_RETRY_SECONDS)
 
     def _webhook_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.deliverer.deliver_due()
-                wait = self.deliverer.seconds_until_next_due()
-            except Exception:
-                log.exception("webhook delivery loop failed")
-                wait = DB_RETRY_SECONDS
-            timeout = WEBHOOK_IDLE_POLL_SECONDS if wait is None else min(wait, WEBHOOK_IDLE_POLL_SECONDS)
-            self._wake_webhooks.wait(timeout)
-            self._wake_webhooks.clear()
+        """Start an attempt for each due event without waiting for earlier ones, so a slow
+        receiver holds up only its own notifications."""
+        pool = ThreadPoolExecutor(PARALLEL_DELIVERIES, thread_name_prefix="webhook")
+        in_flight: set[int] = set()
+        lock = threading.Lock()
+
+        def finished(event_id: int) -> None:
+            with lock:
+                in_flight.discard(event_id)
+            self._wake_webhooks.set()
+
+        try:
+            while not self._stopping.is_set():
+                try:
+                    for event_id in self.deliverer.due_event_ids():
+                        with lock:
+                            if event_id in in_flight or len(in_flight) >= PARALLEL_DELIVERIES:
+                                continue
+                            in_flight.add(event_id)
+                        future = pool.submit(self.deliverer.attempt, event_id)
+                        future.add_done_callback(lambda _, event_id=event_id: finished(event_id))
+                    wait = self.deliverer.seconds_until_next_due()
+                except Exception:
+                    log.exception("webhook delivery loop failed")
+                    wait = DB_RETRY_SECONDS
+                if wait is None:
+                    wait = WEBHOOK_IDLE_POLL_SECONDS
+                # An event just handed to the pool is due until its attempt claims it.
+                self._wake_webhooks.wait(min(max(wait, WEBHOOK_MIN_POLL_SECONDS), WEBHOOK_IDLE_POLL_SECONDS))
+                self._wake_webhooks.clear()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- leases -----------------------------------------------------------------------
 
