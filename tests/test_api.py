@@ -13,6 +13,7 @@ from standardwebhooks import Webhook
 from app.main import create_app
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
+from tests.servers import send
 from tests.test_compress import STANDARD_LUMINANCE_TABLE
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -295,3 +296,28 @@ def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, 
     assert codes == expected
     assert all(image["error"]["message"] for image in hostile_images)
     assert private.hits_for(secret) == 0
+
+
+def test_a_small_batch_is_not_stuck_behind_a_big_one(make_settings, image_server):
+    import time
+
+    def slow_image(request):
+        time.sleep(0.1)
+        data = images.jpeg((32, 32))
+        send(request, 200, data, {"Content-Type": "image/jpeg"})
+
+    settings = make_settings(worker_concurrency=2, compress_concurrency=1)
+    with TestClient(create_app(settings)) as client:
+        slow = [image_server.add_handler(slow_image) for _ in range(40)]
+        big = upload(client, csv_of([(n + 1, f"P{n}", [url]) for n, url in enumerate(slow)])).json()[
+            "request_id"
+        ]
+        time.sleep(0.2)
+        small = upload(client, csv_of([(1, "S", [image_server.add(images.jpeg((32, 32)))])])).json()[
+            "request_id"
+        ]
+        small_status = wait_finished(client, small)
+        big_status = client.get(f"/status/{big}").json()
+        assert small_status["status"] == "completed"
+        assert big_status["status"] == "processing"  # ~2 s of work left when the small one finished
+        wait_finished(client, big)

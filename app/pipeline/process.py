@@ -355,9 +355,9 @@ class ImagePipeline:
         ]
 
 
-def next_claimable_ids(session: Session, pipeline: ImagePipeline, after_id: int, limit: int) -> list[int]:
-    return list(
-        session.scalars(
-            select(Image.id).where(Image.id > after_id, pipeline.claimable()).order_by(Image.id).limit(limit)
-        )
-    )
+def next_claimable_ids(session: Session, pipeline: ImagePipeline, limit: int) -> list[int]:
+    """Ids to claim next: half the oldest claimable images, half the newest. A big batch
+    keeps moving while a small batch uploaded after it does not wait for it to finish."""
+    oldest = select(Image.id).where(pipeline.claimable()).order_by(Image.id).limit(limit - limit // 2)
+    newest = select(Image.id).where(pipeline.claimable()).order_by(Image.id.desc()).limit(limit // 2)
+    return sorted(set(session.scalars(oldest)) | set(session.scalars(newest)))

@@ -131,16 +131,13 @@ class InProcessRunner:
         return run
 
     def _feed_loop(self) -> None:
-        after_id = 0
         while not self._stopping.is_set():
             with self.pipeline.sessions() as session:
-                ids = next_claimable_ids(session, self.pipeline, after_id, self.claim_batch)
+                ids = next_claimable_ids(session, self.pipeline, self.claim_batch)
             if not ids:
-                after_id = 0
                 self._wake_feeder.wait(min(self.recovery_interval_seconds, self.heartbeat_seconds))
                 self._wake_feeder.clear()
                 continue
-            after_id = ids[-1]
             units = self.pipeline.claim_images(ids)
             with self._held_lock:
                 self._held.update((unit.image_id, unit) for unit in units)
