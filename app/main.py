@@ -73,6 +73,16 @@ class UploadSizeLimit:
         return f"the upload is larger than {self.max_body_bytes - MULTIPART_OVERHEAD_BYTES} bytes"
 
 
+class ProcessedImages(StaticFiles):
+    """Output images; hidden entries (the store's .incoming folder of partial files) are
+    never served."""
+
+    def lookup_path(self, path: str):
+        if any(part.startswith(".") for part in path.replace("\\", "/").split("/")):
+            return "", None
+        return super().lookup_path(path)
+
+
 def build_compress_pool(settings: Settings) -> ProcessPoolExecutor | None:
     """Worker processes for decoding and encoding, when COMPRESS_EXECUTOR=process. Started
     here (spawn, so no threads are forked) and warmed so the first batch pays no start-up."""
@@ -168,7 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.mount(
         "/processed_images",
-        StaticFiles(directory=settings.media_root, check_dir=False),
+        ProcessedImages(directory=settings.media_root, check_dir=False),
         name="processed_images",
     )
 

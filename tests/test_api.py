@@ -321,3 +321,11 @@ def test_a_small_batch_is_not_stuck_behind_a_big_one(make_settings, image_server
         assert small_status["status"] == "completed"
         assert big_status["status"] == "processing"  # ~2 s of work left when the small one finished
         wait_finished(client, big)
+
+
+def test_partial_files_are_never_served(client, media_root):
+    incoming = media_root / ".incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    (incoming / "123-abc-0.part").write_bytes(b"half a jpeg")
+    assert client.get("/processed_images/.incoming/123-abc-0.part").status_code == 404
+    assert client.get("/processed_images/%2Eincoming/123-abc-0.part").status_code == 404

@@ -59,3 +59,26 @@ def test_a_refused_csv_does_not_use_up_the_key(client, image_server):
     assert upload(client, bad, headers={"Idempotency-Key": "retry-me"}).status_code == 422
     good = csv_of([(1, "A", [image_server.add(images.jpeg())])])
     assert upload(client, good, headers={"Idempotency-Key": "retry-me"}).status_code == 202
+
+
+def test_expired_keys_are_cleared_by_later_keyed_uploads(make_settings, image_server, database_url):
+    import time
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+
+    from app.db.models import IdempotencyKey
+    from app.db.session import build_engine
+    from app.main import create_app
+
+    with TestClient(create_app(make_settings(idempotency_key_ttl_seconds=0.2))) as client:
+        data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+        for key in ("a", "b", "c"):
+            upload(client, data, headers={"Idempotency-Key": key})
+        time.sleep(0.3)
+        upload(client, data, headers={"Idempotency-Key": "d"})
+    engine = build_engine(database_url)
+    with engine.connect() as connection:
+        keys = connection.scalars(select(IdempotencyKey.key)).all()
+    engine.dispose()
+    assert keys == ["d"]

@@ -40,6 +40,7 @@ def check_key(key: str) -> str:
 def find_original(
     session: Session, owner: str | None, key: str, fingerprint: str
 ) -> ProcessingRequest | None:
+    _forget_some_expired_keys(session)
     remembered = session.scalars(
         select(IdempotencyKey).where(IdempotencyKey.owner_scope == (owner or ""), IdempotencyKey.key == key)
     ).one_or_none()
@@ -54,6 +55,13 @@ def find_original(
             "this Idempotency-Key was used for a different upload; use a new key for new content"
         )
     return session.get(ProcessingRequest, remembered.request_pk)
+
+
+def _forget_some_expired_keys(session: Session, batch: int = 100) -> None:
+    """Each keyed upload clears a bounded number of expired keys, so the table does not
+    grow with keys that are never reused."""
+    expired = select(IdempotencyKey.id).where(IdempotencyKey.expires_at <= utcnow()).limit(batch)
+    session.execute(delete(IdempotencyKey).where(IdempotencyKey.id.in_(expired.scalar_subquery())))
 
 
 def remember(
