@@ -2,7 +2,6 @@
 
 import csv
 import io
-import json
 import uuid
 
 import pytest
@@ -241,11 +240,19 @@ def test_api_keys_guard_routes_and_scope_requests(make_settings, image_server):
         wait_finished(client, mine, headers={"X-API-Key": "key-one"})
 
 
-def test_status_is_json_a_browser_can_read(client, image_server):
-    request_id = upload(client, csv_of([(1, "A", [image_server.add(images.jpeg())])])).json()["request_id"]
-    response = client.get(f"/status/{request_id}", headers={"Accept": "text/html"})
-    assert response.status_code == 200
-    json.loads(response.text)
+def test_browsers_get_an_html_status_page_with_user_text_escaped(client, image_server):
+    url = image_server.add(images.jpeg())
+    name = '<script>alert("x")</script> Shoe'
+    request_id = upload(client, csv_of([(1, name, [url])])).json()["request_id"]
+    wait_finished(client, request_id)
+    page = client.get(f"/status/{request_id}", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "&lt;script&gt;" in page.text and "<script>" not in page.text
+    assert "completed" in page.text and f"/download/{request_id}" in page.text
+    as_json = client.get(f"/status/{request_id}", params={"format": "json"}, headers={"Accept": "text/html"})
+    assert as_json.json()["request_id"] == request_id
+    assert client.get(f"/status/{request_id}").headers["content-type"] == "application/json"
 
 
 def test_process_executor_compresses_in_worker_processes(make_settings, image_server):

@@ -1,6 +1,7 @@
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 
@@ -12,6 +13,7 @@ from app.api.deps import (
     SettingsDep,
 )
 from app.api.errors import Conflict
+from app.api.html import status_page
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import (
     ProductResult,
@@ -50,8 +52,13 @@ def get_status(
     request: ProcessingRequestDep,
     session: SessionDep,
     settings: SettingsDep,
+    http_request: Request,
     limit: Limit = 100,
     cursor: Cursor = None,
+    format: Annotated[
+        Literal["json", "html"] | None,
+        Query(description="json or html; by default browsers (Accept: text/html) get html"),
+    ] = None,
 ) -> Response:
     page, next_id = products_page(session, request.id, after_id=decode_cursor(cursor), limit=limit)
     body = RequestStatusOut.of(
@@ -61,6 +68,11 @@ def get_status(
         products=[ProductResult.of(item) for item in page],
         next_cursor=encode_cursor(next_id) if next_id is not None else None,
     )
+    wants_html = format == "html" or (
+        format is None and "text/html" in http_request.headers.get("accept", "")
+    )
+    if wants_html:
+        return HTMLResponse(status_page(body, limit, cursor))
     return json_response(body)
 
 
