@@ -13,6 +13,7 @@ import contextlib
 import heapq
 import ipaddress
 import itertools
+import re
 import socket
 import threading
 import time
@@ -222,16 +223,34 @@ def guarded_session(policy: AddressPolicy, pool_size: int) -> requests.Session:
     return session
 
 
-def check_url(url: str) -> None:
+# scheme://[userinfo@]host[:port][/path?query#fragment], with no whitespace or controls.
+_HTTP_URL = re.compile(
+    r"(?i)https?://(?:[^\s\x00-\x1f\x7f/?#@]*@)?"
+    r"(?P<host>\[[0-9a-f:.]+\]|[^\s\x00-\x1f\x7f/?#@:\[\]]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?(?:[/?#][^\s\x00-\x1f\x7f]*)?"
+)
+
+
+def url_problem(url: str) -> str | None:
+    """Why url cannot be an image source, or None if it can.
+
+    A single regular expression, not urlsplit: this runs for every URL of a CSV that
+    may hold hundreds of thousands of them."""
     if len(url) > MAX_URL_LENGTH:
-        raise InvalidUrl(f"URL is longer than {MAX_URL_LENGTH} characters")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        raise InvalidUrl(f"malformed URL: {exc}") from exc
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise InvalidUrl("only absolute http(s) URLs with a host can be fetched")
+        return f"URL is longer than {MAX_URL_LENGTH} characters"
+    match = _HTTP_URL.fullmatch(url)
+    if match is None:
+        return f"URL {url[:80]!r} is not an absolute http(s) URL with a host"
+    port = match["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        return f"URL {url[:80]!r} has an invalid port"
+    return None
+
+
+def check_url(url: str) -> None:
+    problem = url_problem(url)
+    if problem:
+        raise InvalidUrl(problem)
 
 
 @dataclass(frozen=True)

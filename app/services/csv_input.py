@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from app.pipeline.fetch import MAX_URL_LENGTH
+from app.pipeline.fetch import url_problem
 
 COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
 OUTPUT_COLUMNS = (*COLUMNS, "Output Image Urls")
@@ -58,30 +58,6 @@ class CsvErrors:
     @property
     def not_shown(self) -> int:
         return self.total - len(self.items)
-
-
-# scheme://[userinfo@]host[:port][/path?query#fragment], with no whitespace or controls.
-_HTTP_URL = re.compile(
-    r"(?i)https?://(?:[^\s\x00-\x1f\x7f/?#@]*@)?"
-    r"(?P<host>\[[0-9a-f:.]+\]|[^\s\x00-\x1f\x7f/?#@:\[\]]+)"
-    r"(?::(?P<port>[0-9]{1,5}))?(?:[/?#][^\s\x00-\x1f\x7f]*)?"
-)
-
-
-def url_problem(url: str) -> str | None:
-    """Why url cannot be an image source, or None if it can.
-
-    A single regular expression, not urlsplit: this runs for every URL of a CSV that
-    may hold hundreds of thousands of them."""
-    if len(url) > MAX_URL_LENGTH:
-        return f"URL is longer than {MAX_URL_LENGTH} characters"
-    match = _HTTP_URL.fullmatch(url)
-    if match is None:
-        return f"URL {url[:80]!r} is not an absolute http(s) URL with a host"
-    port = match["port"]
-    if port is not None and not 0 < int(port) < 65536:
-        return f"URL {url[:80]!r} has an invalid port"
-    return None
 
 
 def _decoded_lines(stream: BinaryIO, max_bytes: int, errors: CsvErrors) -> Iterator[str]:
