@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 from sqlalchemy import and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -304,19 +305,15 @@ class ImagePipeline:
             fetch_ms = _ms_since(start)
             with self._compress_slots:
                 start = time.perf_counter()
-                if self.compress_pool is not None:
-                    compressed = self.compress_pool.submit(
-                        compress_to_jpeg,
-                        fetched.data,
-                        quality=self.jpeg_quality,
-                        max_pixels=self.max_image_pixels,
-                    ).result()
-                else:
-                    compressed = compress_to_jpeg(
-                        fetched.data,
-                        quality=self.jpeg_quality,
-                        max_pixels=self.max_image_pixels,
-                    )
+                compress = partial(
+                    compress_to_jpeg,
+                    fetched.data,
+                    quality=self.jpeg_quality,
+                    max_pixels=self.max_image_pixels,
+                )
+                compressed = (
+                    compress() if self.compress_pool is None else self.compress_pool.submit(compress).result()
+                )
                 compress_ms = _ms_since(start)
             output_url = self.storage.save(output_key(unit.request_id, unit.image_id), compressed.data)
         except ImageFailure as failure:
