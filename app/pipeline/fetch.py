@@ -160,44 +160,44 @@ def _watch_deadline(connection: HTTPConnection) -> None:
         _fetch_scope.tokens.append(_reaper.watch(connection.sock, deadline))
 
 
-def _guarded_new_conn(self) -> socket.socket:
-    infos = self.address_policy.resolve(self._dns_host, self.port, self.timeout)
-    last_error: OSError | None = None
-    for family, socktype, proto, _name, sockaddr in infos:
-        sock = socket.socket(family, socktype, proto)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.timeout is not None:
-                sock.settimeout(self.timeout)
-            sock.connect(sockaddr)
-            return sock
-        except TimeoutError as exc:
-            sock.close()
-            raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from exc
-        except OSError as exc:
-            sock.close()
-            last_error = exc
-    raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}")
+class _GuardedConnection:
+    """Connection behaviour shared by the HTTP and HTTPS classes: connect only to an
+    address the policy allows, and put every response under the fetch's deadline."""
+
+    address_policy: AddressPolicy
+
+    def _new_conn(self) -> socket.socket:
+        infos = self.address_policy.resolve(self._dns_host, self.port, self.timeout)
+        last_error: OSError | None = None
+        for family, socktype, proto, _name, sockaddr in infos:
+            sock = socket.socket(family, socktype, proto)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.timeout is not None:
+                    sock.settimeout(self.timeout)
+                sock.connect(sockaddr)
+                return sock
+            except TimeoutError as exc:
+                sock.close()
+                raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from exc
+            except OSError as exc:
+                sock.close()
+                last_error = exc
+        raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}")
+
+    def getresponse(self, *args, **kwargs):
+        _watch_deadline(self)
+        return super().getresponse(*args, **kwargs)
 
 
 def guarded_session(policy: AddressPolicy, pool_size: int) -> requests.Session:
     """A pooled requests.Session whose every connection passes the address policy."""
 
-    class GuardedHTTPConnection(HTTPConnection):
+    class GuardedHTTPConnection(_GuardedConnection, HTTPConnection):
         address_policy = policy
-        _new_conn = _guarded_new_conn
 
-        def getresponse(self, *args, **kwargs):
-            _watch_deadline(self)
-            return super().getresponse(*args, **kwargs)
-
-    class GuardedHTTPSConnection(HTTPSConnection):
+    class GuardedHTTPSConnection(_GuardedConnection, HTTPSConnection):
         address_policy = policy
-        _new_conn = _guarded_new_conn
-
-        def getresponse(self, *args, **kwargs):
-            _watch_deadline(self)
-            return super().getresponse(*args, **kwargs)
 
     class GuardedHTTPPool(HTTPConnectionPool):
         ConnectionCls = GuardedHTTPConnection
@@ -304,7 +304,7 @@ class HttpFetcher:
             check_url(url)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise UpstreamTimeout(f"no complete answer within {self.timeout_seconds:g} s")
+                raise self._timed_out()
             try:
                 response = self.session.get(
                     url,
@@ -316,12 +316,12 @@ class HttpFetcher:
             except ImageFailure:
                 raise
             except requests.exceptions.Timeout as exc:
-                raise UpstreamTimeout(f"timed out after {self.timeout_seconds:g} s") from exc
+                raise self._timed_out() from exc
             except requests.exceptions.InvalidURL as exc:
                 raise InvalidUrl(f"malformed URL: {exc}") from exc
             except requests.exceptions.RequestException as exc:
                 if time.monotonic() >= deadline:
-                    raise UpstreamTimeout(f"no complete answer within {self.timeout_seconds:g} s") from exc
+                    raise self._timed_out() from exc
                 raise ConnectionFailed(_connection_message(exc)) from exc
             with response:
                 if response.is_redirect:
@@ -332,6 +332,9 @@ class HttpFetcher:
                 data = self._read_body(response, deadline)
                 return FetchedImage(data, url, response.headers.get("content-type"))
         raise TooManyRedirects(f"more than {self.max_redirects} redirects")
+
+    def _timed_out(self) -> UpstreamTimeout:
+        return UpstreamTimeout(f"the image did not arrive within {self.timeout_seconds:g} s")
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         declared = response.headers.get("content-length", "")
@@ -352,19 +355,19 @@ class HttpFetcher:
                 if len(body) > self.max_bytes:
                     raise TooLarge(f"the image is larger than {self.max_bytes} bytes")
                 if time.monotonic() > deadline:
-                    raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s")
+                    raise self._timed_out()
         except ImageFailure:
             raise
         except TimeoutError as exc:
-            raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s") from exc
+            raise self._timed_out() from exc
         except Exception as exc:  # urllib3 and http.client raise many kinds on a broken body
             if "timed out" in str(exc).lower() or time.monotonic() >= deadline:
-                raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s") from exc
+                raise self._timed_out() from exc
             raise FetchFailure(
                 f"the download broke off: {exc}", code="broken_download", retryable=True
             ) from exc
         if time.monotonic() >= deadline:  # the reaper's shutdown can look like a clean end
-            raise UpstreamTimeout(f"download did not finish within {self.timeout_seconds:g} s")
+            raise self._timed_out()
         return bytes(body)
 
 
