@@ -180,13 +180,18 @@ class WebhookDeliverer:
             with wall_clock_deadline(time.monotonic() + self.timeout_seconds):
                 return self._post(url, body, headers, start)
         except ImageFailure as failure:
-            return None, f"{failure.code}: {failure.message}", None, None, _ms(start)
-        except requests.exceptions.Timeout:
-            return None, f"timeout after {self.timeout_seconds:g} s", None, None, _ms(start)
+            error = f"{failure.code}: {failure.message}"
         except requests.exceptions.RequestException as exc:
-            if time.perf_counter() - start >= self.timeout_seconds:
-                return None, f"timeout after {self.timeout_seconds:g} s", None, None, _ms(start)
-            return None, f"connection_error: {exc.__class__.__name__}", None, None, _ms(start)
+            # The deadline reaper's shutdown surfaces as a connection error: time decides.
+            timed_out = isinstance(exc, requests.exceptions.Timeout) or (
+                time.perf_counter() - start >= self.timeout_seconds
+            )
+            error = (
+                f"timeout after {self.timeout_seconds:g} s"
+                if timed_out
+                else f"connection_error: {exc.__class__.__name__}"
+            )
+        return None, error, None, None, _ms(start)
 
     def _post(self, url: str, body: bytes, headers: dict, start: float):
         response = self.http.post(
