@@ -18,7 +18,7 @@ from app.api.errors import install_error_handlers, problem_response
 from app.api.routes import download, health, status, upload
 from app.config import Settings, get_settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
-from app.pipeline.compress import warm_up_worker
+from app.pipeline.compress import warm_up
 from app.pipeline.fetch import (
     AddressPolicy,
     HttpFetcher,
@@ -89,7 +89,7 @@ def build_compress_pool(settings: Settings) -> ProcessPoolExecutor | None:
     if settings.compress_executor != "process":
         return None
     pool = ProcessPoolExecutor(settings.compress_concurrency, mp_context=multiprocessing.get_context("spawn"))
-    for warm in [pool.submit(warm_up_worker) for _ in range(settings.compress_concurrency)]:
+    for warm in [pool.submit(warm_up) for _ in range(settings.compress_concurrency)]:
         warm.result()
     return pool
 
@@ -146,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         compress_pool = build_compress_pool(settings)
         runner, storage, http_sessions = build_runner(settings, engine, compress_pool)
         storage.remove_stale_temp_files()
+        warm_up()
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessions = reader_sessionmaker(engine)

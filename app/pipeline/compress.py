@@ -139,6 +139,13 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
     return image, icc_profile if _profile_colour_space(icc_profile) == expected else None
 
 
-def warm_up_worker() -> bool:
-    """Run in a fresh compress worker process so its imports happen before real work."""
+def warm_up() -> bool:
+    """Decode and encode a small image of each format once, so that the first batch does
+    not pay for loading Pillow's format plugins and codec libraries. Run at start-up, in
+    the service and in each compress worker process."""
+    sample = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
+    for source_format in ("JPEG", "PNG", "WEBP", "GIF"):
+        buffer = io.BytesIO()
+        sample.save(buffer, source_format)
+        compress_to_jpeg(buffer.getvalue(), quality=50, max_pixels=SMALL_IMAGE_PIXELS)
     return True
