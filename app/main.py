@@ -7,6 +7,7 @@ webhooks/delivery.py.
 
 import logging
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from app.pipeline.compress import warm_up
 from app.pipeline.fetch import (
     AddressPolicy,
     HttpFetcher,
+    guarded_pool,
     guarded_session,
     parse_allowlist,
 )
@@ -96,9 +98,9 @@ def build_compress_pool(settings: Settings) -> ProcessPoolExecutor | None:
 
 def build_runner(
     settings: Settings, engine, compress_pool: ProcessPoolExecutor | None = None
-) -> tuple[InProcessRunner, LocalFileStorage, list]:
+) -> tuple[InProcessRunner, LocalFileStorage, list[Callable[[], None]]]:
     policy = AddressPolicy(parse_allowlist(settings.allow_private_hosts))
-    image_http = guarded_session(policy, pool_size=settings.worker_concurrency)
+    image_http = guarded_pool(policy, pool_size=settings.worker_concurrency)
     webhook_http = guarded_session(policy, pool_size=PARALLEL_DELIVERIES)
     storage = LocalFileStorage(settings.media_root, settings.media_url)
     writer_sessions = writer_sessionmaker(engine)
@@ -133,7 +135,7 @@ def build_runner(
         recovery_interval_seconds=settings.recovery_interval_seconds,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
     )
-    return runner, storage, [image_http, webhook_http]
+    return runner, storage, [image_http.clear, webhook_http.close]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -144,7 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = build_engine(settings.database_url)
         compress_pool = build_compress_pool(settings)
-        runner, storage, http_sessions = build_runner(settings, engine, compress_pool)
+        runner, storage, http_closers = build_runner(settings, engine, compress_pool)
         storage.remove_stale_temp_files()
         warm_up()
         app.state.settings = settings
@@ -159,8 +161,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             runner.stop()
             if compress_pool is not None:
                 compress_pool.shutdown(cancel_futures=True)
-            for http in http_sessions:
-                http.close()
+            for close_http in http_closers:
+                close_http()
             engine.dispose()
 
     app = FastAPI(

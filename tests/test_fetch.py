@@ -15,7 +15,7 @@ from app.pipeline.failures import (
     TooManyRedirects,
     UpstreamTimeout,
 )
-from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_session, is_public_address
+from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_pool, is_public_address
 from tests import images
 from tests.servers import LocalServer, dripping_body, dripping_headers, send
 
@@ -24,7 +24,7 @@ from tests.servers import LocalServer, dripping_body, dripping_headers, send
 def fetcher(image_server):
     policy = AddressPolicy(frozenset({("127.0.0.1", image_server.port)}))
     return HttpFetcher(
-        guarded_session(policy, pool_size=4),
+        guarded_pool(policy, pool_size=4),
         timeout_seconds=1.5,
         max_bytes=1_000_000,
         retry_backoff_seconds=0.01,
@@ -101,7 +101,7 @@ def test_redirect_to_a_loopback_port_outside_the_allowlist_is_blocked(fetcher, i
 
 
 def test_loopback_is_blocked_without_the_allowlist(outside_server):
-    fetcher = HttpFetcher(guarded_session(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000)
+    fetcher = HttpFetcher(guarded_pool(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000)
     url = outside_server.add(b"x")
     with pytest.raises(BlockedAddress):
         fetcher.fetch(url)
@@ -123,7 +123,7 @@ def test_loopback_is_blocked_without_the_allowlist(outside_server):
     ],
 )
 def test_loopback_spellings_are_blocked(outside_server, host):
-    fetcher = HttpFetcher(guarded_session(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000, retries=0)
+    fetcher = HttpFetcher(guarded_pool(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000, retries=0)
     with pytest.raises((BlockedAddress, ConnectionFailed)) as failure:
         fetcher.fetch(f"http://{host}:{outside_server.port}/x")
     assert outside_server.hits["/x"] == 0
@@ -214,7 +214,7 @@ def test_connection_refused_is_a_connection_error(image_server):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     fetcher = HttpFetcher(
-        guarded_session(AddressPolicy(frozenset({("127.0.0.1", port)})), 1),
+        guarded_pool(AddressPolicy(frozenset({("127.0.0.1", port)})), 1),
         timeout_seconds=1,
         max_bytes=1000,
         retry_backoff_seconds=0.01,

@@ -27,10 +27,10 @@ def engine(settings):
 
 @pytest.fixture
 def pipeline(settings, engine):
-    runner, _, http_sessions = build_runner(settings, engine)
+    runner, _, http_closers = build_runner(settings, engine)
     yield runner.pipeline
-    for http in http_sessions:
-        http.close()
+    for close_http in http_closers:
+        close_http()
 
 
 def make_batch(engine, rows, webhook_url=None) -> tuple[int, list[int]]:
