@@ -3,7 +3,6 @@
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,7 +28,7 @@ class Settings(BaseSettings):
     jpeg_quality: int = Field(50, ge=1, le=95)
     worker_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
     compress_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    compress_executor: Literal["thread", "process"] = "thread"
+    image_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
     download_timeout_seconds: float = Field(30.0, gt=0)
     max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(100_000_000, gt=0)

@@ -1,14 +1,13 @@
 """The application: create_app() wires settings, database, pipeline and runner together.
 
 Reading order for a newcomer: api/routes/upload.py -> services/batches.py ->
-workers/inprocess.py -> pipeline/process.py (fetch.py, compress.py, store.py) ->
-webhooks/delivery.py.
+workers/inprocess.py -> pipeline/process.py -> pipeline/stages.py (fetch.py, compress.py,
+store.py) -> workers/processes.py -> webhooks/delivery.py.
 """
 
 import logging
-import multiprocessing
+import math
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -20,17 +19,13 @@ from app.api.routes import download, health, status, upload
 from app.config import Settings, get_settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.pipeline.compress import warm_up
-from app.pipeline.fetch import (
-    AddressPolicy,
-    HttpFetcher,
-    guarded_pool,
-    guarded_session,
-    parse_allowlist,
-)
+from app.pipeline.fetch import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.process import ImagePipeline
+from app.pipeline.stages import ImageStages, StageConfig
 from app.pipeline.store import LocalFileStorage
 from app.webhooks.delivery import WebhookDeliverer
 from app.workers.inprocess import PARALLEL_DELIVERIES, InProcessRunner
+from app.workers.processes import ImageProcesses
 
 log = logging.getLogger(__name__)
 
@@ -85,39 +80,39 @@ class ProcessedImages(StaticFiles):
         return super().lookup_path(path)
 
 
-def build_compress_pool(settings: Settings) -> ProcessPoolExecutor | None:
-    """Worker processes for decoding and encoding, when COMPRESS_EXECUTOR=process. Started
-    here (spawn, so no threads are forked) and warmed so the first batch pays no start-up."""
-    if settings.compress_executor != "process":
-        return None
-    pool = ProcessPoolExecutor(settings.compress_concurrency, mp_context=multiprocessing.get_context("spawn"))
-    for warm in [pool.submit(warm_up) for _ in range(settings.compress_concurrency)]:
-        warm.result()
-    return pool
+def build_stages(settings: Settings) -> ImageStages | ImageProcesses:
+    """Where fetch -> compress -> store runs: IMAGE_PROCESSES worker processes sharing the
+    downloads and compressions between them, or threads in this process when it is 0."""
+    processes = settings.image_processes
+    config = StageConfig(
+        allow_private_hosts=settings.allow_private_hosts,
+        download_timeout_seconds=settings.download_timeout_seconds,
+        max_image_bytes=settings.max_image_bytes,
+        jpeg_quality=settings.jpeg_quality,
+        max_image_pixels=settings.max_image_pixels,
+        media_root=settings.media_root,
+        media_url=settings.media_url,
+        downloads=math.ceil(settings.worker_concurrency / max(processes, 1)),
+        compress_slots=math.ceil(settings.compress_concurrency / max(processes, 1)),
+    )
+    if processes == 0:
+        warm_up()
+        return ImageStages.from_config(config)
+    return ImageProcesses(config, processes=processes, threads=config.downloads)
 
 
 def build_runner(
-    settings: Settings, engine, compress_pool: ProcessPoolExecutor | None = None
-) -> tuple[InProcessRunner, LocalFileStorage, list[Callable[[], None]]]:
-    policy = AddressPolicy(parse_allowlist(settings.allow_private_hosts))
-    image_http = guarded_pool(policy, pool_size=settings.worker_concurrency)
-    webhook_http = guarded_session(policy, pool_size=PARALLEL_DELIVERIES)
-    storage = LocalFileStorage(settings.media_root, settings.media_url)
+    settings: Settings, engine, stages: ImageStages | ImageProcesses
+) -> tuple[InProcessRunner, list[Callable[[], None]]]:
+    webhook_http = guarded_session(
+        AddressPolicy(parse_allowlist(settings.allow_private_hosts)), pool_size=PARALLEL_DELIVERIES
+    )
     writer_sessions = writer_sessionmaker(engine)
     pipeline = ImagePipeline(
         sessions=writer_sessions,
-        fetcher=HttpFetcher(
-            image_http,
-            timeout_seconds=settings.download_timeout_seconds,
-            max_bytes=settings.max_image_bytes,
-        ),
-        storage=storage,
-        jpeg_quality=settings.jpeg_quality,
-        max_image_pixels=settings.max_image_pixels,
+        stages=stages,
         lease_seconds=settings.lease_seconds,
-        compress_slots=settings.compress_concurrency,
         public_base_url=settings.base_url,
-        compress_pool=compress_pool,
     )
     deliverer = WebhookDeliverer(
         sessions=writer_sessions,
@@ -130,12 +125,13 @@ def build_runner(
     runner = InProcessRunner(
         pipeline,
         deliverer,
+        stages=stages,
         concurrency=settings.worker_concurrency,
         lease_seconds=settings.lease_seconds,
         recovery_interval_seconds=settings.recovery_interval_seconds,
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
     )
-    return runner, storage, [image_http.clear, webhook_http.close]
+    return runner, [webhook_http.close]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -145,10 +141,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = build_engine(settings.database_url)
-        compress_pool = build_compress_pool(settings)
-        runner, storage, http_closers = build_runner(settings, engine, compress_pool)
-        storage.remove_stale_temp_files()
-        warm_up()
+        LocalFileStorage(settings.media_root, settings.media_url).remove_stale_temp_files()
+        stages = build_stages(settings)
+        runner, closers = build_runner(settings, engine, stages)
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessions = reader_sessionmaker(engine)
@@ -159,10 +154,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             runner.stop()
-            if compress_pool is not None:
-                compress_pool.shutdown(cancel_futures=True)
-            for close_http in http_closers:
-                close_http()
+            # In-flight images had the runner's grace period; what is left was handed back.
+            stages.close()
+            for close in closers:
+                close()
             engine.dispose()
 
     app = FastAPI(

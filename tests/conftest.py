@@ -86,6 +86,9 @@ def make_settings(database_url, tmp_path, image_server, webhook_receiver) -> Cal
             "recovery_interval_seconds": 0.5,
             "lease_seconds": 30,
             "worker_concurrency": 4,
+            # Stages on threads keep each app start quick; tests that name image_processes
+            # (and the subprocess tests, on the defaults) run them in worker processes.
+            "image_processes": 0,
             "shutdown_grace_seconds": 2,
         }
         values.update(overrides)

@@ -255,17 +255,6 @@ def test_browsers_get_an_html_status_page_with_user_text_escaped(client, image_s
     assert client.get(f"/status/{request_id}").headers["content-type"] == "application/json"
 
 
-def test_process_executor_compresses_in_worker_processes(make_settings, image_server):
-    settings = make_settings(compress_executor="process", compress_concurrency=1)
-    urls = [image_server.add(images.jpeg((640, 480))), image_server.add(b"<html>no</html>")]
-    with TestClient(create_app(settings)) as client:
-        request_id = upload(client, csv_of([(1, "A", urls)])).json()["request_id"]
-        status = wait_finished(client, request_id)
-    good, bad = status["products"][0]["images"]
-    assert (good["status"], good["width"], good["height"]) == ("succeeded", 640, 480)
-    assert bad["error"]["code"] == "not_an_image"
-
-
 def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, image_server):
     import gzip
     import time

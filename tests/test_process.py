@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine, writer_sessionmaker
-from app.main import build_runner
+from app.main import build_runner, build_stages
 from app.services.batches import CsvLimits, create_batch
 from tests import images
 from tests.conftest import csv_of
@@ -27,10 +27,12 @@ def engine(settings):
 
 @pytest.fixture
 def pipeline(settings, engine):
-    runner, _, http_closers = build_runner(settings, engine)
+    stages = build_stages(settings)
+    runner, closers = build_runner(settings, engine, stages)
     yield runner.pipeline
-    for close_http in http_closers:
-        close_http()
+    stages.close()
+    for close in closers:
+        close()
 
 
 def make_batch(engine, rows, webhook_url=None) -> tuple[int, list[int]]:
@@ -72,7 +74,7 @@ def test_recording_the_same_outcome_twice_counts_once(engine, pipeline, image_se
         engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
     )
     units = pipeline.claim_images(ids)
-    outcome = pipeline.run(units[0])
+    outcome = pipeline.stages.run(units[0])
     pipeline.record_outcomes([outcome])
     pipeline.record_outcomes([outcome])
     request = request_row(engine, request_pk)
@@ -91,9 +93,9 @@ def test_a_late_result_from_a_lost_lease_is_ignored(engine, pipeline, image_serv
         )
     (fresh,) = pipeline.claim_images([image_id])
     assert fresh.attempt == stale.attempt + 1
-    pipeline.record_outcomes([pipeline.run(stale)])
+    pipeline.record_outcomes([pipeline.stages.run(stale)])
     assert request_row(engine, request_pk).processed_images == 0
-    pipeline.record_outcomes([pipeline.run(fresh)])
+    pipeline.record_outcomes([pipeline.stages.run(fresh)])
     request = request_row(engine, request_pk)
     assert (request.processed_images, request.status) == (1, "completed")
 
@@ -101,7 +103,7 @@ def test_a_late_result_from_a_lost_lease_is_ignored(engine, pipeline, image_serv
 def test_concurrent_last_images_finish_the_request_exactly_once(engine, pipeline, image_server):
     url = image_server.add(images.jpeg((16, 16)))
     request_pk, ids = make_batch(engine, [(n, f"P{n}", [url]) for n in range(1, 41)], "https://h.example/x")
-    outcomes = [pipeline.run(unit) for unit in pipeline.claim_images(ids)]
+    outcomes = [pipeline.stages.run(unit) for unit in pipeline.claim_images(ids)]
     events: list[int] = []
     barrier = threading.Barrier(8)
 

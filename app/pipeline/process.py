@@ -1,23 +1,19 @@
 """The unit of work: one image, by database id.
 
     claim_images(ids)  -> WorkUnits     guarded pending -> processing, with a lease
-    run(unit)          -> ImageOutcome   fetch -> compress -> store; no database access
+    stages.run(unit)   -> ImageOutcome   fetch -> compress -> store (app/pipeline/stages.py)
     record_outcomes(outcomes)            guarded processing -> succeeded/failed, request
                                          counters, and the request finished exactly once
 
-`process_image(image_id)` chains the three; a runner may batch the database ends. Every
-state change is guarded by the claim's attempt number, so a unit handled twice (a lost
-lease, a crash and restart, a duplicate dispatch) changes nothing the second time.
+`process_image(image_id)` chains the three; a runner may batch the database ends and run
+the stages wherever it likes (threads, or worker processes). Every state change is
+guarded by the claim's attempt number, so a unit handled twice (a lost lease, a crash and
+restart, a duplicate dispatch) changes nothing the second time.
 """
 
 import logging
-import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
-from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 
 from sqlalchemy import and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,41 +26,10 @@ from app.db.models import (
     ProcessingRequest,
     RequestStatus,
 )
-from app.pipeline.compress import compress_to_jpeg
-from app.pipeline.failures import ImageFailure
-from app.pipeline.fetch import HttpFetcher
-from app.pipeline.store import ImageStorage, output_key
+from app.pipeline.stages import ImageOutcome, ImageStages, WorkUnit
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    image_id: int
-    attempt: int
-    request_pk: int
-    request_id: str
-    input_url: str
-
-
-@dataclass(frozen=True)
-class ImageOutcome:
-    unit: WorkUnit
-    output_url: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    input_bytes: int | None = None
-    output_bytes: int | None = None
-    width: int | None = None
-    height: int | None = None
-    source_format: str | None = None
-    fetch_ms: int | None = None
-    compress_ms: int | None = None
-
-    @property
-    def succeeded(self) -> bool:
-        return self.error_code is None
 
 
 def _outcome_params(outcome: "ImageOutcome") -> dict:
@@ -85,34 +50,19 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
     }
 
 
-def _ms_since(start: float) -> int:
-    return round((time.perf_counter() - start) * 1000)
-
-
 class ImagePipeline:
     def __init__(
         self,
         *,
         sessions: sessionmaker[Session],
-        fetcher: HttpFetcher,
-        storage: ImageStorage,
-        jpeg_quality: int,
-        max_image_pixels: int,
+        stages: ImageStages,
         lease_seconds: float,
-        compress_slots: int,
         public_base_url: str,
-        compress_pool: Executor | None = None,
     ):
         self.sessions = sessions
-        self.fetcher = fetcher
-        self.storage = storage
-        self.jpeg_quality = jpeg_quality
-        self.max_image_pixels = max_image_pixels
+        self.stages = stages
         self.lease = timedelta(seconds=lease_seconds)
         self.public_base_url = public_base_url
-        # Downloads may run many at once; decoding and encoding only as many as cores.
-        self._compress_slots = threading.BoundedSemaphore(compress_slots)
-        self.compress_pool = compress_pool
 
     # -- database ends -------------------------------------------------------------
 
@@ -295,60 +245,12 @@ class ImagePipeline:
         assert request is not None
         return create_finished_event(session, request, self.public_base_url)
 
-    # -- the stages ----------------------------------------------------------------
-
-    def run(self, unit: WorkUnit) -> ImageOutcome:
-        start = time.perf_counter()
-        fetch_ms = compress_ms = None
-        try:
-            fetched = self.fetcher.fetch(unit.input_url)
-            fetch_ms = _ms_since(start)
-            with self._compress_slots:
-                start = time.perf_counter()
-                compress = partial(
-                    compress_to_jpeg,
-                    fetched.data,
-                    quality=self.jpeg_quality,
-                    max_pixels=self.max_image_pixels,
-                )
-                compressed = (
-                    compress() if self.compress_pool is None else self.compress_pool.submit(compress).result()
-                )
-                compress_ms = _ms_since(start)
-            output_url = self.storage.save(output_key(unit.request_id, unit.image_id), compressed.data)
-        except ImageFailure as failure:
-            return ImageOutcome(
-                unit,
-                error_code=failure.code,
-                error_message=failure.message,
-                fetch_ms=fetch_ms if fetch_ms is not None else _ms_since(start),
-                compress_ms=compress_ms,
-            )
-        except Exception as exc:  # a bug must fail one image, never the batch
-            log.exception("unexpected error processing image %s", unit.image_id)
-            return ImageOutcome(
-                unit,
-                error_code="internal_error",
-                error_message=f"unexpected error: {exc.__class__.__name__}",
-            )
-        return ImageOutcome(
-            unit,
-            output_url=output_url,
-            input_bytes=len(fetched.data),
-            output_bytes=len(compressed.data),
-            width=compressed.width,
-            height=compressed.height,
-            source_format=compressed.source_format,
-            fetch_ms=fetch_ms,
-            compress_ms=compress_ms,
-        )
-
     def process_image(self, image_id: int) -> list[int]:
         """Claim, run and record one image; returns webhook event ids to deliver."""
         return [
             event_id
             for unit in self.claim_images([image_id])
-            for event_id in self.record_outcomes([self.run(unit)])
+            for event_id in self.record_outcomes([self.stages.run(unit)])
         ]
 
 

@@ -1,10 +1,10 @@
 """The in-process runner: threads in the web process, the database as the queue.
 
-    feeder  --claims batches of image ids-->  units queue  -->  N workers (fetch/compress/store)
+    feeder  --claims batches of image ids-->  units queue  -->  N workers
+    workers --stages.run(unit)-->  fetch/compress/store, on the worker thread itself or in
+                                   an image worker process (app/workers/processes.py)
     workers --outcomes-->  recorder (one transaction per batch)  -->  webhook loop
 
-Threads suit this work: downloads wait on sockets, and Pillow releases the GIL while it
-decodes and encodes, so both cores stay busy without copying images between processes.
 Claimed units are kept alive by a heartbeat; a unit whose lease runs out (its process
 died) is claimed again by whichever runner scans next, so work survives a crash.
 """
@@ -15,14 +15,12 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
-from app.pipeline.process import (
-    ImageOutcome,
-    ImagePipeline,
-    WorkUnit,
-    next_claimable_ids,
-)
+from app.pipeline.process import ImagePipeline, next_claimable_ids
+from app.pipeline.stages import ImageOutcome, WorkUnit
 from app.webhooks.delivery import WebhookDeliverer
+from app.workers.processes import WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +34,17 @@ PARALLEL_DELIVERIES = 4
 DB_RETRY_SECONDS = 1.0
 
 
+class StageRunner(Protocol):
+    def run(self, unit: WorkUnit) -> ImageOutcome: ...
+
+
 class InProcessRunner:
     def __init__(
         self,
         pipeline: ImagePipeline,
         deliverer: WebhookDeliverer,
         *,
+        stages: StageRunner,
         concurrency: int,
         lease_seconds: float,
         recovery_interval_seconds: float,
@@ -49,6 +52,7 @@ class InProcessRunner:
     ):
         self.pipeline = pipeline
         self.deliverer = deliverer
+        self.stages = stages
         self.concurrency = concurrency
         self.claim_batch = max(8, concurrency * 2)
         self.heartbeat_seconds = lease_seconds / 3
@@ -163,7 +167,14 @@ class InProcessRunner:
             unit = self._units.get()
             if unit is None:
                 return
-            self._outcomes.put(self.pipeline.run(unit))
+            try:
+                outcome = self.stages.run(unit)
+            except WorkerLost:
+                log.warning("image %s lost with its worker process; handing it back", unit.image_id)
+                self._release([unit])
+                self._wake_feeder.set()
+                continue
+            self._outcomes.put(outcome)
 
     def _record_loop(self) -> None:
         stopping = False

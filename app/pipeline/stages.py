@@ -1,0 +1,143 @@
+"""The stage chain for one image, with no database access: fetch -> compress -> store.
+
+`ImageStages.run(unit)` turns a claimed WorkUnit into an ImageOutcome; whatever fails
+fails that image alone, with a typed failure code. It runs on threads in the web process
+or inside the image worker processes (app/workers/processes.py), which build their own
+copy from a StageConfig.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.pipeline.compress import compress_to_jpeg
+from app.pipeline.failures import ImageFailure
+from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_pool, parse_allowlist
+from app.pipeline.store import ImageStorage, LocalFileStorage, output_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    image_id: int
+    attempt: int
+    request_pk: int
+    request_id: str
+    input_url: str
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    unit: WorkUnit
+    output_url: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    input_bytes: int | None = None
+    output_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    source_format: str | None = None
+    fetch_ms: int | None = None
+    compress_ms: int | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error_code is None
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything the stages need, in plain values that can be sent to a worker process."""
+
+    allow_private_hosts: str
+    download_timeout_seconds: float
+    max_image_bytes: int
+    jpeg_quality: int
+    max_image_pixels: int
+    media_root: Path
+    media_url: str
+    downloads: int  # connections kept for downloads
+    compress_slots: int  # images decoded/encoded at once
+
+
+def _ms_since(start: float) -> int:
+    return round((time.perf_counter() - start) * 1000)
+
+
+class ImageStages:
+    def __init__(
+        self,
+        *,
+        fetcher: HttpFetcher,
+        storage: ImageStorage,
+        jpeg_quality: int,
+        max_image_pixels: int,
+        compress_slots: int,
+    ):
+        self.fetcher = fetcher
+        self.storage = storage
+        self.jpeg_quality = jpeg_quality
+        self.max_image_pixels = max_image_pixels
+        # Downloads may run many at once; decoding and encoding only as many as cores.
+        self._compress_slots = threading.BoundedSemaphore(compress_slots)
+
+    @classmethod
+    def from_config(cls, config: StageConfig) -> "ImageStages":
+        policy = AddressPolicy(parse_allowlist(config.allow_private_hosts))
+        return cls(
+            fetcher=HttpFetcher(
+                guarded_pool(policy, pool_size=config.downloads),
+                timeout_seconds=config.download_timeout_seconds,
+                max_bytes=config.max_image_bytes,
+            ),
+            storage=LocalFileStorage(config.media_root, config.media_url),
+            jpeg_quality=config.jpeg_quality,
+            max_image_pixels=config.max_image_pixels,
+            compress_slots=config.compress_slots,
+        )
+
+    def close(self) -> None:
+        self.fetcher.http.clear()
+
+    def run(self, unit: WorkUnit) -> ImageOutcome:
+        start = time.perf_counter()
+        fetch_ms = compress_ms = None
+        try:
+            fetched = self.fetcher.fetch(unit.input_url)
+            fetch_ms = _ms_since(start)
+            with self._compress_slots:
+                start = time.perf_counter()
+                compressed = compress_to_jpeg(
+                    fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels
+                )
+                compress_ms = _ms_since(start)
+            output_url = self.storage.save(output_key(unit.request_id, unit.image_id), compressed.data)
+        except ImageFailure as failure:
+            return ImageOutcome(
+                unit,
+                error_code=failure.code,
+                error_message=failure.message,
+                fetch_ms=fetch_ms if fetch_ms is not None else _ms_since(start),
+                compress_ms=compress_ms,
+            )
+        except Exception as exc:  # a bug must fail one image, never the batch
+            log.exception("unexpected error processing image %s", unit.image_id)
+            return ImageOutcome(
+                unit,
+                error_code="internal_error",
+                error_message=f"unexpected error: {exc.__class__.__name__}",
+            )
+        return ImageOutcome(
+            unit,
+            output_url=output_url,
+            input_bytes=len(fetched.data),
+            output_bytes=len(compressed.data),
+            width=compressed.width,
+            height=compressed.height,
+            source_format=compressed.source_format,
+            fetch_ms=fetch_ms,
+            compress_ms=compress_ms,
+        )
