@@ -51,6 +51,19 @@ def test_rgba_transparency_is_flattened_onto_white():
     assert min(r, g, b) > 245
 
 
+@pytest.mark.parametrize(
+    ("mode", "pixel", "expected"),
+    [("RGBA", (200, 0, 0, 128), (227, 127, 127)), ("LA", (0, 128), (127,))],
+)
+def test_half_transparent_pixels_are_blended_with_white(mode, pixel, expected):
+    buffer = io.BytesIO()
+    Image.new(mode, (64, 64), pixel).save(buffer, "PNG")
+    _, out = compress(buffer.getvalue(), quality=95)
+    channels = out.getpixel((32, 32))
+    channels = channels if isinstance(channels, tuple) else (channels,)
+    assert all(abs(got - want) <= 2 for got, want in zip(channels, expected, strict=True))
+
+
 def test_palette_with_transparency_is_flattened_onto_white():
     _, out = compress(images.palette_gif_transparent((64, 48)))
     assert out.mode == "RGB"

@@ -126,9 +126,12 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         grey = mode in ("LA", "La", "L")
-        image = image.convert("LA" if grey else "RGBA")
+        with_alpha = "LA" if grey else "RGBA"
+        if image.mode != with_alpha:
+            image = image.convert(with_alpha)
         background = Image.new("L" if grey else "RGB", image.size, 255 if grey else WHITE)
-        background.paste(image.convert("L" if grey else "RGB"), mask=image.getchannel("A"))
+        # The image is its own mask (Pillow uses its alpha band): no extra full-size copies.
+        background.paste(image, mask=image)
         image = background
     elif mode == "1":
         image = image.convert("L")
