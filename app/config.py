@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     compress_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     image_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
     download_timeout_seconds: float = Field(30.0, gt=0)
-    max_image_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(128 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(100_000_000, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
     recovery_interval_seconds: float = Field(30.0, gt=0)

@@ -87,3 +87,22 @@ def test_an_image_that_keeps_killing_workers_fails_alone(make_settings, image_se
     (image,) = status["products"][0]["images"]
     assert image["error"]["code"] == "worker_crashed"
     assert image_server.hits_for(poisonous) == 3
+
+
+def test_a_worker_stuck_past_the_time_limit_is_replaced(make_settings, image_server, monkeypatch):
+    from app.workers import processes
+
+    # Downloads in tests time out after 5 s; make the limit 1 s so the hanging one is "stuck".
+    monkeypatch.setattr(processes, "STUCK_AFTER_DOWNLOAD_SECONDS", -4.0)
+    release, started = threading.Event(), threading.Semaphore(0)
+    stuck = image_server.add_handler(hanging_until_released(release, started))
+    settings = make_settings(image_processes=1, worker_concurrency=2)
+    with TestClient(create_app(settings)) as client:
+        (first_worker,) = client.app.state.runner.stages.worker_pids()
+        request_id = upload(client, csv_of([(1, "A", [stuck])])).json()["request_id"]
+        assert started.acquire(timeout=15)
+        assert started.acquire(timeout=15), "the image was not tried again after the worker was stopped"
+        release.set()
+        status = wait_finished(client, request_id)
+        assert first_worker not in client.app.state.runner.stages.worker_pids()
+    assert status["status"] == "completed"

@@ -17,6 +17,7 @@ has already been claimed MAX_ATTEMPTS times is failed with `worker_crashed` inst
 one poisonous image cannot crash workers for ever.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -41,6 +42,8 @@ HEALTH_CHECK_SECONDS = 0.5
 PARENT_CHECK_SECONDS = 1.0
 START_TIMEOUT_SECONDS = 60.0
 CLOSE_SECONDS = 2.0
+# Decoding and encoding the largest allowed image takes seconds; this is far beyond that.
+STUCK_AFTER_DOWNLOAD_SECONDS = 300.0
 # glibc mallopt parameters (malloc.h) and the values the workers use.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD_BYTES = 256 * 1024 * 1024
@@ -69,6 +72,7 @@ class ImageProcesses:
     def __init__(self, config: StageConfig, *, processes: int, threads: int):
         self._context = multiprocessing.get_context("spawn")  # no threads are forked
         self._config = config
+        self._time_limit = config.download_timeout_seconds + STUCK_AFTER_DOWNLOAD_SECONDS
         self._threads = threads
         self._results = self._context.Queue()
         self._lock = threading.Lock()
@@ -84,7 +88,9 @@ class ImageProcesses:
 
     def run(self, unit: WorkUnit) -> ImageOutcome:
         """Process one unit in a worker; blocks until its outcome arrives. Raises
-        WorkerLost if the worker died first."""
+        WorkerLost if the worker died first. A worker that holds a unit past the time
+        limit is stuck (downloads have their own deadline): it is killed and replaced,
+        so no image waits for ever."""
         answer: Future = Future()
         key = _key(unit)
         with self._lock:
@@ -94,7 +100,15 @@ class ImageProcesses:
             worker.units.add(key)
             self._waiting[key] = (unit, answer)
         worker.tasks.put(unit)
-        return answer.result()
+        try:
+            return answer.result(timeout=self._time_limit)
+        except TimeoutError:
+            log.error(
+                "image %s unanswered after %.0f s; stopping its worker", unit.image_id, self._time_limit
+            )
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
+            return answer.result()  # answered by the replacement of the dead worker
 
     def close(self, timeout: float = CLOSE_SECONDS) -> None:
         """Let the workers finish what they hold (up to timeout), then stop them. Units
