@@ -21,7 +21,7 @@ from app.db.session import build_engine, reader_sessionmaker, writer_sessionmake
 from app.pipeline.compress import warm_up
 from app.pipeline.fetch import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.process import ImagePipeline
-from app.pipeline.stages import ImageStages, StageConfig
+from app.pipeline.stages import ImageStages, StageConfig, StageRunner
 from app.pipeline.store import LocalFileStorage
 from app.webhooks.delivery import WebhookDeliverer
 from app.workers.inprocess import PARALLEL_DELIVERIES, InProcessRunner
@@ -80,7 +80,7 @@ class ProcessedImages(StaticFiles):
         return super().lookup_path(path)
 
 
-def build_stages(settings: Settings) -> ImageStages | ImageProcesses:
+def build_stages(settings: Settings) -> StageRunner:
     """Where fetch -> compress -> store runs: IMAGE_PROCESSES worker processes sharing the
     downloads and compressions between them, or threads in this process when it is 0."""
     processes = settings.image_processes
@@ -102,7 +102,7 @@ def build_stages(settings: Settings) -> ImageStages | ImageProcesses:
 
 
 def build_runner(
-    settings: Settings, engine, stages: ImageStages | ImageProcesses
+    settings: Settings, engine, stages: StageRunner
 ) -> tuple[InProcessRunner, list[Callable[[], None]]]:
     webhook_http = guarded_session(
         AddressPolicy(parse_allowlist(settings.allow_private_hosts)), pool_size=PARALLEL_DELIVERIES
@@ -125,7 +125,6 @@ def build_runner(
     runner = InProcessRunner(
         pipeline,
         deliverer,
-        stages=stages,
         concurrency=settings.worker_concurrency,
         lease_seconds=settings.lease_seconds,
         recovery_interval_seconds=settings.recovery_interval_seconds,

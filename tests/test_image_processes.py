@@ -30,7 +30,7 @@ def hanging_until_released(release: threading.Event, started: threading.Semaphor
 
 def kill_worker_holding_an_image(client: TestClient, started: threading.Semaphore) -> int:
     assert started.acquire(timeout=15), "the image was never requested"
-    processes = client.app.state.runner.stages
+    processes = client.app.state.runner.pipeline.stages
     (pid,) = processes.worker_pids()
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 15
@@ -46,7 +46,7 @@ def test_stages_run_in_worker_processes(make_settings, image_server):
     settings = make_settings(image_processes=2)
     urls = [image_server.add(images.jpeg((640, 480))), image_server.add(b"<html>no</html>")]
     with TestClient(create_app(settings)) as client:
-        workers = client.app.state.runner.stages.worker_pids()
+        workers = client.app.state.runner.pipeline.stages.worker_pids()
         request_id = upload(client, csv_of([(1, "A", urls)])).json()["request_id"]
         status = wait_finished(client, request_id)
     assert len(set(workers)) == 2 and os.getpid() not in workers
@@ -98,11 +98,11 @@ def test_a_worker_stuck_past_the_time_limit_is_replaced(make_settings, image_ser
     stuck = image_server.add_handler(hanging_until_released(release, started))
     settings = make_settings(image_processes=1, worker_concurrency=2)
     with TestClient(create_app(settings)) as client:
-        (first_worker,) = client.app.state.runner.stages.worker_pids()
+        (first_worker,) = client.app.state.runner.pipeline.stages.worker_pids()
         request_id = upload(client, csv_of([(1, "A", [stuck])])).json()["request_id"]
         assert started.acquire(timeout=15)
         assert started.acquire(timeout=15), "the image was not tried again after the worker was stopped"
         release.set()
         status = wait_finished(client, request_id)
-        assert first_worker not in client.app.state.runner.stages.worker_pids()
+        assert first_worker not in client.app.state.runner.pipeline.stages.worker_pids()
     assert status["status"] == "completed"

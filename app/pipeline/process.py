@@ -26,7 +26,7 @@ from app.db.models import (
     ProcessingRequest,
     RequestStatus,
 )
-from app.pipeline.stages import ImageOutcome, ImageStages, WorkUnit
+from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class ImagePipeline:
         self,
         *,
         sessions: sessionmaker[Session],
-        stages: ImageStages,
+        stages: StageRunner,
         lease_seconds: float,
         public_base_url: str,
     ):

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from app.pipeline.compress import compress_to_jpeg
 from app.pipeline.failures import ImageFailure
@@ -61,6 +62,15 @@ class StageConfig:
     media_url: str
     downloads: int  # connections kept for downloads
     compress_slots: int  # images decoded/encoded at once
+
+
+class StageRunner(Protocol):
+    """Runs the stages for one unit somewhere: ImageStages on the calling thread, or
+    app.workers.processes.ImageProcesses in a worker process."""
+
+    def run(self, unit: WorkUnit) -> ImageOutcome: ...
+
+    def close(self) -> None: ...
 
 
 def _ms_since(start: float) -> int:

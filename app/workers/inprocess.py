@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
 
 from app.pipeline.process import ImagePipeline, next_claimable_ids
 from app.pipeline.stages import ImageOutcome, WorkUnit
@@ -34,17 +33,12 @@ PARALLEL_DELIVERIES = 4
 DB_RETRY_SECONDS = 1.0
 
 
-class StageRunner(Protocol):
-    def run(self, unit: WorkUnit) -> ImageOutcome: ...
-
-
 class InProcessRunner:
     def __init__(
         self,
         pipeline: ImagePipeline,
         deliverer: WebhookDeliverer,
         *,
-        stages: StageRunner,
         concurrency: int,
         lease_seconds: float,
         recovery_interval_seconds: float,
@@ -52,7 +46,6 @@ class InProcessRunner:
     ):
         self.pipeline = pipeline
         self.deliverer = deliverer
-        self.stages = stages
         self.concurrency = concurrency
         self.claim_batch = max(8, concurrency * 2)
         self.heartbeat_seconds = lease_seconds / 3
@@ -168,7 +161,7 @@ class InProcessRunner:
             if unit is None:
                 return
             try:
-                outcome = self.stages.run(unit)
+                outcome = self.pipeline.stages.run(unit)
             except WorkerLost:
                 log.warning("image %s lost with its worker process; handing it back", unit.image_id)
                 self._release([unit])
