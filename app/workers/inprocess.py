@@ -162,8 +162,11 @@ class InProcessRunner:
                 return
             try:
                 outcome = self.pipeline.stages.run(unit)
-            except WorkerLost:
-                log.warning("image %s lost with its worker process; handing it back", unit.image_id)
+            except Exception as exc:  # never keep a unit whose outcome will not come
+                if isinstance(exc, WorkerLost):
+                    log.warning("image %s lost with its worker process; handing it back", unit.image_id)
+                else:
+                    log.exception("running image %s failed; handing it back", unit.image_id)
                 self._release([unit])
                 self._wake_feeder.set()
                 continue

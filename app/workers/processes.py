@@ -167,12 +167,15 @@ class ImageProcesses:
                 outcome = None
             except (EOFError, OSError, ValueError):  # the queue was closed: shutting down
                 return
-            if outcome is not None:
-                self._answer(outcome)
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + HEALTH_CHECK_SECONDS
-                if self._replace_dead_workers():
-                    return
+            try:
+                if outcome is not None:
+                    self._answer(outcome)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + HEALTH_CHECK_SECONDS
+                    if self._replace_dead_workers():
+                        return
+            except Exception:  # e.g. a replacement that could not start: try again next round
+                log.exception("image worker supervision failed")
 
     def _answer(self, outcome: ImageOutcome) -> None:
         key = _key(outcome.unit)
