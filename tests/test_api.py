@@ -319,6 +319,32 @@ def test_a_small_batch_is_not_stuck_behind_a_big_one(make_settings, image_server
         wait_finished(client, big)
 
 
+def test_batches_take_turns_so_none_waits_for_the_others(make_settings, image_server):
+    import time
+
+    def slow_image(request):
+        time.sleep(0.1)
+        send(request, 200, images.jpeg((32, 32)), {"Content-Type": "image/jpeg"})
+
+    def batch(name: str, count: int) -> bytes:
+        return csv_of([(n + 1, f"{name}{n}", [image_server.add_handler(slow_image)]) for n in range(count)])
+
+    settings = make_settings(worker_concurrency=2, compress_concurrency=1)
+    with TestClient(create_app(settings)) as client:
+        first_big = upload(client, batch("A", 40)).json()["request_id"]
+        time.sleep(0.2)
+        middle = upload(client, batch("B", 3)).json()["request_id"]
+        second_big = upload(client, batch("C", 40)).json()["request_id"]
+        last = upload(client, batch("D", 3)).json()["request_id"]
+        # Half the oldest and half the newest would leave the middle batch for last.
+        assert wait_finished(client, middle)["status"] == "completed"
+        assert wait_finished(client, last)["status"] == "completed"
+        for big in (first_big, second_big):
+            assert client.get(f"/status/{big}").json()["status"] == "processing"
+        wait_finished(client, first_big)
+        wait_finished(client, second_big)
+
+
 def test_partial_files_are_never_served(client, media_root):
     incoming = media_root / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)

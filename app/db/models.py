@@ -44,7 +44,7 @@ class ProcessingRequest(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(36), unique=True)
-    status: Mapped[str] = mapped_column(String(32), default=RequestStatus.PENDING)
+    status: Mapped[str] = mapped_column(String(32), default=RequestStatus.PENDING, index=True)
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
     callback_url: Mapped[str | None] = mapped_column(Text)
     total_products: Mapped[int] = mapped_column(Integer, default=0)
@@ -77,7 +77,8 @@ class Image(Base):
     __tablename__ = "images"
     __table_args__ = (
         UniqueConstraint("product_id", "position"),
-        Index("ix_images_status_id", "status", "id"),
+        Index("ix_images_status_id", "status", "id"),  # expired claims
+        Index("ix_images_request_pk_status_id", "request_pk", "status", "id"),  # fair claiming
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

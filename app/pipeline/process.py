@@ -254,9 +254,47 @@ class ImagePipeline:
         ]
 
 
-def next_claimable_ids(session: Session, pipeline: ImagePipeline, limit: int) -> list[int]:
-    """Ids to claim next: half the oldest claimable images, half the newest. A big batch
-    keeps moving while a small batch uploaded after it does not wait for it to finish."""
-    oldest = select(Image.id).where(pipeline.claimable()).order_by(Image.id).limit(limit - limit // 2)
-    newest = select(Image.id).where(pipeline.claimable()).order_by(Image.id.desc()).limit(limit // 2)
-    return sorted(set(session.scalars(oldest)) | set(session.scalars(newest)))
+def next_claimable_ids(
+    session: Session, pipeline: ImagePipeline, limit: int, after_request_pk: int = 0
+) -> tuple[list[int], int]:
+    """Ids to claim next, and the last request served (pass it back next time).
+
+    Unfinished requests take turns: each round serves up to `limit` of them, starting
+    after `after_request_pk` and wrapping around, and shares `limit` images between them,
+    oldest first within each. A small batch is not stuck behind big ones, however many
+    arrive. Images whose claim has expired (their process died) are taken back first."""
+    expired = list(
+        session.scalars(
+            select(Image.id)
+            .where(Image.status == ImageStatus.PROCESSING, Image.claimed_at < utcnow() - pipeline.lease)
+            .order_by(Image.id)
+            .limit(limit)
+        )
+    )
+    unfinished = ProcessingRequest.status.in_((RequestStatus.PENDING, RequestStatus.PROCESSING))
+    turn = list(
+        session.scalars(
+            select(ProcessingRequest.id)
+            .where(unfinished, ProcessingRequest.id > after_request_pk)
+            .order_by(ProcessingRequest.id)
+            .limit(limit)
+        )
+    )
+    if len(turn) < limit:  # wrap around to the start
+        turn += session.scalars(
+            select(ProcessingRequest.id)
+            .where(unfinished, ProcessingRequest.id <= after_request_pk)
+            .order_by(ProcessingRequest.id)
+            .limit(limit - len(turn))
+        )
+    pending: list[int] = []
+    share = -(-max(limit - len(expired), 0) // max(len(turn), 1))  # ceiling division
+    for request_pk in turn if share else []:
+        pending += session.scalars(
+            select(Image.id)
+            .where(Image.request_pk == request_pk, Image.status == ImageStatus.PENDING)
+            .order_by(Image.id)
+            .limit(share)
+        )
+    last_served = turn[-1] if turn else after_request_pk
+    return sorted(set(expired) | set(pending)), last_served

@@ -56,6 +56,7 @@ class InProcessRunner:
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
         self._held: dict[int, WorkUnit] = {}  # claimed and not yet recorded
         self._held_lock = threading.Lock()
+        self._last_request_served = 0  # the feeder's place in the requests' turns
         self._wake_feeder = threading.Event()
         self._wake_webhooks = threading.Event()
         self._stopping = threading.Event()
@@ -133,7 +134,11 @@ class InProcessRunner:
     def _feed_loop(self) -> None:
         while not self._stopping.is_set():
             with self.pipeline.sessions() as session:
-                ids = next_claimable_ids(session, self.pipeline, self.claim_batch)
+                # Only reads: no need for SQLite's write lock (see app.db.session).
+                session.connection(execution_options={"sqlite_begin_immediate": False})
+                ids, self._last_request_served = next_claimable_ids(
+                    session, self.pipeline, self.claim_batch, self._last_request_served
+                )
             if not ids:
                 self._wake_feeder.wait(min(self.recovery_interval_seconds, self.heartbeat_seconds))
                 self._wake_feeder.clear()
