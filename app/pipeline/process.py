@@ -78,9 +78,12 @@ class ImagePipeline:
         if not image_ids:
             return []
         now = utcnow()
+        # Core statements on the tables: the ORM's bulk-update bookkeeping cost more than
+        # the statements themselves, and the feeder runs this for every claim batch.
         with self.sessions.begin() as session:
-            claimed = session.execute(
-                update(Image)
+            connection = session.connection()
+            claimed = connection.execute(
+                update(Image.__table__)
                 .where(Image.id.in_(image_ids), self.claimable(now))
                 .values(
                     status=ImageStatus.PROCESSING,
@@ -92,8 +95,8 @@ class ImagePipeline:
             if not claimed:
                 return []
             request_pks = {row.request_pk for row in claimed}
-            session.execute(
-                update(ProcessingRequest)
+            connection.execute(
+                update(ProcessingRequest.__table__)
                 .where(
                     ProcessingRequest.id.in_(request_pks),
                     ProcessingRequest.status == RequestStatus.PENDING,
@@ -101,7 +104,7 @@ class ImagePipeline:
                 .values(status=RequestStatus.PROCESSING, started_at=now)
             )
             public_ids = dict(
-                session.execute(
+                connection.execute(
                     select(ProcessingRequest.id, ProcessingRequest.request_id).where(
                         ProcessingRequest.id.in_(request_pks)
                     )
@@ -254,47 +257,48 @@ class ImagePipeline:
         ]
 
 
-def next_claimable_ids(
-    session: Session, pipeline: ImagePipeline, limit: int, after_request_pk: int = 0
-) -> tuple[list[int], int]:
-    """Ids to claim next, and the last request served (pass it back next time).
+# Built once: the feeder runs these many times a second, and building a statement costs
+# more Python than running it.
+_UNFINISHED_REQUESTS_IN_TURN = (
+    select(ProcessingRequest.id)
+    .where(ProcessingRequest.status.in_((RequestStatus.PENDING, RequestStatus.PROCESSING)))
+    .order_by(case((ProcessingRequest.id > bindparam("after"), 0), else_=1), ProcessingRequest.id)
+    .limit(bindparam("turns"))
+)
+_PENDING_OF_REQUEST = (
+    select(Image.id)
+    .where(Image.request_pk == bindparam("request_pk"), Image.status == ImageStatus.PENDING)
+    .order_by(Image.id)
+    .limit(bindparam("share"))
+)
+_EXPIRED_CLAIMS = (
+    select(Image.id)
+    .where(Image.status == ImageStatus.PROCESSING, Image.claimed_at < bindparam("cutoff"))
+    .order_by(Image.id)
+    .limit(bindparam("limit"))
+)
+
+
+def expired_claim_ids(session: Session, pipeline: ImagePipeline, limit: int) -> list[int]:
+    """Images claimed by a process that stopped renewing its lease (it died)."""
+    cutoff = utcnow() - pipeline.lease
+    return list(session.connection().scalars(_EXPIRED_CLAIMS, {"cutoff": cutoff, "limit": limit}))
+
+
+def next_claimable_ids(session: Session, limit: int, after_request_pk: int = 0) -> tuple[list[int], int]:
+    """Pending image ids to claim next, and the last request served (pass it back next
+    time).
 
     Unfinished requests take turns: each round serves up to `limit` of them, starting
     after `after_request_pk` and wrapping around, and shares `limit` images between them,
-    oldest first within each. A small batch is not stuck behind big ones, however many
-    arrive. Images whose claim has expired (their process died) are taken back first."""
-    expired = list(
-        session.scalars(
-            select(Image.id)
-            .where(Image.status == ImageStatus.PROCESSING, Image.claimed_at < utcnow() - pipeline.lease)
-            .order_by(Image.id)
-            .limit(limit)
-        )
-    )
-    unfinished = ProcessingRequest.status.in_((RequestStatus.PENDING, RequestStatus.PROCESSING))
-    turn = list(
-        session.scalars(
-            select(ProcessingRequest.id)
-            .where(unfinished, ProcessingRequest.id > after_request_pk)
-            .order_by(ProcessingRequest.id)
-            .limit(limit)
-        )
-    )
-    if len(turn) < limit:  # wrap around to the start
-        turn += session.scalars(
-            select(ProcessingRequest.id)
-            .where(unfinished, ProcessingRequest.id <= after_request_pk)
-            .order_by(ProcessingRequest.id)
-            .limit(limit - len(turn))
-        )
-    pending: list[int] = []
-    share = -(-max(limit - len(expired), 0) // max(len(turn), 1))  # ceiling division
-    for request_pk in turn if share else []:
-        pending += session.scalars(
-            select(Image.id)
-            .where(Image.request_pk == request_pk, Image.status == ImageStatus.PENDING)
-            .order_by(Image.id)
-            .limit(share)
-        )
-    last_served = turn[-1] if turn else after_request_pk
-    return sorted(set(expired) | set(pending)), last_served
+    oldest first within each, so a small batch is not stuck behind big ones however many
+    arrive."""
+    connection = session.connection()
+    turn = list(connection.scalars(_UNFINISHED_REQUESTS_IN_TURN, {"after": after_request_pk, "turns": limit}))
+    if not turn:
+        return [], after_request_pk
+    share = -(-limit // len(turn))  # ceiling division
+    ids: list[int] = []
+    for request_pk in turn:
+        ids += connection.scalars(_PENDING_OF_REQUEST, {"request_pk": request_pk, "share": share})
+    return sorted(ids), turn[-1]

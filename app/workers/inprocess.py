@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from app.pipeline.process import ImagePipeline, next_claimable_ids
+from app.pipeline.process import ImagePipeline, expired_claim_ids, next_claimable_ids
 from app.pipeline.stages import ImageOutcome, WorkUnit
 from app.webhooks.delivery import WebhookDeliverer
 from app.workers.processes import WorkerLost
@@ -132,13 +132,19 @@ class InProcessRunner:
         return run
 
     def _feed_loop(self) -> None:
+        next_expiry_scan = 0.0  # at once: work a crashed process left behind
         while not self._stopping.is_set():
             with self.pipeline.sessions() as session:
                 # Only reads: no need for SQLite's write lock (see app.db.session).
                 session.connection(execution_options={"sqlite_begin_immediate": False})
-                ids, self._last_request_served = next_claimable_ids(
-                    session, self.pipeline, self.claim_batch, self._last_request_served
+                ids = []
+                if time.monotonic() >= next_expiry_scan:
+                    ids = expired_claim_ids(session, self.pipeline, self.claim_batch)
+                    next_expiry_scan = time.monotonic() + self.recovery_interval_seconds
+                pending, self._last_request_served = next_claimable_ids(
+                    session, self.claim_batch, self._last_request_served
                 )
+                ids += pending
             if not ids:
                 self._wake_feeder.wait(min(self.recovery_interval_seconds, self.heartbeat_seconds))
                 self._wake_feeder.clear()
