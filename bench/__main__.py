@@ -303,6 +303,7 @@ def print_table(results: dict) -> None:
         (f"{big['rows']:,}-row CSV upload to 202", f"{big['upload_to_202_s']:.2f} s", "<= 3 s"),
         ("GET /status?limit=100 p50 while it runs", f"{big['status_p50_ms']:.1f} ms", ""),
         ("GET /status?limit=100 p95 while it runs", f"{big['status_p95_ms']:.1f} ms", "<= 50 ms"),
+        ("images of that batch done while sampling", f"{big['images_done_while_sampling']:,}", ""),
         ("peak RSS over all, service + workers", f"{results['peak_rss_mb']:.0f} MB", "<= 500 MB"),
     ]
     print(f"\nresults on {results['database']}, {results['cpus']} CPUs (medians of runs)")
