@@ -37,7 +37,7 @@ class CompressedImage:
     source_format: str
 
 
-def compress_to_jpeg(data: bytes, *, quality: int, max_pixels: int) -> CompressedImage:
+def compress_to_jpeg(data: bytes | bytearray, *, quality: int, max_pixels: int) -> CompressedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -275,7 +275,7 @@ def check_url(url: str) -> None:
 
 @dataclass(frozen=True)
 class FetchedImage:
-    data: bytes
+    data: bytes | bytearray  # the buffer it was read into: no second copy of a large image
     final_url: str
     content_type: str | None
 
@@ -369,7 +369,7 @@ class HttpFetcher:
     def _timed_out(self) -> UpstreamTimeout:
         return UpstreamTimeout(f"the image did not arrive within {self.timeout_seconds:g} s")
 
-    def _read_body(self, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    def _read_body(self, response: urllib3.BaseHTTPResponse, deadline: float) -> bytearray:
         declared = response.headers.get("content-length", "")
         encoded = response.headers.get("content-encoding", "identity").lower()
         if declared.isdigit() and encoded == "identity" and int(declared) > self.max_bytes:
@@ -400,7 +400,7 @@ class HttpFetcher:
             ) from exc
         if time.monotonic() >= deadline:  # the reaper's shutdown can look like a clean end
             raise self._timed_out()
-        return bytes(body)
+        return body
 
 
 def _connection_message(exc: Exception) -> str:
