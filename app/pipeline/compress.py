@@ -149,6 +149,9 @@ def warm_up() -> bool:
     sample = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
     for source_format in ("JPEG", "PNG", "WEBP", "GIF"):
         buffer = io.BytesIO()
-        sample.save(buffer, source_format)
+        try:
+            sample.save(buffer, source_format)
+        except (OSError, KeyError):  # a Pillow built without this codec: nothing to warm
+            continue
         compress_to_jpeg(buffer.getvalue(), quality=50, max_pixels=SMALL_IMAGE_PIXELS)
     return True

@@ -81,8 +81,10 @@ class ImageProcesses:
         self._closing = False
         started = [self._start_worker() for _ in range(processes)]
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        for worker in started:
-            worker.ready.wait(max(0.0, deadline - time.monotonic()))
+        for worker in started:  # a worker that fails to start is replaced by the collector
+            while not worker.ready.wait(0.1) and worker.process.is_alive():
+                if time.monotonic() > deadline:
+                    break
         self._collector = threading.Thread(target=self._collect, name="image-results", daemon=True)
         self._collector.start()
 
