@@ -337,16 +337,12 @@ class HttpFetcher:
                 )
             except ImageFailure:
                 raise
-            except NewConnectionError as exc:  # before timeouts: urllib3 derives it from them
-                if time.monotonic() >= deadline:
-                    raise self._timed_out() from exc
-                raise ConnectionFailed(_connection_message(exc)) from exc
-            except (TimeoutError, urllib3.exceptions.TimeoutError) as exc:
-                raise self._timed_out() from exc
             except (LocationValueError, http.client.InvalidURL) as exc:
                 raise InvalidUrl(f"malformed URL: {exc}") from exc
             except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
-                if time.monotonic() >= deadline:
+                # urllib3 derives "could not connect" from its timeout class; it is not one.
+                timed_out = isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError))
+                if (timed_out and not isinstance(exc, NewConnectionError)) or time.monotonic() >= deadline:
                     raise self._timed_out() from exc
                 raise ConnectionFailed(_connection_message(exc)) from exc
             complete = False

@@ -56,7 +56,6 @@ class InProcessRunner:
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
         self._held: dict[int, WorkUnit] = {}  # claimed and not yet recorded
         self._held_lock = threading.Lock()
-        self._last_request_served = 0  # the feeder's place in the requests' turns
         self._wake_feeder = threading.Event()
         self._wake_webhooks = threading.Event()
         self._stopping = threading.Event()
@@ -133,6 +132,7 @@ class InProcessRunner:
 
     def _feed_loop(self) -> None:
         next_expiry_scan = 0.0  # at once: work a crashed process left behind
+        last_request_served = 0  # the feeder's place in the requests' turns
         while not self._stopping.is_set():
             with self.pipeline.sessions() as session:
                 # Only reads: no need for SQLite's write lock (see app.db.session).
@@ -141,8 +141,8 @@ class InProcessRunner:
                 if time.monotonic() >= next_expiry_scan:
                     ids = expired_claim_ids(session, self.pipeline, self.claim_batch)
                     next_expiry_scan = time.monotonic() + self.recovery_interval_seconds
-                pending, self._last_request_served = next_claimable_ids(
-                    session, self.claim_batch, self._last_request_served
+                pending, last_request_served = next_claimable_ids(
+                    session, self.claim_batch, last_request_served
                 )
                 ids += pending
             if not ids:
@@ -201,9 +201,9 @@ class InProcessRunner:
                     if remaining <= 0 or not self._others_in_flight(len(batch)):
                         break
                     try:
-                        outcome = self._outcomes.get(timeout=min(remaining, 0.005))
+                        outcome = self._outcomes.get(timeout=remaining)
                     except queue.Empty:
-                        continue
+                        break
                 if outcome is None:
                     stopping = True
                     break
