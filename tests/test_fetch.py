@@ -108,6 +108,14 @@ def test_loopback_is_blocked_without_the_allowlist(outside_server):
     assert outside_server.hits_for(url) == 0
 
 
+def test_a_refusal_does_not_tell_the_uploader_which_address_the_host_has(outside_server):
+    fetcher = HttpFetcher(guarded_pool(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000, retries=0)
+    with pytest.raises(BlockedAddress) as failure:
+        fetcher.fetch(f"http://localhost:{outside_server.port}/x")
+    assert "'localhost' resolves to a non-public address" in failure.value.message
+    assert "127.0.0.1" not in failure.value.message and "::1" not in failure.value.message
+
+
 @pytest.mark.parametrize(
     "host",
     [

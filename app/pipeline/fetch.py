@@ -123,7 +123,7 @@ class AddressPolicy:
         for info in infos:
             address = ipaddress.ip_address(info[4][0].split("%")[0])
             if not is_public_address(address):
-                raise BlockedAddress(f"host {host!r} resolves to {address}, which is not a public address")
+                raise BlockedAddress(f"host {host!r} resolves to a non-public address")
         return infos
 
 
