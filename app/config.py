@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     api_keys: str = ""
 
     webhook_secret: str = ""
+    webhook_allow_private_hosts: str = ""
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_retry_base_seconds: float = Field(60.0, gt=0)

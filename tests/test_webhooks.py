@@ -115,6 +115,44 @@ def test_webhook_to_a_blocked_address_fails_without_a_request(make_settings, ima
         assert outside.received(hook) == []
 
 
+def test_an_image_host_on_the_image_allowlist_is_refused_as_a_webhook_target(
+    make_settings, image_server, webhook_receiver
+):
+    from tests.servers import send
+
+    settings = make_settings(
+        webhook_max_attempts=1,
+        allow_private_hosts=f"127.0.0.1:{image_server.port}",
+        webhook_allow_private_hosts=f"127.0.0.1:{webhook_receiver.port}",
+    )
+    internal_endpoint = image_server.add_handler(lambda request: send(request, 200, b"internal data"))
+    with TestClient(create_app(settings)) as client:
+        request_id = finished_request(client, image_server, internal_endpoint)
+        webhook = wait_webhook_state(client, request_id, "failed")
+    assert webhook["last_error"].startswith("blocked_address")
+    assert image_server.hits_for(internal_endpoint) == 0
+
+
+def test_a_webhook_host_on_the_webhook_allowlist_is_refused_as_an_image_source(
+    make_settings, image_server, webhook_receiver
+):
+    settings = make_settings(
+        allow_private_hosts=f"127.0.0.1:{image_server.port}",
+        webhook_allow_private_hosts=f"127.0.0.1:{webhook_receiver.port}",
+    )
+    image_on_webhook_host = webhook_receiver.new_url()
+    hook = webhook_receiver.new_url()
+    with TestClient(create_app(settings)) as client:
+        response = upload(client, csv_of([(1, "A", [image_on_webhook_host])]), webhook_url=hook)
+        request_id = response.json()["request_id"]
+        status = wait_finished(client, request_id)
+        wait_webhook_state(client, request_id, "delivered")
+    (image,) = status["products"][0]["images"]
+    assert image["error"]["code"] == "blocked_address"
+    assert webhook_receiver.received(image_on_webhook_host) == []
+    assert len(webhook_receiver.received(hook)) == 1
+
+
 def test_signature_matches_the_reference_implementation():
     body = b'{"a":1}'
     signature = sign(SECRET, "msg_1", 1_700_000_000, body)
@@ -140,7 +178,7 @@ def test_a_receiver_down_until_after_a_restart_still_gets_the_event(make_setting
     settings = make_settings(
         webhook_secret=SECRET,
         webhook_retry_base_seconds=0.2,
-        allow_private_hosts=f"127.0.0.1:{image_server.port},127.0.0.1:{port}",
+        webhook_allow_private_hosts=f"127.0.0.1:{port}",
     )
     hook = f"http://127.0.0.1:{port}/hook/down"
     with TestClient(create_app(settings)) as client:
