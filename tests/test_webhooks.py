@@ -153,6 +153,25 @@ def test_a_webhook_host_on_the_webhook_allowlist_is_refused_as_an_image_source(
     assert len(webhook_receiver.received(hook)) == 1
 
 
+def test_an_attempt_that_cannot_be_made_is_recorded_and_the_event_ends(
+    make_settings, image_server, webhook_receiver
+):
+    # Start-up refuses such a secret; model_copy skips validation, standing in for any
+    # fault while an attempt is prepared.
+    settings = make_settings(webhook_max_attempts=2).model_copy(update={"webhook_secret": "whsec_abc"})
+    hook = webhook_receiver.new_url()
+    with TestClient(create_app(settings)) as client:
+        request_id = finished_request(client, image_server, hook)
+        webhook = wait_webhook_state(client, request_id, "failed")
+        log = client.get(f"/requests/{request_id}/webhook-deliveries").json()
+    assert webhook["attempts"] == 2 and webhook["last_error"].startswith("internal_error")
+    assert [d["attempt"] for d in log["deliveries"]] == [1, 2]
+    assert all(
+        d["error"].startswith("internal_error") and d["status_code"] is None for d in log["deliveries"]
+    )
+    assert webhook_receiver.received(hook) == []
+
+
 def test_signature_matches_the_reference_implementation():
     body = b'{"a":1}'
     signature = sign(SECRET, "msg_1", 1_700_000_000, body)
