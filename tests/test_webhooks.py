@@ -94,6 +94,39 @@ def test_redeliver_sends_the_same_event_again(signed_client, image_server, webho
     assert received[1].body == first.body
 
 
+def test_a_redelivered_event_that_had_failed_gets_a_fresh_attempt_budget(
+    signed_client, image_server, webhook_receiver
+):
+    hook = webhook_receiver.new_url(fail_with=[503] * 7)  # 4 attempts fail, then 3 more
+    request_id = finished_request(signed_client, image_server, hook)
+    assert wait_webhook_state(signed_client, request_id, "failed")["attempts"] == 4
+    response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
+    assert response.status_code == 202
+    webhook = wait_webhook_state(signed_client, request_id, "delivered")
+    assert webhook["attempts"] == 8 and webhook["last_status_code"] == 200
+    log = signed_client.get(f"/requests/{request_id}/webhook-deliveries").json()
+    assert [d["attempt"] for d in log["deliveries"]] == list(range(1, 9))
+    assert [d["status_code"] for d in log["deliveries"]] == [503] * 7 + [200]
+    received = webhook_receiver.received(hook)
+    assert len(received) == 8 and len({r.headers["webhook-id"] for r in received}) == 1
+
+
+def test_redeliver_succeeds_while_a_batch_is_writing(signed_client, image_server, webhook_receiver):
+    hook = webhook_receiver.new_url()
+    request_id = finished_request(signed_client, image_server, hook)
+    wait_webhook_state(signed_client, request_id, "delivered")
+    tiny = images.jpeg((8, 8))
+    batch = csv_of([(n + 1, f"P{n}", [image_server.add(tiny)]) for n in range(400)])
+    running = upload(signed_client, batch).json()["request_id"]
+    answers = []
+    while signed_client.get(f"/status/{running}").json()["status"] not in ("completed", "failed"):
+        response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
+        answers.append((response.status_code, response.text))
+    assert len(answers) >= 5, "the batch finished before the redeliveries could overlap it"
+    assert all(status == 202 for status, _ in answers), [a for a in answers if a[0] != 202][:1]
+    assert wait_webhook_state(signed_client, request_id, "delivered")["last_status_code"] == 200
+
+
 def test_redeliver_without_a_webhook_is_a_409_problem(signed_client, image_server):
     request_id = finished_request(signed_client, image_server, None)
     response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")

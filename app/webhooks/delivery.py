@@ -120,6 +120,7 @@ class WebhookDeliverer:
                     WebhookEvent.payload,
                     WebhookEvent.webhook_id,
                     WebhookEvent.attempts,
+                    WebhookEvent.attempts_before_redelivery,
                 )
             ).one_or_none()
         if claimed is None:
@@ -130,12 +131,13 @@ class WebhookDeliverer:
         )
         finished_at = utcnow()
         delivered = status_code is not None and 200 <= status_code < 300
+        attempts_in_budget = claimed.attempts - claimed.attempts_before_redelivery
         if delivered:
             values = {"state": WebhookState.DELIVERED, "delivered_at": finished_at}
-        elif claimed.attempts >= self.max_attempts:
+        elif attempts_in_budget >= self.max_attempts:
             values = {"state": WebhookState.FAILED}
         else:
-            wait = max(self.backoff(claimed.attempts), retry_after or timedelta(0))
+            wait = max(self.backoff(attempts_in_budget), retry_after or timedelta(0))
             values = {"next_attempt_at": finished_at + wait}
         with self.sessions.begin() as session:
             session.add(
@@ -154,6 +156,9 @@ class WebhookDeliverer:
                 .where(
                     WebhookEvent.id == event_id,
                     WebhookEvent.attempts == claimed.attempts,
+                    # A redelivery during this attempt started a new budget: its outcome
+                    # is recorded above but decides nothing.
+                    WebhookEvent.attempts_before_redelivery == claimed.attempts_before_redelivery,
                 )
                 .values(
                     claimed_at=None,
