@@ -205,13 +205,19 @@ def test_an_attempt_that_cannot_be_made_is_recorded_and_the_event_ends(
     assert webhook_receiver.received(hook) == []
 
 
-def test_signature_matches_the_reference_implementation():
+def test_signature_matches_the_reference_implementation(signed_client, image_server, webhook_receiver):
     body = b'{"a":1}'
     signature = sign(SECRET, "msg_1", 1_700_000_000, body)
-    headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000", "webhook-signature": signature}
     reference = Webhook(SECRET)
     assert reference.sign("msg_1", datetime.fromtimestamp(1_700_000_000, UTC), body.decode()) == signature
-    assert headers["webhook-signature"].startswith("v1,")
+
+    hook = webhook_receiver.new_url()
+    finished_request(signed_client, image_server, hook)
+    (delivery,) = webhook_receiver.wait_for(hook, 1)
+    sent_at = datetime.fromtimestamp(int(delivery.headers["webhook-timestamp"]), UTC)
+    expected = reference.sign(delivery.headers["webhook-id"], sent_at, delivery.body.decode())
+    assert delivery.headers["webhook-signature"].startswith("v1,")
+    assert delivery.headers["webhook-signature"] == expected
 
 
 def test_retry_after_is_understood():
