@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.webhooks.signing import MIN_SECRET_BYTES, secret_key
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,7 +19,10 @@ def _default_concurrency() -> int:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # Errors never echo the value: it may be a secret (WEBHOOK_SECRET, API_KEYS, a database password).
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -45,6 +50,7 @@ class Settings(BaseSettings):
     api_keys: str = ""
 
     webhook_secret: str = ""
+    webhook_allow_private_hosts: str = ""
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_retry_base_seconds: float = Field(60.0, gt=0)
@@ -52,8 +58,14 @@ class Settings(BaseSettings):
     @field_validator("webhook_secret")
     @classmethod
     def _secret_is_standard_webhooks(cls, value: str) -> str:
-        if value and not value.startswith("whsec_"):
-            raise ValueError("WEBHOOK_SECRET must be a Standard Webhooks secret (whsec_<base64>)")
+        if value:
+            try:
+                secret_key(value)
+            except ValueError as exc:
+                raise ValueError(
+                    "WEBHOOK_SECRET must be a Standard Webhooks secret: 'whsec_' followed by "
+                    f"the base64 of at least {MIN_SECRET_BYTES} random bytes; {exc}"
+                ) from None
         return value
 
     @property

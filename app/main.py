@@ -104,8 +104,10 @@ def build_stages(settings: Settings) -> StageRunner:
 def build_runner(
     settings: Settings, engine, stages: StageRunner
 ) -> tuple[InProcessRunner, list[Callable[[], None]]]:
+    # Its own allowlist: a host allowed as an image source must not become a target any
+    # client can POST to and read the reply of (the delivery log keeps an excerpt).
     webhook_http = guarded_session(
-        AddressPolicy(parse_allowlist(settings.allow_private_hosts)), pool_size=PARALLEL_DELIVERIES
+        AddressPolicy(parse_allowlist(settings.webhook_allow_private_hosts)), pool_size=PARALLEL_DELIVERIES
     )
     writer_sessions = writer_sessionmaker(engine)
     pipeline = ImagePipeline(

@@ -217,7 +217,8 @@ def main() -> int:
         service_env = {
             "DATABASE_URL": database_url,
             "MEDIA_ROOT": str(work / "media"),
-            "ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{images_server.port},127.0.0.1:{receiver.port}",
+            "ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{images_server.port}",
+            "WEBHOOK_ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{receiver.port}",
         }
         # For comparison: the stages on threads inside the web process.
         threaded_service = ServiceProcess({**service_env, "IMAGE_PROCESSES": "0"}, work / "threads.log")

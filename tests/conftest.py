@@ -80,6 +80,7 @@ def make_settings(database_url, tmp_path, image_server, webhook_receiver) -> Cal
             "media_root": tmp_path / "media",
             "public_base_url": "http://testserver",
             "allow_private_hosts": f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}",
+            "webhook_allow_private_hosts": f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}",
             "download_timeout_seconds": 5,
             "webhook_retry_base_seconds": 0.05,
             "webhook_timeout_seconds": 2,

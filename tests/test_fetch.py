@@ -108,6 +108,14 @@ def test_loopback_is_blocked_without_the_allowlist(outside_server):
     assert outside_server.hits_for(url) == 0
 
 
+def test_a_refusal_does_not_tell_the_uploader_which_address_the_host_has(outside_server):
+    fetcher = HttpFetcher(guarded_pool(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000, retries=0)
+    with pytest.raises(BlockedAddress) as failure:
+        fetcher.fetch(f"http://localhost:{outside_server.port}/x")
+    assert "'localhost' resolves to a non-public address" in failure.value.message
+    assert "127.0.0.1" not in failure.value.message and "::1" not in failure.value.message
+
+
 @pytest.mark.parametrize(
     "host",
     [
@@ -142,9 +150,48 @@ def test_non_public_addresses_are_not_public(address):
     assert not is_public_address(ipaddress.ip_address(address))
 
 
-def test_public_addresses_are_public():
-    assert is_public_address(ipaddress.ip_address("93.184.216.34"))
-    assert is_public_address(ipaddress.ip_address("2606:2800:220:1:248:1893:25c8:1946"))
+@pytest.mark.parametrize(
+    "address",
+    [
+        # NAT64, well-known prefix (RFC 6052): the embedded IPv4 decides.
+        "64:ff9b::7f00:1", "64:ff9b::127.0.0.1", "64:ff9b::10.1.2.3", "64:ff9b::a9fe:a9fe",
+        "64:ff9b::c0a8:101", "64:ff9b::", "64:ff9b::e000:1",
+        # NAT64, local-use prefix (RFC 8215): a network-local translator, never public.
+        "64:ff9b:1::7f00:1", "64:ff9b:1::808:808", "64:ff9b:1:ffff::1",
+        # IPv4-compatible (deprecated ::/96).
+        "::7f00:1", "::127.0.0.1", "::a01:203", "::a9fe:a9fe", "::2", "::ffff",
+        # SIIT IPv4-translated (::ffff:0:0:0/96).
+        "::ffff:0:7f00:1", "::ffff:0:127.0.0.1", "::ffff:0:a01:203", "::ffff:0:0:0",
+        # Site-local (deprecated fec0::/10).
+        "fec0::1", "fec0::7f00:1", "feff:ffff::1",
+    ],
+)  # fmt: skip
+def test_ipv6_spellings_of_non_public_addresses_are_not_public(address):
+    assert not is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "93.184.216.34",
+        "2606:2800:220:1:248:1893:25c8:1946",
+        "64:ff9b::93.184.216.34",
+        "64:ff9b::808:808",
+        "::ffff:93.184.216.34",
+        "::ffff:0:93.184.216.34",
+        "::93.184.216.34",
+    ],
+)
+def test_public_addresses_are_public(address):
+    assert is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("host", ["::7f00:1", "64:ff9b::7f00:1", "::ffff:0:7f00:1", "fec0::1"])
+def test_ipv6_spellings_of_loopback_are_blocked_before_connecting(outside_server, host):
+    fetcher = HttpFetcher(guarded_pool(AddressPolicy(), 1), timeout_seconds=1, max_bytes=1000, retries=0)
+    with pytest.raises(BlockedAddress):
+        fetcher.fetch(f"http://[{host}]:{outside_server.port}/x")
+    assert outside_server.hits["/x"] == 0
 
 
 @pytest.mark.parametrize(

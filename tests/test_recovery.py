@@ -26,6 +26,7 @@ def service_env(database_url, tmp_path, image_server, webhook_receiver):
         "DATABASE_URL": database_url,
         "MEDIA_ROOT": str(tmp_path / "media"),
         "ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}",
+        "WEBHOOK_ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}",
         "LEASE_SECONDS": "2",
         "RECOVERY_INTERVAL_SECONDS": "0.5",
         "WORKER_CONCURRENCY": "8",

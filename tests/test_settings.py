@@ -1,3 +1,4 @@
+import base64
 import re
 
 import pytest
@@ -24,3 +25,27 @@ def test_env_example_values_are_valid(monkeypatch):
 def test_webhook_secret_must_be_a_standard_webhooks_secret():
     with pytest.raises(ValidationError):
         Settings(_env_file=None, webhook_secret="plain-text")
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "whsec_abc",  # not base64 (bad padding)
+        "whsec_",
+        "whsec_" + base64.b64encode(b"k" * 23).decode(),  # one byte short
+        "whsec_" + base64.b64encode(b"k" * 32).decode() + "!",
+        "whsec_" + base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode(),  # base64url, not base64
+    ],
+)
+def test_a_malformed_webhook_secret_is_refused_at_start_up_naming_the_setting(monkeypatch, secret):
+    monkeypatch.setenv("WEBHOOK_SECRET", secret)
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None)
+    assert "WEBHOOK_SECRET" in str(refused.value)
+    key_text = secret.removeprefix("whsec_")
+    assert not key_text or key_text not in str(refused.value)  # the secret is not echoed
+
+
+def test_a_secret_of_24_random_bytes_is_accepted():
+    secret = "whsec_" + base64.b64encode(b"\xfb\xff" * 12).decode()
+    assert Settings(_env_file=None, webhook_secret=secret).webhook_secret == secret

@@ -94,6 +94,39 @@ def test_redeliver_sends_the_same_event_again(signed_client, image_server, webho
     assert received[1].body == first.body
 
 
+def test_a_redelivered_event_that_had_failed_gets_a_fresh_attempt_budget(
+    signed_client, image_server, webhook_receiver
+):
+    hook = webhook_receiver.new_url(fail_with=[503] * 7)  # 4 attempts fail, then 3 more
+    request_id = finished_request(signed_client, image_server, hook)
+    assert wait_webhook_state(signed_client, request_id, "failed")["attempts"] == 4
+    response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
+    assert response.status_code == 202
+    webhook = wait_webhook_state(signed_client, request_id, "delivered")
+    assert webhook["attempts"] == 8 and webhook["last_status_code"] == 200
+    log = signed_client.get(f"/requests/{request_id}/webhook-deliveries").json()
+    assert [d["attempt"] for d in log["deliveries"]] == list(range(1, 9))
+    assert [d["status_code"] for d in log["deliveries"]] == [503] * 7 + [200]
+    received = webhook_receiver.received(hook)
+    assert len(received) == 8 and len({r.headers["webhook-id"] for r in received}) == 1
+
+
+def test_redeliver_succeeds_while_a_batch_is_writing(signed_client, image_server, webhook_receiver):
+    hook = webhook_receiver.new_url()
+    request_id = finished_request(signed_client, image_server, hook)
+    wait_webhook_state(signed_client, request_id, "delivered")
+    tiny = images.jpeg((8, 8))
+    batch = csv_of([(n + 1, f"P{n}", [image_server.add(tiny)]) for n in range(400)])
+    running = upload(signed_client, batch).json()["request_id"]
+    answers = []
+    while signed_client.get(f"/status/{running}").json()["status"] not in ("completed", "failed"):
+        response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
+        answers.append((response.status_code, response.text))
+    assert len(answers) >= 5, "the batch finished before the redeliveries could overlap it"
+    assert all(status == 202 for status, _ in answers), [a for a in answers if a[0] != 202][:1]
+    assert wait_webhook_state(signed_client, request_id, "delivered")["last_status_code"] == 200
+
+
 def test_redeliver_without_a_webhook_is_a_409_problem(signed_client, image_server):
     request_id = finished_request(signed_client, image_server, None)
     response = signed_client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
@@ -115,13 +148,76 @@ def test_webhook_to_a_blocked_address_fails_without_a_request(make_settings, ima
         assert outside.received(hook) == []
 
 
-def test_signature_matches_the_reference_implementation():
+def test_an_image_host_on_the_image_allowlist_is_refused_as_a_webhook_target(
+    make_settings, image_server, webhook_receiver
+):
+    from tests.servers import send
+
+    settings = make_settings(
+        webhook_max_attempts=1,
+        allow_private_hosts=f"127.0.0.1:{image_server.port}",
+        webhook_allow_private_hosts=f"127.0.0.1:{webhook_receiver.port}",
+    )
+    internal_endpoint = image_server.add_handler(lambda request: send(request, 200, b"internal data"))
+    with TestClient(create_app(settings)) as client:
+        request_id = finished_request(client, image_server, internal_endpoint)
+        webhook = wait_webhook_state(client, request_id, "failed")
+    assert webhook["last_error"].startswith("blocked_address")
+    assert image_server.hits_for(internal_endpoint) == 0
+
+
+def test_a_webhook_host_on_the_webhook_allowlist_is_refused_as_an_image_source(
+    make_settings, image_server, webhook_receiver
+):
+    settings = make_settings(
+        allow_private_hosts=f"127.0.0.1:{image_server.port}",
+        webhook_allow_private_hosts=f"127.0.0.1:{webhook_receiver.port}",
+    )
+    image_on_webhook_host = webhook_receiver.new_url()
+    hook = webhook_receiver.new_url()
+    with TestClient(create_app(settings)) as client:
+        response = upload(client, csv_of([(1, "A", [image_on_webhook_host])]), webhook_url=hook)
+        request_id = response.json()["request_id"]
+        status = wait_finished(client, request_id)
+        wait_webhook_state(client, request_id, "delivered")
+    (image,) = status["products"][0]["images"]
+    assert image["error"]["code"] == "blocked_address"
+    assert webhook_receiver.received(image_on_webhook_host) == []
+    assert len(webhook_receiver.received(hook)) == 1
+
+
+def test_an_attempt_that_cannot_be_made_is_recorded_and_the_event_ends(
+    make_settings, image_server, webhook_receiver
+):
+    # Start-up refuses such a secret; model_copy skips validation, standing in for any
+    # fault while an attempt is prepared.
+    settings = make_settings(webhook_max_attempts=2).model_copy(update={"webhook_secret": "whsec_abc"})
+    hook = webhook_receiver.new_url()
+    with TestClient(create_app(settings)) as client:
+        request_id = finished_request(client, image_server, hook)
+        webhook = wait_webhook_state(client, request_id, "failed")
+        log = client.get(f"/requests/{request_id}/webhook-deliveries").json()
+    assert webhook["attempts"] == 2 and webhook["last_error"].startswith("internal_error")
+    assert [d["attempt"] for d in log["deliveries"]] == [1, 2]
+    assert all(
+        d["error"].startswith("internal_error") and d["status_code"] is None for d in log["deliveries"]
+    )
+    assert webhook_receiver.received(hook) == []
+
+
+def test_signature_matches_the_reference_implementation(signed_client, image_server, webhook_receiver):
     body = b'{"a":1}'
     signature = sign(SECRET, "msg_1", 1_700_000_000, body)
-    headers = {"webhook-id": "msg_1", "webhook-timestamp": "1700000000", "webhook-signature": signature}
     reference = Webhook(SECRET)
     assert reference.sign("msg_1", datetime.fromtimestamp(1_700_000_000, UTC), body.decode()) == signature
-    assert headers["webhook-signature"].startswith("v1,")
+
+    hook = webhook_receiver.new_url()
+    finished_request(signed_client, image_server, hook)
+    (delivery,) = webhook_receiver.wait_for(hook, 1)
+    sent_at = datetime.fromtimestamp(int(delivery.headers["webhook-timestamp"]), UTC)
+    expected = reference.sign(delivery.headers["webhook-id"], sent_at, delivery.body.decode())
+    assert delivery.headers["webhook-signature"].startswith("v1,")
+    assert delivery.headers["webhook-signature"] == expected
 
 
 def test_retry_after_is_understood():
@@ -140,7 +236,7 @@ def test_a_receiver_down_until_after_a_restart_still_gets_the_event(make_setting
     settings = make_settings(
         webhook_secret=SECRET,
         webhook_retry_base_seconds=0.2,
-        allow_private_hosts=f"127.0.0.1:{image_server.port},127.0.0.1:{port}",
+        webhook_allow_private_hosts=f"127.0.0.1:{port}",
     )
     hook = f"http://127.0.0.1:{port}/hook/down"
     with TestClient(create_app(settings)) as client:

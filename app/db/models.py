@@ -116,6 +116,9 @@ class WebhookEvent(Base):
     payload: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=WebhookState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts made before the latest redelivery: the attempt budget (WEBHOOK_MAX_ATTEMPTS)
+    # counts from here, while attempt numbers keep growing so the delivery log stays unambiguous.
+    attempts_before_redelivery: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_status_code: Mapped[int | None] = mapped_column(Integer)

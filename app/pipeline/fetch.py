@@ -68,12 +68,40 @@ def parse_allowlist(entries: str) -> frozenset[tuple[str, int]]:
     return frozenset(allowed)
 
 
+# IPv6 ranges whose last 32 bits are an IPv4 address the packet ends up at: NAT64's
+# well-known prefix, SIIT's IPv4-translated addresses and the deprecated IPv4-compatible
+# ones. Python's is_global judges them by the IPv6 prefix alone, so ::7f00:1 would pass.
+_EMBEDDING_IPV4_LAST = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+# Never public whatever they embed: NAT64's local-use prefix translates inside one network
+# (and where the IPv4 sits in it depends on that network's prefix length), and site-local
+# addresses are deprecated but still routed inside a site.
+_NEVER_PUBLIC_IPV6 = (
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("fec0::/10"),
+)
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, if it is one of the IPv4 spellings."""
+    embedded = address.ipv4_mapped or address.sixtofour
+    if embedded is not None:
+        return embedded
+    if any(address in network for network in _EMBEDDING_IPV4_LAST):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """True for a globally reachable unicast address; IPv4 written as IPv6 is judged as IPv4."""
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour
+        embedded = embedded_ipv4(address)
         if embedded is not None:
             return is_public_address(embedded)
-        if address.teredo is not None:
+        if address.teredo is not None or any(address in network for network in _NEVER_PUBLIC_IPV6):
             return False
     return address.is_global and not address.is_multicast
 
@@ -95,7 +123,7 @@ class AddressPolicy:
         for info in infos:
             address = ipaddress.ip_address(info[4][0].split("%")[0])
             if not is_public_address(address):
-                raise BlockedAddress(f"host {host!r} resolves to {address}, which is not a public address")
+                raise BlockedAddress(f"host {host!r} resolves to a non-public address")
         return infos
 
 

@@ -120,22 +120,24 @@ class WebhookDeliverer:
                     WebhookEvent.payload,
                     WebhookEvent.webhook_id,
                     WebhookEvent.attempts,
+                    WebhookEvent.attempts_before_redelivery,
                 )
             ).one_or_none()
         if claimed is None:
             return False
 
         status_code, error, excerpt, retry_after, duration_ms = self._send(
-            claimed.url, claimed.webhook_id, claimed.payload.encode()
+            claimed.url, claimed.webhook_id, claimed.payload
         )
         finished_at = utcnow()
         delivered = status_code is not None and 200 <= status_code < 300
+        attempts_in_budget = claimed.attempts - claimed.attempts_before_redelivery
         if delivered:
             values = {"state": WebhookState.DELIVERED, "delivered_at": finished_at}
-        elif claimed.attempts >= self.max_attempts:
+        elif attempts_in_budget >= self.max_attempts:
             values = {"state": WebhookState.FAILED}
         else:
-            wait = max(self.backoff(claimed.attempts), retry_after or timedelta(0))
+            wait = max(self.backoff(attempts_in_budget), retry_after or timedelta(0))
             values = {"next_attempt_at": finished_at + wait}
         with self.sessions.begin() as session:
             session.add(
@@ -154,6 +156,9 @@ class WebhookDeliverer:
                 .where(
                     WebhookEvent.id == event_id,
                     WebhookEvent.attempts == claimed.attempts,
+                    # A redelivery during this attempt started a new budget: its outcome
+                    # is recorded above but decides nothing.
+                    WebhookEvent.attempts_before_redelivery == claimed.attempts_before_redelivery,
                 )
                 .values(
                     claimed_at=None,
@@ -171,11 +176,14 @@ class WebhookDeliverer:
             )
         return True
 
-    def _send(self, url: str, webhook_id: str, body: bytes):
+    def _send(self, url: str, webhook_id: str, payload: str):
+        """Never raises: whatever goes wrong becomes the attempt's error, so the attempt is
+        recorded and the event retried or failed instead of staying claimed."""
         start = time.perf_counter()
-        headers = {"content-type": "application/json"}
-        headers.update(signature_headers(self.secret, webhook_id, int(time.time()), body))
         try:
+            body = payload.encode()
+            headers = {"content-type": "application/json"}
+            headers.update(signature_headers(self.secret, webhook_id, int(time.time()), body))
             check_url(url)
             with wall_clock_deadline(time.monotonic() + self.timeout_seconds):
                 return self._post(url, body, headers, start)
@@ -191,6 +199,10 @@ class WebhookDeliverer:
                 if timed_out
                 else f"connection_error: {exc.__class__.__name__}"
             )
+        except Exception as exc:
+            # The receiver's owner reads this error; the details are for the operator's log.
+            log.exception("webhook %s: the attempt could not be made", webhook_id)
+            error = f"internal_error: the request could not be prepared or sent ({exc.__class__.__name__})"
         return None, error, None, None, _ms(start)
 
     def _post(self, url: str, body: bytes, headers: dict, start: float):

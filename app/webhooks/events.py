@@ -3,7 +3,7 @@
 import json
 import uuid
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -51,13 +51,23 @@ def latest_event(session: Session, request_pk: int) -> WebhookEvent | None:
     ).first()
 
 
-def redeliver(session: Session, request_pk: int) -> WebhookEvent | None:
-    """Queue the latest event again, keeping its webhook-id so receivers can de-duplicate."""
-    event = latest_event(session, request_pk)
-    if event is None:
-        return None
-    event.state = WebhookState.PENDING
-    event.next_attempt_at = utcnow()
-    event.claimed_at = None
-    session.flush()
-    return event
+def redeliver(session: Session, request_pk: int) -> int | None:
+    """Queue the latest event again with a fresh attempt budget, keeping its webhook-id so
+    receivers can de-duplicate; the id of the event, or None if there is none.
+
+    One UPDATE: a delivery attempt finishing meanwhile cannot interleave with it."""
+    latest_id = (
+        select(func.max(WebhookEvent.id)).where(WebhookEvent.request_pk == request_pk).scalar_subquery()
+    )
+    return session.execute(
+        update(WebhookEvent)
+        .where(WebhookEvent.id == latest_id)
+        .values(
+            state=WebhookState.PENDING,
+            next_attempt_at=utcnow(),
+            claimed_at=None,
+            attempts_before_redelivery=WebhookEvent.attempts,
+        )
+        .returning(WebhookEvent.id)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()

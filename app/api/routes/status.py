@@ -11,6 +11,7 @@ from app.api.deps import (
     RunnerDep,
     SessionDep,
     SettingsDep,
+    WriterSessionDep,
 )
 from app.api.errors import Conflict
 from app.api.html import status_page
@@ -122,7 +123,7 @@ def list_webhook_deliveries(request: ProcessingRequestDep, session: SessionDep) 
     summary="Send the finished-request webhook again (same webhook-id)",
 )
 def redeliver_webhook(
-    request: ProcessingRequestDep, session: SessionDep, runner: RunnerDep
+    request: ProcessingRequestDep, session: WriterSessionDep, runner: RunnerDep
 ) -> WebhookDeliveryList:
     if not request.callback_url:
         raise Conflict("this request has no webhook URL")
