@@ -18,8 +18,8 @@ from app.api.errors import install_error_handlers, problem_response
 from app.api.routes import download, health, status, upload
 from app.config import Settings, get_settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
+from app.guarded_http import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
-from app.pipeline.fetch import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.process import ImagePipeline
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
 from app.pipeline.store import LocalFileStorage

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from app.guarded_http import AddressPolicy, guarded_pool, is_public_address
 from app.pipeline.failures import (
     BlockedAddress,
     ConnectionFailed,
@@ -15,7 +16,7 @@ from app.pipeline.failures import (
     TooManyRedirects,
     UpstreamTimeout,
 )
-from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_pool, is_public_address
+from app.pipeline.fetch import HttpFetcher
 from tests import images
 from tests.servers import LocalServer, dripping_body, dripping_headers, send
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from app.guarded_http import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import compress_to_jpeg
 from app.pipeline.failures import ImageFailure
-from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_pool, parse_allowlist
+from app.pipeline.fetch import HttpFetcher
 from app.pipeline.store import ImageStorage, LocalFileStorage, output_key
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
-from app.pipeline.fetch import url_problem
+from app.guarded_http import url_problem
 from app.services.csv_input import (
     OUTPUT_COLUMNS,
     CsvErrors,

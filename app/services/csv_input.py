@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from app.pipeline.fetch import url_problem
+from app.guarded_http import url_problem
 
 COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
 OUTPUT_COLUMNS = (*COLUMNS, "Output Image Urls")

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
 from app.db.models import WebhookDelivery, WebhookEvent, WebhookState
+from app.guarded_http import check_url, wall_clock_deadline
 from app.pipeline.failures import ImageFailure
-from app.pipeline.fetch import check_url, wall_clock_deadline
 from app.webhooks.signing import signature_headers
 
 log = logging.getLogger(__name__)
