@@ -11,6 +11,7 @@ never appear in messages.
 """
 
 import boto3
+from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -63,10 +64,10 @@ class S3Storage:
         endpoint_url: str | None = None,
         region: str | None = None,
         presign_seconds: int = 3600,
-        client=None,
+        client: BaseClient | None = None,
         max_pool_connections: int = 16,
         connect_timeout: float = 3.0,
-        read_timeout: float = 10.0,
+        read_timeout: float = 5.0,
         max_attempts: int = 3,
     ):
         if not bucket:
@@ -76,13 +77,17 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = normalise_prefix(prefix)
         self.presign_seconds = presign_seconds
-        self._client = client or self._build_client(
-            endpoint_url=endpoint_url,
-            region=region,
-            max_pool_connections=max_pool_connections,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_attempts=max_attempts,
+        self._client = (
+            client
+            if client is not None
+            else self._build_client(
+                endpoint_url=endpoint_url,
+                region=region,
+                max_pool_connections=max_pool_connections,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_attempts=max_attempts,
+            )
         )
 
     @staticmethod
@@ -94,7 +99,7 @@ class S3Storage:
         connect_timeout: float,
         read_timeout: float,
         max_attempts: int,
-    ):
+    ) -> BaseClient:
         options: dict = {
             "connect_timeout": connect_timeout,
             "read_timeout": read_timeout,
@@ -130,9 +135,7 @@ class S3Storage:
                 CacheControl=CACHE_CONTROL,
             )
         except (BotoCoreError, ClientError) as exc:
-            raise StoreFailure(
-                f"could not store the output: {self._describe(exc)}", retryable=True
-            ) from exc
+            raise StoreFailure(f"could not store the output: {self._describe(exc)}", retryable=True) from exc
 
     def open(self, key: str) -> bytes:
         """The stored bytes of key; FileNotFoundError when there is no such object."""
