@@ -21,7 +21,14 @@ def upgrade() -> None:
     op.add_column(
         "images", sa.Column("transient_failures", sa.Integer(), server_default="0", nullable=False)
     )
-    op.create_index("ix_images_retry_at", "images", ["retry_at"])
+    # Partial: only images that have waited for a retry are in it, so uploads do not pay for it.
+    op.create_index(
+        "ix_images_retry_at",
+        "images",
+        ["retry_at"],
+        sqlite_where=sa.text("retry_at IS NOT NULL"),
+        postgresql_where=sa.text("retry_at IS NOT NULL"),
+    )
     # The fair claim query filters on retry_at: keep it answerable from the index alone.
     op.create_index(
         "ix_images_request_pk_status_id_retry_at", "images", ["request_pk", "status", "id", "retry_at"]

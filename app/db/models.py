@@ -3,7 +3,7 @@
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, UTCDateTime, utcnow
@@ -80,7 +80,13 @@ class Image(Base):
         Index("ix_images_status_id", "status", "id"),  # expired claims
         # Fair claiming; retry_at last so skipping images that wait for a retry needs no row reads.
         Index("ix_images_request_pk_status_id_retry_at", "request_pk", "status", "id", "retry_at"),
-        Index("ix_images_retry_at", "retry_at"),  # when the next waiting image is due
+        # When the next waiting image is due. Partial: uploads insert no entries into it.
+        Index(
+            "ix_images_retry_at",
+            "retry_at",
+            sqlite_where=text("retry_at IS NOT NULL"),
+            postgresql_where=text("retry_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
