@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0)
     recovery_interval_seconds: float = Field(30.0, gt=0)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
+    transient_retry_base_seconds: float = Field(1.0, gt=0)
+    transient_retry_max_seconds: float = Field(60.0, gt=0)
 
     max_csv_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_rows: int = Field(200_000, gt=0)

@@ -80,11 +80,10 @@ class ProcessedImages(StaticFiles):
         return super().lookup_path(path)
 
 
-def build_stages(settings: Settings) -> StageRunner:
-    """Where fetch -> compress -> store runs: IMAGE_PROCESSES worker processes sharing the
-    downloads and compressions between them, or threads in this process when it is 0."""
+def stage_config(settings: Settings) -> StageConfig:
+    """The stages' settings; the limits are each worker process's part of the whole."""
     processes = settings.image_processes
-    config = StageConfig(
+    return StageConfig(
         allow_private_hosts=settings.allow_private_hosts,
         download_timeout_seconds=settings.download_timeout_seconds,
         max_image_bytes=settings.max_image_bytes,
@@ -95,6 +94,13 @@ def build_stages(settings: Settings) -> StageRunner:
         downloads=math.ceil(settings.worker_concurrency / max(processes, 1)),
         compress_slots=math.ceil(settings.compress_concurrency / max(processes, 1)),
     )
+
+
+def build_stages(settings: Settings) -> StageRunner:
+    """Where fetch -> compress -> store runs: IMAGE_PROCESSES worker processes sharing the
+    downloads and compressions between them, or threads in this process when it is 0."""
+    processes = settings.image_processes
+    config = stage_config(settings)
     if processes == 0:
         warm_up()
         return ImageStages.from_config(config)
@@ -115,6 +121,8 @@ def build_runner(
         stages=stages,
         lease_seconds=settings.lease_seconds,
         public_base_url=settings.base_url,
+        retry_base_seconds=settings.transient_retry_base_seconds,
+        retry_max_seconds=settings.transient_retry_max_seconds,
     )
     deliverer = WebhookDeliverer(
         sessions=writer_sessions,
@@ -135,7 +143,9 @@ def build_runner(
     return runner, [webhook_http.close]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, stages: StageRunner | None = None) -> FastAPI:
+    """`stages` replaces those build_stages(settings) would make (e.g. another storage);
+    the app closes them on shutdown."""
     settings = settings or get_settings()
     settings.media_root.mkdir(parents=True, exist_ok=True)
 
@@ -143,8 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = build_engine(settings.database_url)
         LocalFileStorage(settings.media_root, settings.media_url).remove_stale_temp_files()
-        stages = build_stages(settings)
-        runner, closers = build_runner(settings, engine, stages)
+        image_stages = stages or build_stages(settings)
+        runner, closers = build_runner(settings, engine, image_stages)
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessions = reader_sessionmaker(engine)
@@ -156,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             runner.stop()
             # In-flight images had the runner's grace period; what is left was handed back.
-            stages.close()
+            image_stages.close()
             for close in closers:
                 close()
             engine.dispose()

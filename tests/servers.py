@@ -183,3 +183,30 @@ def dripping_headers(seconds_per_byte: float = 0.1, length: int = 1000) -> Handl
             time.sleep(seconds_per_byte)
 
     return handler
+
+
+@dataclass
+class HandlerRun:
+    """What became of one observed handler: `ended` (at `ended_at`, time.monotonic) once it
+    returned or the client hung up on it; `answered_in_full` only if it got to the end of
+    its answer."""
+
+    ended: threading.Event = field(default_factory=threading.Event)
+    ended_at: float | None = None
+    answered_in_full: bool = False
+
+
+def observed(handler: Handler) -> tuple[Handler, HandlerRun]:
+    """The handler, and a record of how its run ended: lets a test check the order of
+    events ("the client gave up before the server had answered") instead of timing them."""
+    run = HandlerRun()
+
+    def observed_handler(request: BaseHTTPRequestHandler) -> None:
+        try:
+            handler(request)
+            run.answered_in_full = True
+        finally:
+            run.ended_at = time.monotonic()
+            run.ended.set()
+
+    return observed_handler, run

@@ -10,10 +10,13 @@ from sqlalchemy import func, select, update
 from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine, writer_sessionmaker
-from app.main import build_runner, build_stages
+from app.main import build_runner, build_stages, stage_config
+from app.pipeline.process import next_claimable_ids, seconds_until_next_retry
+from app.pipeline.stages import ImageStages
 from app.services.batches import CsvLimits, create_batch
 from tests import images
 from tests.conftest import csv_of
+from tests.storage import FillableStorage
 
 LIMITS = CsvLimits(1_000_000, 1000, 50)
 
@@ -142,3 +145,96 @@ def test_renewed_leases_are_not_taken_back(engine, pipeline, image_server, setti
         )
     pipeline.renew_leases(units)
     assert pipeline.claim_images([image_id]) == []
+
+
+@pytest.fixture
+def storage(settings) -> FillableStorage:
+    return FillableStorage(settings.media_root, settings.media_url)
+
+
+@pytest.fixture
+def retrying_pipeline(make_settings, engine, storage):
+    """The app's pipeline, with a storage the test can fill, and backoffs far longer than
+    any test step: 10 s, doubling, capped at 25 s."""
+    settings = make_settings(transient_retry_base_seconds=10, transient_retry_max_seconds=25)
+    stages = ImageStages.from_config(stage_config(settings), storage=storage)
+    runner, closers = build_runner(settings, engine, stages)
+    yield runner.pipeline
+    stages.close()
+    for close in closers:
+        close()
+
+
+def image_row(engine, image_id) -> Image:
+    with writer_sessionmaker(engine)() as session:
+        return session.get(Image, image_id)
+
+
+def make_due(engine, image_id) -> None:
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id == image_id).values(retry_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
+    engine, retrying_pipeline, storage, image_server
+):
+    pipeline = retrying_pipeline
+    request_pk, (image_id, other_id) = make_batch(
+        engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
+    )
+    storage.full.set()
+    for backoff_seconds in (10, 20, 25):  # doubling from the base, up to the cap
+        (unit,) = pipeline.claim_images([image_id])
+        outcome = pipeline.stages.run(unit)
+        assert outcome.retry_later and outcome.error_code == "storage_error"
+        before = utcnow()
+        assert pipeline.record_outcomes([outcome]) == []
+        after = utcnow()
+        image = image_row(engine, image_id)
+        assert (image.status, image.error_code) == ("pending", "storage_error")
+        assert "No space left on device" in image.error_message
+        backoff = timedelta(seconds=backoff_seconds)
+        assert before + backoff <= image.retry_at <= after + backoff
+        request = request_row(engine, request_pk)
+        assert (request.processed_images, request.failed_images, request.status) == (0, 0, "processing")
+        # Waiting: neither claimable nor offered, and the feeder knows when it will be.
+        assert pipeline.claim_images([image_id]) == []
+        with writer_sessionmaker(engine)() as session:
+            assert next_claimable_ids(session, 8)[0] == [other_id]
+            assert 0 < seconds_until_next_retry(session) <= backoff_seconds
+        make_due(engine, image_id)
+    assert image_row(engine, image_id).transient_failures == 3
+    assert storage.refused == 3
+
+    storage.full.clear()
+    (unit,) = pipeline.claim_images([image_id])
+    pipeline.record_outcomes([pipeline.stages.run(unit)])
+    image = image_row(engine, image_id)
+    assert (image.status, image.error_code, image.error_message) == ("succeeded", None, None)
+    (unit,) = pipeline.claim_images([other_id])
+    pipeline.record_outcomes([pipeline.stages.run(unit)])
+    request = request_row(engine, request_pk)
+    assert (request.processed_images, request.failed_images, request.status) == (2, 0, "completed")
+
+
+def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, pipeline, image_server):
+    url = image_server.add(images.jpeg())
+    waiting = [make_batch(engine, [(1, "W", [url])])[1][0] for _ in range(3)]
+    _, (ready_id,) = make_batch(engine, [(1, "R", [url])])
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(waiting))
+            .values(retry_at=utcnow() + timedelta(seconds=60), transient_failures=1)
+        )
+    with writer_sessionmaker(engine)() as session:
+        # Turns of two requests: the first turn (two waiting requests) has nothing to give.
+        ids, last_served = next_claimable_ids(session, 2)
+        assert ids == [ready_id]
+        assert 59 < seconds_until_next_retry(session) <= 60
+    assert [unit.image_id for unit in pipeline.claim_images([ready_id])] == [ready_id]
+    with writer_sessionmaker(engine)() as session:
+        # All the way round with no work at all: an empty answer, not an endless walk.
+        assert next_claimable_ids(session, 2, last_served)[0] == []

@@ -3,7 +3,7 @@
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, UTCDateTime, utcnow
@@ -78,7 +78,15 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("product_id", "position"),
         Index("ix_images_status_id", "status", "id"),  # expired claims
-        Index("ix_images_request_pk_status_id", "request_pk", "status", "id"),  # fair claiming
+        # Fair claiming; retry_at last so skipping images that wait for a retry needs no row reads.
+        Index("ix_images_request_pk_status_id_retry_at", "request_pk", "status", "id", "retry_at"),
+        # When the next waiting image is due. Partial: uploads insert no entries into it.
+        Index(
+            "ix_images_retry_at",
+            "retry_at",
+            sqlite_where=text("retry_at IS NOT NULL"),
+            postgresql_where=text("retry_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -97,6 +105,9 @@ class Image(Base):
     source_format: Mapped[str | None] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # After a transient failure: not claimable before retry_at; the count sets the backoff.
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    transient_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     fetch_ms: Mapped[int | None] = mapped_column(Integer)
     compress_ms: Mapped[int | None] = mapped_column(Integer)

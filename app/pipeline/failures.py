@@ -1,21 +1,39 @@
 """Typed failures of the pipeline stages.
 
 Each failure has a stable machine code (shown to users in the status response) and a
-human message. `retryable` marks transient upstream trouble worth another try.
+human message.
+
+Two kinds of "try again", on purpose distinct:
+- `retryable` marks upstream trouble worth another request within the same download
+  (timeouts, 429, 5xx): HttpFetcher retries those until the download deadline, and if
+  the deadline passes the image fails for good, because the source is at fault.
+- `transient` marks a failure that says nothing about the image (a full disk, storage
+  away or throttling): the image goes back to waiting, with backoff, and is tried again
+  later; the request stays unfinished meanwhile.
 """
 
 
 class ImageFailure(Exception):
     code = "internal_error"
     retryable = False
+    transient = False
 
-    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        transient: bool | None = None,
+    ):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         if retryable is not None:
             self.retryable = retryable
+        if transient is not None:
+            self.transient = transient
 
 
 class FetchFailure(ImageFailure):
@@ -75,4 +93,7 @@ class CorruptImage(CompressFailure):
 
 
 class StoreFailure(ImageFailure):
+    # The key and the bytes are ours, so a failed store is the storage's trouble (ENOSPC,
+    # EIO, a read-only remount; later an object store's 5xx or throttling), not the image's.
     code = "storage_error"
+    transient = True

@@ -3,7 +3,9 @@
     claim_images(ids)  -> WorkUnits     guarded pending -> processing, with a lease
     stages.run(unit)   -> ImageOutcome   fetch -> compress -> store (app/pipeline/stages.py)
     record_outcomes(outcomes)            guarded processing -> succeeded/failed, request
-                                         counters, and the request finished exactly once
+                                         counters, and the request finished exactly once;
+                                         or, after a transient failure, back to pending,
+                                         not claimable before a backoff time (retry_at)
 
 `process_image(image_id)` chains the three; a runner may batch the database ends and run
 the stages wherever it likes (threads, or worker processes). Every state change is
@@ -13,7 +15,7 @@ restart, a duplicate dispatch) changes nothing the second time.
 
 import logging
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,6 +32,16 @@ from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
+
+
+def retry_delay_seconds(transient_failures: int, base_seconds: float, max_seconds: float) -> float:
+    """Backoff before the next try of an image that failed transiently that many times
+    before: base, doubling, capped."""
+    return min(max_seconds, base_seconds * 2 ** min(transient_failures, 32))
+
+
+def _not_waiting_for_retry(now):
+    return or_(Image.retry_at.is_(None), Image.retry_at <= now)
 
 
 def _outcome_params(outcome: "ImageOutcome") -> dict:
@@ -58,19 +70,25 @@ class ImagePipeline:
         stages: StageRunner,
         lease_seconds: float,
         public_base_url: str,
+        retry_base_seconds: float,
+        retry_max_seconds: float,
     ):
         self.sessions = sessions
         self.stages = stages
         self.lease = timedelta(seconds=lease_seconds)
         self.public_base_url = public_base_url
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_max_seconds = retry_max_seconds
 
     # -- database ends -------------------------------------------------------------
 
     def claimable(self, now=None):
-        """Condition for images that may be claimed: pending, or with an expired lease."""
-        cutoff = (now or utcnow()) - self.lease
+        """Condition for images that may be claimed: pending and not waiting for a retry,
+        or with an expired lease."""
+        now = now or utcnow()
+        cutoff = now - self.lease
         return or_(
-            Image.status == ImageStatus.PENDING,
+            and_(Image.status == ImageStatus.PENDING, _not_waiting_for_retry(now)),
             and_(Image.status == ImageStatus.PROCESSING, Image.claimed_at < cutoff),
         )
 
@@ -157,10 +175,10 @@ class ImagePipeline:
             # One guarded read picks the outcomes whose claim is still current (rows
             # locked on PostgreSQL; SQLite's write lock is already held), then one
             # executemany writes them all.
-            current = {
-                (row.id, row.attempts)
+            transient_failures = {
+                (row.id, row.attempts): row.transient_failures
                 for row in session.execute(
-                    select(Image.id, Image.attempts)
+                    select(Image.id, Image.attempts, Image.transient_failures)
                     .where(
                         Image.id.in_([o.unit.image_id for o in outcomes]),
                         Image.status == ImageStatus.PROCESSING,
@@ -168,11 +186,17 @@ class ImagePipeline:
                     .with_for_update()
                 )
             }
-            fresh = list(
+            current = list(
                 {
-                    o.unit.image_id: o for o in outcomes if (o.unit.image_id, o.unit.attempt) in current
+                    o.unit.image_id: o
+                    for o in outcomes
+                    if (o.unit.image_id, o.unit.attempt) in transient_failures
                 }.values()
             )
+            fresh = [o for o in current if not o.retry_later]
+            retry_later = [o for o in current if o.retry_later]
+            if retry_later:
+                self._put_back_to_wait(session, retry_later, transient_failures, now)
             if fresh:
                 session.connection().execute(
                     update(Image.__table__)
@@ -208,6 +232,43 @@ class ImagePipeline:
                 if event_id is not None:
                     events.append(event_id)
         return events
+
+    def _put_back_to_wait(
+        self,
+        session: Session,
+        outcomes: list[ImageOutcome],
+        transient_failures: dict[tuple[int, int], int],
+        now: datetime,
+    ) -> None:
+        """Pending again, not claimable before its backoff runs out; the request's counters
+        are untouched, so it stays unfinished. The error stays visible while it waits."""
+        parameters = []
+        for outcome in outcomes:
+            failures = transient_failures[outcome.unit.image_id, outcome.unit.attempt]
+            delay = retry_delay_seconds(failures, self.retry_base_seconds, self.retry_max_seconds)
+            parameters.append(
+                {
+                    "image_id": outcome.unit.image_id,
+                    "attempt": outcome.unit.attempt,
+                    "new_error_code": outcome.error_code,
+                    "new_error_message": outcome.error_message,
+                    "new_transient_failures": failures + 1,
+                    "new_retry_at": now + timedelta(seconds=delay),
+                }
+            )
+        session.connection().execute(
+            update(Image.__table__)
+            .where(Image.id == bindparam("image_id"), Image.attempts == bindparam("attempt"))
+            .values(
+                status=ImageStatus.PENDING,
+                claimed_at=None,
+                error_code=bindparam("new_error_code"),
+                error_message=bindparam("new_error_message"),
+                transient_failures=bindparam("new_transient_failures"),
+                retry_at=bindparam("new_retry_at"),
+            ),
+            parameters,
+        )
 
     def _count_and_maybe_finish(
         self, session: Session, request_pk: int, succeeded: int, failed: int, now
@@ -267,9 +328,18 @@ _UNFINISHED_REQUESTS_IN_TURN = (
 )
 _PENDING_OF_REQUEST = (
     select(Image.id)
-    .where(Image.request_pk == bindparam("request_pk"), Image.status == ImageStatus.PENDING)
+    .where(
+        Image.request_pk == bindparam("request_pk"),
+        Image.status == ImageStatus.PENDING,
+        _not_waiting_for_retry(bindparam("now")),
+    )
     .order_by(Image.id)
     .limit(bindparam("share"))
+)
+# Only images waiting for a retry have a retry_at in the future (a claimed image's has
+# passed), so no status test: it would tempt the planners to scan every pending image.
+_NEXT_RETRY = (
+    select(Image.retry_at).where(Image.retry_at > bindparam("now")).order_by(Image.retry_at).limit(1)
 )
 _EXPIRED_CLAIMS = (
     select(Image.id)
@@ -292,13 +362,31 @@ def next_claimable_ids(session: Session, limit: int, after_request_pk: int = 0) 
     Unfinished requests take turns: each round serves up to `limit` of them, starting
     after `after_request_pk` and wrapping around, and shares `limit` images between them,
     oldest first within each, so a small batch is not stuck behind big ones however many
-    arrive."""
+    arrive. Images waiting for a retry are skipped; a turn of requests that only have
+    such images passes straight on to the next, so they hold up nobody."""
     connection = session.connection()
-    turn = list(connection.scalars(_UNFINISHED_REQUESTS_IN_TURN, {"after": after_request_pk, "turns": limit}))
-    if not turn:
-        return [], after_request_pk
-    share = -(-limit // len(turn))  # ceiling division
-    ids: list[int] = []
-    for request_pk in turn:
-        ids += connection.scalars(_PENDING_OF_REQUEST, {"request_pk": request_pk, "share": share})
-    return sorted(ids), turn[-1]
+    now = utcnow()
+    served = after_request_pk
+    seen: set[int] = set()
+    while True:
+        turn = list(connection.scalars(_UNFINISHED_REQUESTS_IN_TURN, {"after": served, "turns": limit}))
+        if not turn or turn[0] in seen:  # none, or all the way round without finding work
+            return [], served
+        share = -(-limit // len(turn))  # ceiling division
+        ids: list[int] = []
+        for request_pk in turn:
+            ids += connection.scalars(
+                _PENDING_OF_REQUEST, {"request_pk": request_pk, "share": share, "now": now}
+            )
+        served = turn[-1]
+        if ids or len(turn) < limit:  # a short turn held every unfinished request
+            return sorted(ids), served
+        seen.update(turn)
+
+
+def seconds_until_next_retry(session: Session) -> float | None:
+    """How long until the earliest image waiting for a retry may be claimed; None when
+    no image waits."""
+    now = utcnow()
+    retry_at = session.connection().scalar(_NEXT_RETRY, {"now": now})
+    return None if retry_at is None else max(0.0, (retry_at - now).total_seconds())

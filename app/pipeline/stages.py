@@ -1,9 +1,10 @@
 """The stage chain for one image, with no database access: fetch -> compress -> store.
 
 `ImageStages.run(unit)` turns a claimed WorkUnit into an ImageOutcome; whatever fails
-fails that image alone, with a typed failure code. It runs on threads in the web process
-or inside the image worker processes (app/workers/processes.py), which build their own
-copy from a StageConfig.
+fails that image alone, with a typed failure code, or, for a transient failure (see
+app/pipeline/failures.py), sends it back to wait and be tried again (`retry_later`). It
+runs on threads in the web process or inside the image worker processes
+(app/workers/processes.py), which build their own copy from a StageConfig.
 """
 
 import logging
@@ -44,6 +45,7 @@ class ImageOutcome:
     source_format: str | None = None
     fetch_ms: int | None = None
     compress_ms: int | None = None
+    retry_later: bool = False  # failed transiently: back to pending with backoff, not final
 
     @property
     def succeeded(self) -> bool:
@@ -96,7 +98,9 @@ class ImageStages:
         self._compress_slots = threading.BoundedSemaphore(compress_slots)
 
     @classmethod
-    def from_config(cls, config: StageConfig) -> "ImageStages":
+    def from_config(cls, config: StageConfig, storage: ImageStorage | None = None) -> "ImageStages":
+        """The stages as the app runs them; `storage` replaces the local files under
+        config.media_root."""
         policy = AddressPolicy(parse_allowlist(config.allow_private_hosts))
         return cls(
             fetcher=HttpFetcher(
@@ -104,7 +108,7 @@ class ImageStages:
                 timeout_seconds=config.download_timeout_seconds,
                 max_bytes=config.max_image_bytes,
             ),
-            storage=LocalFileStorage(config.media_root, config.media_url),
+            storage=storage or LocalFileStorage(config.media_root, config.media_url),
             jpeg_quality=config.jpeg_quality,
             max_image_pixels=config.max_image_pixels,
             compress_slots=config.compress_slots,
@@ -131,6 +135,7 @@ class ImageStages:
                 unit,
                 error_code=failure.code,
                 error_message=failure.message,
+                retry_later=failure.transient,
                 fetch_ms=fetch_ms if fetch_ms is not None else _ms_since(start),
                 compress_ms=compress_ms,
             )

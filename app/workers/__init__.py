@@ -15,4 +15,8 @@ class Runner(Protocol):
 
     def notify_webhooks(self) -> None: ...
 
+    def transient_failure(self) -> str | None:
+        """What made the latest image wait for a retry (storage full or away), until an
+        image succeeds again; None when the stages work."""
+
     def stop(self) -> None: ...

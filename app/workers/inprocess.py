@@ -6,7 +6,9 @@
     workers --outcomes-->  recorder (one transaction per batch)  -->  webhook loop
 
 Claimed units are kept alive by a heartbeat; a unit whose lease runs out (its process
-died) is claimed again by whichever runner scans next, so work survives a crash.
+died) is claimed again by whichever runner scans next, so work survives a crash. A unit
+that failed transiently waits in the database until its retry time; the feeder sleeps
+until the earliest one is due rather than polling.
 """
 
 import logging
@@ -16,7 +18,12 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from app.pipeline.process import ImagePipeline, expired_claim_ids, next_claimable_ids
+from app.pipeline.process import (
+    ImagePipeline,
+    expired_claim_ids,
+    next_claimable_ids,
+    seconds_until_next_retry,
+)
 from app.pipeline.stages import ImageOutcome, WorkUnit
 from app.webhooks.delivery import WebhookDeliverer
 from app.workers.processes import WorkerLost
@@ -56,6 +63,8 @@ class InProcessRunner:
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
         self._held: dict[int, WorkUnit] = {}  # claimed and not yet recorded
         self._held_lock = threading.Lock()
+        # "code: message" of the latest transient failure, until an image succeeds again.
+        self._transient_failure: str | None = None
         self._wake_feeder = threading.Event()
         self._wake_webhooks = threading.Event()
         self._stopping = threading.Event()
@@ -79,6 +88,11 @@ class InProcessRunner:
 
     def notify_webhooks(self) -> None:
         self._wake_webhooks.set()
+
+    def transient_failure(self) -> str | None:
+        """What made the latest image wait for a retry (e.g. a full disk), while no image
+        has succeeded since; None when the stages work."""
+        return self._transient_failure
 
     def stop(self) -> None:
         """Stop taking work, let in-flight images finish within the grace period, and
@@ -145,8 +159,13 @@ class InProcessRunner:
                     session, self.claim_batch, last_request_served
                 )
                 ids += pending
+                idle_seconds = min(self.recovery_interval_seconds, self.heartbeat_seconds)
+                if not ids:
+                    next_retry = seconds_until_next_retry(session)
+                    if next_retry is not None:
+                        idle_seconds = min(idle_seconds, next_retry)
             if not ids:
-                self._wake_feeder.wait(min(self.recovery_interval_seconds, self.heartbeat_seconds))
+                self._wake_feeder.wait(idle_seconds)
                 self._wake_feeder.clear()
                 continue
             units = self.pipeline.claim_images(ids)
@@ -181,6 +200,10 @@ class InProcessRunner:
                 self._release([unit])
                 self._wake_feeder.set()
                 continue
+            if outcome.retry_later:
+                self._transient_failure = f"{outcome.error_code}: {outcome.error_message}"
+            elif outcome.succeeded:
+                self._transient_failure = None
             self._outcomes.put(outcome)
 
     def _record_loop(self) -> None:
@@ -214,6 +237,8 @@ class InProcessRunner:
                     self._held.pop(outcome.unit.image_id, None)
             if events:
                 self._wake_webhooks.set()
+            if any(outcome.retry_later for outcome in batch):
+                self._wake_feeder.set()  # to sleep until the new retry times, not longer
 
     def _others_in_flight(self, waiting_outcomes: int) -> bool:
         with self._held_lock:
