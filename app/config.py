@@ -3,8 +3,9 @@
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.webhooks.signing import MIN_SECRET_BYTES, secret_key
@@ -29,6 +30,13 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{PROJECT_ROOT / 'data' / 'images.db'}"
     media_root: Path = PROJECT_ROOT / "processed_images"
     public_base_url: str = ""
+    storage_backend: Literal["local", "s3"] = "local"
+    media_public_base_url: str = ""
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_presign_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
     jpeg_quality: int = Field(50, ge=1, le=95)
     worker_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
@@ -81,6 +89,17 @@ class Settings(BaseSettings):
     @property
     def media_url(self) -> str:
         return f"{self.base_url}/processed_images"
+
+    @property
+    def output_url_base(self) -> str:
+        """Where output keys are reachable: a CDN or public bucket, else this service."""
+        return (self.media_public_base_url or self.media_url).rstrip("/")
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> "Settings":
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("STORAGE_BACKEND=s3 needs S3_BUCKET")
+        return self
 
 
 @lru_cache

@@ -11,18 +11,19 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.errors import install_error_handlers, problem_response
 from app.api.routes import download, health, status, upload
+from app.api.routes.media import mount_processed_images
 from app.config import Settings, get_settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.guarded_http import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
 from app.pipeline.process import ImagePipeline
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
-from app.pipeline.store import LocalFileStorage
+from app.storage import OutputUrls, StorageConfig, build_storage
+from app.storage.local import LocalFileStorage
 from app.webhooks.delivery import WebhookDeliverer
 from app.workers.inprocess import PARALLEL_DELIVERIES, InProcessRunner
 from app.workers.processes import ImageProcesses
@@ -70,14 +71,16 @@ class UploadSizeLimit:
         return f"the upload is larger than {self.max_body_bytes - MULTIPART_OVERHEAD_BYTES} bytes"
 
 
-class ProcessedImages(StaticFiles):
-    """Output images; hidden entries (the store's .incoming folder of partial files) are
-    never served."""
-
-    def lookup_path(self, path: str):
-        if any(part.startswith(".") for part in path.replace("\\", "/").split("/")):
-            return "", None
-        return super().lookup_path(path)
+def storage_config(settings: Settings) -> StorageConfig:
+    return StorageConfig(
+        backend=settings.storage_backend,
+        media_root=settings.media_root,
+        s3_bucket=settings.s3_bucket,
+        s3_prefix=settings.s3_prefix,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
+        s3_presign_seconds=settings.s3_presign_seconds,
+    )
 
 
 def stage_config(settings: Settings) -> StageConfig:
@@ -89,8 +92,7 @@ def stage_config(settings: Settings) -> StageConfig:
         max_image_bytes=settings.max_image_bytes,
         jpeg_quality=settings.jpeg_quality,
         max_image_pixels=settings.max_image_pixels,
-        media_root=settings.media_root,
-        media_url=settings.media_url,
+        storage=storage_config(settings),
         downloads=math.ceil(settings.worker_concurrency / max(processes, 1)),
         compress_slots=math.ceil(settings.compress_concurrency / max(processes, 1)),
     )
@@ -152,7 +154,8 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = build_engine(settings.database_url)
-        LocalFileStorage(settings.media_root, settings.media_url).remove_stale_temp_files()
+        if settings.storage_backend == "local":
+            LocalFileStorage(settings.media_root).remove_stale_temp_files()
         image_stages = stages or build_stages(settings)
         runner, closers = build_runner(settings, engine, image_stages)
         app.state.settings = settings
@@ -160,6 +163,7 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
         app.state.sessions = reader_sessionmaker(engine)
         app.state.writer_sessions = writer_sessionmaker(engine)
         app.state.runner = runner
+        app.state.storage = storage
         runner.start()
         try:
             yield
@@ -185,11 +189,9 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
     )
     for module in (upload, status, download, health):
         app.include_router(module.router)
-    app.mount(
-        "/processed_images",
-        ProcessedImages(directory=settings.media_root, check_dir=False),
-        name="processed_images",
-    )
+    storage = build_storage(storage_config(settings))
+    app.state.output_urls = OutputUrls(settings.output_url_base)
+    mount_processed_images(app, settings, storage)
 
     @app.get("/", include_in_schema=False)
     def index() -> dict[str, str]:

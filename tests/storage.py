@@ -5,19 +5,19 @@ import os
 import threading
 
 from app.pipeline.failures import StoreFailure
-from app.pipeline.store import LocalFileStorage
+from app.storage.local import LocalFileStorage
 
 
 class FillableStorage(LocalFileStorage):
     """LocalFileStorage that, while `full` is set, refuses every save as a full filesystem
     does (ENOSPC, reported as the store stage reports it)."""
 
-    def __init__(self, root, base_url: str):
-        super().__init__(root, base_url)
+    def __init__(self, root):
+        super().__init__(root)
         self.full = threading.Event()
         self.refused = 0
 
-    def save(self, key: str, data: bytes) -> str:
+    def save(self, key: str, data: bytes, content_type: str = "image/jpeg") -> None:
         if self.full.is_set():
             self.refused += 1
             error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

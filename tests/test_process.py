@@ -149,7 +149,7 @@ def test_renewed_leases_are_not_taken_back(engine, pipeline, image_server, setti
 
 @pytest.fixture
 def storage(settings) -> FillableStorage:
-    return FillableStorage(settings.media_root, settings.media_url)
+    return FillableStorage(settings.media_root)
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def test_a_full_disk_delays_the_batch_until_space_returns(make_settings, image_s
         lease_seconds=90,
         recovery_interval_seconds=60,
     )
-    storage = FillableStorage(settings.media_root, settings.media_url)
+    storage = FillableStorage(settings.media_root)
     storage.full.set()
     stages = ImageStages.from_config(stage_config(settings), storage=storage)
     with TestClient(create_app(settings, stages=stages)) as client:

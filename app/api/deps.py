@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.api.errors import Unauthorized
 from app.config import Settings
 from app.db.models import ProcessingRequest
+from app.errors import Unauthorized
 from app.services.batches import get_request
 from app.workers import Runner
 

@@ -1,4 +1,5 @@
-"""One exception family and the handlers that render every error as RFC 9457 problem+json."""
+"""The handlers that render every error as RFC 9457 problem+json: the service's own
+(app/errors.py), FastAPI's validation errors, HTTP errors and anything unexpected."""
 
 import logging
 from http import HTTPStatus
@@ -9,52 +10,40 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.errors import (
+    Conflict,
+    InvalidCsv,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    ServiceUnavailable,
+    Unauthorized,
+)
+
 log = logging.getLogger(__name__)
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://errors.batch-image-service.dev/"
 
 
-class ProblemError(Exception):
-    """An error the client should see, with a stable type slug."""
-
-    status = 400
-    slug = "bad-request"
-    title = "Bad request"
-
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any):
-        super().__init__(detail)
-        self.detail = detail
-        self.headers = headers
-        self.extra = extra
+# The one place where each kind of error gets its status code.
+HTTP_STATUS: dict[type[ServiceError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    InvalidCsv: 422,
+    InvalidInput: 422,
+    PayloadTooLarge: 413,
+    Unauthorized: 401,
+    ServiceUnavailable: 503,
+}
 
 
-class NotFound(ProblemError):
-    status, slug, title = 404, "not-found", "Not found"
-
-
-class Conflict(ProblemError):
-    status, slug, title = 409, "conflict", "Conflict"
-
-
-class InvalidCsv(ProblemError):
-    status, slug, title = 422, "invalid-csv", "The CSV cannot be accepted"
-
-
-class InvalidInput(ProblemError):
-    status, slug, title = 422, "invalid-input", "The request is not valid"
-
-
-class PayloadTooLarge(ProblemError):
-    status, slug, title = 413, "payload-too-large", "The upload is too large"
-
-
-class Unauthorized(ProblemError):
-    status, slug, title = 401, "unauthorized", "Authentication required"
-
-
-class ServiceUnavailable(ProblemError):
-    status, slug, title = 503, "unavailable", "Service unavailable"
+def http_status(error: ServiceError) -> int:
+    for kind in type(error).__mro__:
+        if kind in HTTP_STATUS:
+            return HTTP_STATUS[kind]
+    return 400
 
 
 def problem_response(
@@ -81,10 +70,10 @@ def problem_response(
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ProblemError)
-    async def _problem(request: Request, exc: ProblemError):
+    @app.exception_handler(ServiceError)
+    async def _problem(request: Request, exc: ServiceError):
         return problem_response(
-            exc.status,
+            http_status(exc),
             exc.title,
             exc.detail,
             slug=exc.slug,

@@ -7,6 +7,7 @@ from sqlalchemy import Row
 
 from app.db.models import ProcessingRequest, WebhookDelivery, WebhookEvent
 from app.services.batches import ProductWithImages
+from app.storage import OutputUrls
 
 REQUEST_ID_EXAMPLE = "9b2f6c1e-4f7a-4f55-9f4e-2f2d0c6a7b10"
 
@@ -56,10 +57,10 @@ class ImageResult(BaseModel):
     height: int | None
 
     @classmethod
-    def of(cls, image: Row) -> "ImageResult":
+    def of(cls, image: Row, urls: OutputUrls) -> "ImageResult":
         return cls(
             input_url=image.input_url,
-            output_url=image.output_url,
+            output_url=urls.url(image.output_key),
             status=image.status,
             error=ImageError(code=image.error_code, message=image.error_message or "")
             if image.error_code
@@ -79,13 +80,14 @@ class ProductResult(BaseModel):
     images: list[ImageResult]
 
     @classmethod
-    def of(cls, item: ProductWithImages) -> "ProductResult":
+    def of(cls, item: ProductWithImages, urls: OutputUrls) -> "ProductResult":
+        images = [ImageResult.of(image, urls) for image in item.images]
         return cls(
             serial_number=item.product.serial_number,
             product_name=item.product.product_name,
-            input_image_urls=[image.input_url for image in item.images],
-            output_image_urls=[image.output_url or "" for image in item.images],
-            images=[ImageResult.of(image) for image in item.images],
+            input_image_urls=[image.input_url for image in images],
+            output_image_urls=[image.output_url or "" for image in images],
+            images=images,
         )
 
 

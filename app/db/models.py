@@ -95,7 +95,7 @@ class Image(Base):
     position: Mapped[int] = mapped_column(Integer)
     input_url: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=ImageStatus.PENDING)
-    output_url: Mapped[str | None] = mapped_column(Text)
+    output_key: Mapped[str | None] = mapped_column(Text)  # URLs are built on read
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     input_bytes: Mapped[int | None] = mapped_column(Integer)

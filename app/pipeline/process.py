@@ -49,7 +49,7 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
         "image_id": outcome.unit.image_id,
         "attempt": outcome.unit.attempt,
         "new_status": ImageStatus.SUCCEEDED if outcome.succeeded else ImageStatus.FAILED,
-        "new_output_url": outcome.output_url,
+        "new_output_key": outcome.output_key,
         "new_error_code": outcome.error_code,
         "new_error_message": outcome.error_message,
         "new_input_bytes": outcome.input_bytes,
@@ -203,7 +203,7 @@ class ImagePipeline:
                     .where(Image.id == bindparam("image_id"), Image.attempts == bindparam("attempt"))
                     .values(
                         status=bindparam("new_status"),
-                        output_url=bindparam("new_output_url"),
+                        output_key=bindparam("new_output_key"),
                         error_code=bindparam("new_error_code"),
                         error_message=bindparam("new_error_message"),
                         input_bytes=bindparam("new_input_bytes"),

@@ -11,14 +11,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from app.guarded_http import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import compress_to_jpeg
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import HttpFetcher
-from app.pipeline.store import ImageStorage, LocalFileStorage, output_key
+from app.storage import ImageStorage, StorageConfig, build_storage, output_key
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class WorkUnit:
 @dataclass(frozen=True)
 class ImageOutcome:
     unit: WorkUnit
-    output_url: str | None = None
+    output_key: str | None = None
     error_code: str | None = None
     error_message: str | None = None
     input_bytes: int | None = None
@@ -61,8 +60,7 @@ class StageConfig:
     max_image_bytes: int
     jpeg_quality: int
     max_image_pixels: int
-    media_root: Path
-    media_url: str
+    storage: StorageConfig
     downloads: int  # connections kept for downloads
     compress_slots: int  # images decoded/encoded at once
 
@@ -99,8 +97,7 @@ class ImageStages:
 
     @classmethod
     def from_config(cls, config: StageConfig, storage: ImageStorage | None = None) -> "ImageStages":
-        """The stages as the app runs them; `storage` replaces the local files under
-        config.media_root."""
+        """The stages as the app runs them; `storage` replaces the one config.storage names."""
         policy = AddressPolicy(parse_allowlist(config.allow_private_hosts))
         return cls(
             fetcher=HttpFetcher(
@@ -108,7 +105,7 @@ class ImageStages:
                 timeout_seconds=config.download_timeout_seconds,
                 max_bytes=config.max_image_bytes,
             ),
-            storage=storage or LocalFileStorage(config.media_root, config.media_url),
+            storage=storage or build_storage(config.storage, connections=config.downloads),
             jpeg_quality=config.jpeg_quality,
             max_image_pixels=config.max_image_pixels,
             compress_slots=config.compress_slots,
@@ -129,7 +126,8 @@ class ImageStages:
                     fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels
                 )
                 compress_ms = _ms_since(start)
-            output_url = self.storage.save(output_key(unit.request_id, unit.image_id), compressed.data)
+            key = output_key(unit.request_id, unit.image_id)
+            self.storage.save(key, compressed.data)
         except ImageFailure as failure:
             return ImageOutcome(
                 unit,
@@ -148,7 +146,7 @@ class ImageStages:
             )
         return ImageOutcome(
             unit,
-            output_url=output_url,
+            output_key=key,
             input_bytes=len(fetched.data),
             output_bytes=len(compressed.data),
             width=compressed.width,

@@ -15,8 +15,8 @@ from typing import BinaryIO
 from sqlalchemy import Connection, Row, Table, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
+from app.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
 from app.guarded_http import url_problem
 from app.services.csv_input import (
     OUTPUT_COLUMNS,
@@ -26,6 +26,7 @@ from app.services.csv_input import (
     read_products,
     write_csv_line,
 )
+from app.storage import OutputUrls
 
 INSERT_CHUNK_ROWS = 2000
 
@@ -41,7 +42,7 @@ PRODUCT_COLUMNS = (Product.id, Product.serial_number, Product.product_name)
 IMAGE_COLUMNS = (
     Image.product_id,
     Image.input_url,
-    Image.output_url,
+    Image.output_key,
     Image.status,
     Image.error_code,
     Image.error_message,
@@ -246,7 +247,9 @@ def requests_page(
     return items, items[-1].id if has_more and items else None
 
 
-def result_csv_lines(sessions: sessionmaker[Session], request_pk: int, chunk: int = 1000) -> Iterator[str]:
+def result_csv_lines(
+    sessions: sessionmaker[Session], request_pk: int, urls: OutputUrls, chunk: int = 1000
+) -> Iterator[str]:
     """The result CSV, a page of products at a time, in a session of its own: it is read
     while the response streams, after the request's own session has closed."""
     yield write_csv_line(list(OUTPUT_COLUMNS))
@@ -260,7 +263,7 @@ def result_csv_lines(sessions: sessionmaker[Session], request_pk: int, chunk: in
                     str(item.product.serial_number),
                     item.product.product_name,
                     ",".join(image.input_url for image in item.images),
-                    ",".join(image.output_url or "" for image in item.images),
+                    ",".join(urls.url(image.output_key) or "" for image in item.images),
                 ]
             )
         if after_id is None:

@@ -13,9 +13,9 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.api.errors import Conflict, InvalidInput
 from app.db.base import utcnow
 from app.db.models import IdempotencyKey, ProcessingRequest
+from app.errors import Conflict, InvalidInput
 
 MAX_KEY_LENGTH = 255
 HASH_BLOCK_BYTES = 1024 * 1024

@@ -1,0 +1,74 @@
+"""Where output images live: the contract every backend meets, and how one is chosen.
+
+    local.py   files under MEDIA_ROOT, served by this service at /processed_images/
+    s3.py      an S3-compatible bucket (AWS, MinIO, Ceph, R2)
+
+The database stores each output's key (`{request_id}/{image_id}.jpg`), never a URL: URLs
+are built when read (OutputUrls), so a new PUBLIC_BASE_URL, MEDIA_PUBLIC_BASE_URL or
+storage backend changes every link at once. Keys come from database ids only, and the
+same image always gets the same key, so processing it twice overwrites rather than adds.
+Every failure to store is transient (StoreFailure): the image waits and is tried again.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+JPEG_CONTENT_TYPE = "image/jpeg"
+
+
+def output_key(request_id: str, image_id: int) -> str:
+    return f"{request_id}/{image_id}.jpg"
+
+
+class ImageStorage(Protocol):
+    def save(self, key: str, data: bytes, content_type: str = JPEG_CONTENT_TYPE) -> None:
+        """Store data under key, whole or not at all; raises StoreFailure."""
+
+    def delete_prefix(self, key_prefix: str) -> int:
+        """Remove every output under key_prefix (e.g. "{request_id}/"); returns how many."""
+
+    def check(self) -> str | None:
+        """None when outputs can be stored; otherwise a sentence saying what is wrong."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The storage settings, in plain values that can be sent to a worker process."""
+
+    backend: Literal["local", "s3"]
+    media_root: Path
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_presign_seconds: int = 3600
+
+
+def build_storage(config: StorageConfig, *, connections: int = 16) -> ImageStorage:
+    if config.backend == "s3":
+        from app.storage.s3 import S3Storage  # boto3 loads only where S3 is used
+
+        return S3Storage(
+            bucket=config.s3_bucket,
+            prefix=config.s3_prefix,
+            endpoint_url=config.s3_endpoint_url or None,
+            region=config.s3_region or None,
+            presign_seconds=config.s3_presign_seconds,
+            max_pool_connections=connections,
+        )
+    from app.storage.local import LocalFileStorage
+
+    return LocalFileStorage(config.media_root)
+
+
+class OutputUrls:
+    """Public URLs of output keys: under MEDIA_PUBLIC_BASE_URL (a CDN or public bucket)
+    when set, else this service's /processed_images/ (which redirects to a presigned URL
+    when the outputs are in S3)."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url.rstrip("/")
+
+    def url(self, key: str | None) -> str | None:
+        return f"{self.base_url}/{key}" if key else None

@@ -2,8 +2,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import ProcessingRequestDep
-from app.api.errors import Conflict
 from app.api.routes.problems import PROBLEM_RESPONSES
+from app.errors import Conflict
 from app.services.batches import result_csv_lines
 
 router = APIRouter(tags=["batches"])
@@ -29,7 +29,7 @@ def download_results(request: ProcessingRequestDep, http_request: Request) -> St
             request_status=request.status,
         )
     return StreamingResponse(
-        result_csv_lines(http_request.app.state.sessions, request.id),
+        result_csv_lines(http_request.app.state.sessions, request.id, http_request.app.state.output_urls),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{request.request_id}.csv"'},
     )

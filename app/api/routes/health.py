@@ -2,7 +2,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from app.api.deps import RunnerDep, SessionDep
-from app.api.errors import ServiceUnavailable
+from app.errors import ServiceUnavailable
 
 router = APIRouter(tags=["health"])
 

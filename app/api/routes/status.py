@@ -13,7 +13,6 @@ from app.api.deps import (
     SettingsDep,
     WriterSessionDep,
 )
-from app.api.errors import Conflict
 from app.api.html import status_page
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import (
@@ -26,6 +25,7 @@ from app.api.schemas import (
     WebhookStatus,
 )
 from app.db.models import ProcessingRequest, WebhookDelivery, WebhookEvent
+from app.errors import Conflict
 from app.services.batches import (
     decode_cursor,
     encode_cursor,
@@ -66,7 +66,7 @@ def get_status(
         request,
         settings.base_url,
         webhook=_webhook_status(session, request),
-        products=[ProductResult.of(item) for item in page],
+        products=[ProductResult.of(item, http_request.app.state.output_urls) for item in page],
         next_cursor=encode_cursor(next_id) if next_id is not None else None,
     )
     wants_html = format == "html" or (

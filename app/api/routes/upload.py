@@ -3,11 +3,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
 from app.api.deps import OwnerDep, RunnerDep, SettingsDep, WriterSessionDep
-from app.api.errors import InvalidInput
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import UploadAccepted
 from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest, RequestStatus
+from app.errors import InvalidInput
 from app.services.batches import CsvLimits, create_batch
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
 

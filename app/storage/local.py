@@ -1,9 +1,7 @@
-"""Store stage: put an output JPEG where it is served, atomically.
+"""Outputs as files under MEDIA_ROOT, written atomically.
 
-The file name comes from database ids only, never from user input, and the same image
-always gets the same name, so processing an image twice overwrites rather than adds.
 Bytes go to a temporary name first and are moved into place, so a reader never sees a
-half-written file.
+half-written file; the temporary folder is hidden from /processed_images/.
 """
 
 import contextlib
@@ -11,26 +9,16 @@ import itertools
 import os
 import uuid
 from pathlib import Path
-from typing import Protocol
 
 from app.pipeline.failures import StoreFailure
+from app.storage import JPEG_CONTENT_TYPE
 
 TEMP_DIR_NAME = ".incoming"
 
 
-def output_key(request_id: str, image_id: int) -> str:
-    return f"{request_id}/{image_id}.jpg"
-
-
-class ImageStorage(Protocol):
-    def save(self, key: str, data: bytes) -> str:
-        """Store data under key and return its public URL."""
-
-
 class LocalFileStorage:
-    def __init__(self, root: Path, base_url: str):
+    def __init__(self, root: Path):
         self.root = Path(root)
-        self.base_url = base_url.rstrip("/")
         self.temp_dir = self.root / TEMP_DIR_NAME
         self._known_folders: set = set()
         # Temporary names only need to be unique among live writers; a counter is cheaper
@@ -38,7 +26,7 @@ class LocalFileStorage:
         self._temp_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._temp_numbers = itertools.count()
 
-    def save(self, key: str, data: bytes) -> str:
+    def save(self, key: str, data: bytes, content_type: str = JPEG_CONTENT_TYPE) -> None:
         target = os.path.join(self.root, key)
         temp = os.path.join(self.temp_dir, f"{self._temp_prefix}{next(self._temp_numbers)}.part")
         try:
@@ -56,7 +44,6 @@ class LocalFileStorage:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise StoreFailure(f"could not store the output: {exc.strerror or exc}") from exc
-        return f"{self.base_url}/{key}"
 
     def _ensure_folder(self, folder) -> None:
         if folder not in self._known_folders:
@@ -68,3 +55,27 @@ class LocalFileStorage:
         if self.temp_dir.is_dir():
             for leftover in self.temp_dir.glob("*.part"):
                 leftover.unlink(missing_ok=True)
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key
+
+    def delete_prefix(self, key_prefix: str) -> int:
+        folder = self.root / key_prefix
+        if not key_prefix.strip("/") or not folder.is_dir():
+            return 0
+        removed = 0
+        for path in folder.glob("*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+        return removed
+
+    def check(self) -> str | None:
+        try:
+            self._ensure_folder(self.temp_dir)
+        except OSError as exc:
+            return f"the media folder cannot be written: {exc.strerror or exc}"
+        if not os.access(self.temp_dir, os.W_OK):
+            return "the media folder cannot be written: permission denied"
+        return None
