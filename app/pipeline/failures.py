@@ -76,3 +76,10 @@ class CorruptImage(CompressFailure):
 
 class StoreFailure(ImageFailure):
     code = "storage_error"
+
+
+class OverMemoryBudget(CompressFailure):
+    """Decoding the image would take more memory than a worker may use (WORKER_MEMORY_MB)
+    even with nothing else running: refused from its header, before any pixel is decoded."""
+
+    code = "over_memory_budget"

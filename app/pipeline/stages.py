@@ -9,6 +9,8 @@ copy from a StageConfig.
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +18,7 @@ from typing import Protocol
 from app.pipeline.compress import compress_to_jpeg
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_pool, parse_allowlist
+from app.pipeline.memory import MemoryBudget
 from app.pipeline.store import ImageStorage, LocalFileStorage, output_key
 
 log = logging.getLogger(__name__)
@@ -62,11 +65,18 @@ class StageConfig:
     media_url: str
     downloads: int  # connections kept for downloads
     compress_slots: int  # images decoded/encoded at once
+    memory_budget_bytes: int  # estimated peak memory of the decodes at once
 
 
 class StageRunner(Protocol):
     """Runs the stages for one unit somewhere: ImageStages on the calling thread, or
     app.workers.processes.ImageProcesses in a worker process."""
+
+    @contextmanager
+    def _admitted(self, cost_bytes: int) -> Iterator[None]:
+        # Memory first: an image waiting for memory must not hold a core slot meanwhile.
+        with self.memory.reserve(cost_bytes), self._compress_slots:
+            yield
 
     def run(self, unit: WorkUnit) -> ImageOutcome: ...
 
@@ -86,13 +96,16 @@ class ImageStages:
         jpeg_quality: int,
         max_image_pixels: int,
         compress_slots: int,
+        memory_budget_bytes: int,
     ):
         self.fetcher = fetcher
         self.storage = storage
         self.jpeg_quality = jpeg_quality
         self.max_image_pixels = max_image_pixels
-        # Downloads may run many at once; decoding and encoding only as many as cores.
+        # Downloads may run many at once; decoding and encoding only as many as cores, and
+        # only as many as fit the memory budget (one instance per worker process).
         self._compress_slots = threading.BoundedSemaphore(compress_slots)
+        self.memory = MemoryBudget(memory_budget_bytes)
 
     @classmethod
     def from_config(cls, config: StageConfig) -> "ImageStages":
@@ -107,10 +120,17 @@ class ImageStages:
             jpeg_quality=config.jpeg_quality,
             max_image_pixels=config.max_image_pixels,
             compress_slots=config.compress_slots,
+            memory_budget_bytes=config.memory_budget_bytes,
         )
 
     def close(self) -> None:
         self.fetcher.http.clear()
+
+    @contextmanager
+    def _admitted(self, cost_bytes: int) -> Iterator[None]:
+        # Memory first: an image waiting for memory must not hold a core slot meanwhile.
+        with self.memory.reserve(cost_bytes), self._compress_slots:
+            yield
 
     def run(self, unit: WorkUnit) -> ImageOutcome:
         start = time.perf_counter()
@@ -118,12 +138,14 @@ class ImageStages:
         try:
             fetched = self.fetcher.fetch(unit.input_url)
             fetch_ms = _ms_since(start)
-            with self._compress_slots:
-                start = time.perf_counter()
-                compressed = compress_to_jpeg(
-                    fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels
-                )
-                compress_ms = _ms_since(start)
+            start = time.perf_counter()
+            compressed = compress_to_jpeg(
+                fetched.data,
+                quality=self.jpeg_quality,
+                max_pixels=self.max_image_pixels,
+                admission=self._admitted,
+            )
+            compress_ms = _ms_since(start)
             output_url = self.storage.save(output_key(unit.request_id, unit.image_id), compressed.data)
         except ImageFailure as failure:
             return ImageOutcome(
