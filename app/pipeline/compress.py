@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
 
@@ -204,8 +204,8 @@ def _has_alpha(image: Image.Image) -> bool:
 # JPEG output and the input's size): JPEG RGB 4.0 (est. 4.8), EXIF-rotated 8.0 (8.8),
 # progressive 4:4:4 10.0 (10.8), CMYK 8.0 (8.8), PNG RGBA 8.0 (8.8), palette with
 # transparency 9.0 (9.8), 16-bit grey 10.0 (10.8), LA 6.0 (6.8), WebP 16.0 (16.8),
-# EXIF-rotated WebP 17.2 (20.8), TIFF 32-bit int 12.0 (16.8, the input is 4 of them). tests/test_memory.py checks the
-# bound per mode.
+# EXIF-rotated WebP 17.2 (20.8), TIFF 32-bit int 12.0 (16.8, the input is 4 of them).
+# tests/test_memory.py checks the bound per mode.
 
 
 def _stored_bytes_per_pixel(mode: str) -> int:

@@ -51,8 +51,7 @@ class MemoryBudget:
         self._queue.append(ticket)
         try:
             self._changed.wait_for(
-                lambda: self._queue[0] is ticket
-                and self.reserved_bytes + cost_bytes <= self.limit_bytes
+                lambda: self._queue[0] is ticket and self.reserved_bytes + cost_bytes <= self.limit_bytes
             )
         finally:
             self._queue.remove(ticket)

@@ -72,12 +72,6 @@ class StageRunner(Protocol):
     """Runs the stages for one unit somewhere: ImageStages on the calling thread, or
     app.workers.processes.ImageProcesses in a worker process."""
 
-    @contextmanager
-    def _admitted(self, cost_bytes: int) -> Iterator[None]:
-        # Memory first: an image waiting for memory must not hold a core slot meanwhile.
-        with self.memory.reserve(cost_bytes), self._compress_slots:
-            yield
-
     def run(self, unit: WorkUnit) -> ImageOutcome: ...
 
     def close(self) -> None: ...
