@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     download_timeout_seconds: float = Field(30.0, gt=0)
     max_image_bytes: int = Field(128 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(100_000_000, gt=0)
+    # Enough for the costliest 100 MP image the estimate knows (an EXIF-rotated WebP,
+    # about 2.2 GB at quality 95), so the default MAX_IMAGE_PIXELS is never refused for memory.
+    worker_memory_mb: int = Field(2304, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
     recovery_interval_seconds: float = Field(30.0, gt=0)
     shutdown_grace_seconds: float = Field(20.0, ge=0)

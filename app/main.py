@@ -20,6 +20,7 @@ from app.config import Settings, get_settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.guarded_http import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
+from app.pipeline.memory import MIB
 from app.pipeline.process import ImagePipeline
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
 from app.storage import OutputUrls, StorageConfig, build_storage
@@ -95,6 +96,7 @@ def stage_config(settings: Settings) -> StageConfig:
         storage=storage_config(settings),
         downloads=math.ceil(settings.worker_concurrency / max(processes, 1)),
         compress_slots=math.ceil(settings.compress_concurrency / max(processes, 1)),
+        memory_budget_bytes=settings.worker_memory_mb * MIB,
     )
 
 

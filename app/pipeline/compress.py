@@ -4,20 +4,35 @@ Limits come before work: the format is decided from the bytes (not the Content-T
 extension), and the pixel count is checked from the header before any pixel is decoded.
 The output keeps the dimensions (after EXIF orientation) and the ICC colour profile
 where it still describes the output's colour space; all other metadata is dropped.
+
+The memory the work will take at its peak is estimated from the header too
+(`peak_memory_bytes`), so the caller can admit the decode against a memory budget.
 """
 
 import io
 import os
 import threading
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 EXIF_ORIENTATION = 0x0112
+TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 WHITE = (255, 255, 255)
 SMALL_IMAGE_PIXELS = 250_000
 _thread_sink = threading.local()
@@ -37,7 +52,15 @@ class CompressedImage:
     source_format: str
 
 
-def compress_to_jpeg(data: bytes | bytearray, *, quality: int, max_pixels: int) -> CompressedImage:
+Admission = Callable[[int], AbstractContextManager[object]]
+
+
+def compress_to_jpeg(
+    data: bytes | bytearray, *, quality: int, max_pixels: int, admission: Admission | None = None
+) -> CompressedImage:
+    """Decode, normalise and encode one image. `admission(cost_bytes)`, if given, is entered
+    with the estimated peak memory once the header is read, and held while pixels exist:
+    it may wait for memory, or refuse the image by raising an ImageFailure."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -61,41 +84,69 @@ def compress_to_jpeg(data: bytes | bytearray, *, quality: int, max_pixels: int) 
             f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
     try:
-        image.load()  # first frame of an animation
-        orientation = image.getexif().get(EXIF_ORIENTATION)
-        if orientation in range(2, 9):
-            image = ImageOps.exif_transpose(image)
-        image, icc_profile = _jpeg_compatible(image)
-        output = _encode_jpeg(image, quality=quality, icc_profile=icc_profile, comment=b"")
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        EOFError,
-        Image.DecompressionBombError,
-    ) as exc:
-        raise CorruptImage(f"the image cannot be decoded: {exc}") from exc
-    return CompressedImage(output, image.width, image.height, source_format)
+        orientation = _header_orientation(image)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise CorruptImage(f"the image metadata cannot be read: {exc}") from exc
+    cost = peak_memory_bytes(image, orientation=orientation, input_bytes=len(data), quality=quality)
+    with admission(cost) if admission is not None else nullcontext():
+        try:
+            image.load()  # first frame of an animation
+            image, icc_profile = _jpeg_compatible(image)
+            # Transposed after the conversion, which leaves at most as many bytes a pixel
+            # (e.g. 16-bit or alpha images): a smaller copy, and the source is gone by then.
+            if orientation in TRANSPOSE_FOR_ORIENTATION:
+                image = image.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
+            width, height = image.size
+            encoded = _encode_jpeg(image, quality=quality, icc_profile=icc_profile, comment=b"")
+            del image  # the pixels go before the JPEG is copied out, so it can reuse them
+            output = encoded()
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            EOFError,
+            Image.DecompressionBombError,
+        ) as exc:
+            raise CorruptImage(f"the image cannot be decoded: {exc}") from exc
+    return CompressedImage(output, width, height, source_format)
 
 
-def _encode_jpeg(image: Image.Image, **params) -> bytes:
+def _header_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation, read without decoding any pixel. A PNG's eXIf chunk counts
+    only before the image data, as the PNG specification places it: Pillow would decode
+    the whole image to look for one after it, and the memory estimate comes first."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None
+    return image.getexif().get(EXIF_ORIENTATION)
+
+
+def _encode_jpeg(image: Image.Image, **params) -> Callable[[], bytes]:
     """Encode into a file descriptor, not a BytesIO: Pillow releases the GIL while it
     encodes to a real file but holds it while encoding to a Python buffer, which would
     let only one thread encode at a time. An in-memory file (memfd) gives us both. Small
-    images skip it: their encoding is quicker than the extra system calls."""
+    images skip it: their encoding is quicker than the extra system calls.
+
+    Returns a function that reads the JPEG out, so that the caller can drop the image
+    first."""
     if not hasattr(os, "memfd_create") or image.width * image.height < SMALL_IMAGE_PIXELS:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", **params)
-        return buffer.getvalue()
+        return buffer.getvalue
     sink = getattr(_thread_sink, "file", None)
     if sink is None:  # one per thread, reused: creating a memfd costs more than using one
         sink = _thread_sink.file = os.fdopen(os.memfd_create("jpeg", os.MFD_CLOEXEC), "w+b")
     sink.seek(0)
     sink.truncate()
     image.save(sink, "JPEG", **params)
-    size = sink.tell()
-    sink.seek(0)
-    return sink.read(size)
+
+    def read_out() -> bytes:
+        size = sink.tell()
+        sink.seek(0)
+        output = sink.read(size)
+        sink.truncate(0)  # a thread's last JPEG would otherwise stay in memory until its next
+        return output
+
+    return read_out
 
 
 def _profile_colour_space(icc_profile: bytes | None) -> bytes | None:
@@ -116,15 +167,14 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
                 pass
         return image.convert("RGB"), None
 
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
         # 16-bit samples: scale to 8 bits rather than clipping everything above 255.
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
         return image, icc_profile if _profile_colour_space(icc_profile) == b"GRAY" else None
     if mode == "F":
         return image.convert("L"), None
 
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
-    if has_alpha:
+    if _has_alpha(image):
         grey = mode in ("LA", "La", "L")
         with_alpha = "LA" if grey else "RGBA"
         if image.mode != with_alpha:
@@ -140,6 +190,92 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
 
     expected = b"GRAY" if image.mode == "L" else b"RGB "
     return image, icc_profile if _profile_colour_space(icc_profile) == expected else None
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+# -- memory: keep the estimate in step with _jpeg_compatible above --------------------
+#
+# An upper bound of the bytes compressing an image takes at its peak, from the header.
+# Measured (VmHWM delta in a fresh process, 12 MP images, worker allocator settings) and
+# estimated, in bytes a pixel, flat images at quality 50 (the estimate adds 0.83 for the
+# JPEG output and the input's size): JPEG RGB 4.0 (est. 4.8), EXIF-rotated 8.0 (8.8),
+# progressive 4:4:4 10.0 (10.8), CMYK 8.0 (8.8), PNG RGBA 8.0 (8.8), palette with
+# transparency 9.0 (9.8), 16-bit grey 10.0 (10.8), LA 6.0 (6.8), WebP 16.0 (16.8),
+# EXIF-rotated WebP 17.2 (20.8), TIFF 32-bit int 12.0 (16.8, the input is 4 of them).
+# tests/test_memory.py checks the bound per mode.
+
+
+def _stored_bytes_per_pixel(mode: str) -> int:
+    """What Pillow allocates a pixel: one byte for 1, L and P, two for 16-bit integers,
+    four for every other mode (RGB is stored as four bytes too)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode in SIXTEEN_BIT_MODES else 4
+
+
+def _decoder_bytes_per_pixel(image: Image.Image) -> tuple[float, float]:
+    """Bytes a pixel the decoder holds beyond the image: while decoding, and afterwards
+    for as long as the image lives."""
+    if image.format == "WEBP":
+        # Pillow decodes WebP with libwebp's animation decoder: two RGBA canvases that live
+        # as long as the image, and a copy of the frame while it is decoded.
+        return 12, 8
+    if image.format == "JPEG" and "progressive" in image.info:
+        # libjpeg keeps every DCT coefficient (two bytes) until the last scan.
+        sampling = [(h, v) for _id, h, v, _table in getattr(image, "layer", [])] or [(1, 1)] * 4
+        full = max(h for h, _ in sampling) * max(v for _, v in sampling)
+        return 2 * sum(h * v for h, v in sampling) / full, 0
+    return 0, 0
+
+
+def _conversion_bytes_per_pixel(image: Image.Image) -> tuple[int, int]:
+    """Bytes a pixel _jpeg_compatible allocates while the source image is still alive,
+    and the bytes a pixel of the image it returns."""
+    mode = image.mode
+    if mode == "CMYK":
+        return 4, 4
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        return 4 + 4, 1  # convert("I") and point(); the final L comes after the first goes
+    if mode == "F":
+        return 1, 1
+    if _has_alpha(image):
+        grey = mode in ("LA", "La", "L")
+        converted = 0 if mode == ("LA" if grey else "RGBA") else 4
+        # paste() converts an LA source to L first: one more byte a pixel.
+        return (converted + 1 + 1, 1) if grey else (converted + 4, 4)
+    if mode == "1":
+        return 1, 1
+    if mode not in ("RGB", "L"):
+        return 4, 4
+    return 0, _stored_bytes_per_pixel(mode)
+
+
+def jpeg_bytes_bound(pixels: int, quality: int) -> int:
+    """Most bytes a JPEG of this many pixels takes: random noise, the worst case, measured
+    0.51 bytes a pixel at quality 50 and 1.33 at 95; this gives 0.83 and 1.43."""
+    return pixels * (quality + 12) // 75
+
+
+def peak_memory_bytes(image: Image.Image, *, orientation: int | None, input_bytes: int, quality: int) -> int:
+    """Upper bound of the memory compress_to_jpeg takes at its peak for this opened (not
+    yet decoded) image, beyond the input itself: a copy some decoders read it into, the decoded
+    image and the decoder's buffers, each conversion's output while its input lives, the
+    transposed copy, and the JPEG."""
+    pixels = image.width * image.height
+    decoded = _stored_bytes_per_pixel(image.mode)
+    decoding, decoder_kept = _decoder_bytes_per_pixel(image)
+    converting, final = _conversion_bytes_per_pixel(image)
+    per_pixel = max(decoded + decoding, decoded + decoder_kept + converting)
+    if orientation in TRANSPOSE_FOR_ORIENTATION:
+        # Without a conversion the source is still alive when copied, and with one heap
+        # arena the copy may not fit where the decoder's freed buffers were (measured:
+        # a rotated WebP 17.2 bytes a pixel, not 16).
+        source = decoded + decoding if converting == 0 else final
+        per_pixel = max(per_pixel, source + final)
+    return round(per_pixel * pixels) + input_bytes + jpeg_bytes_bound(pixels, quality)
 
 
 def warm_up() -> bool:

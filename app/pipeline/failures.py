@@ -97,3 +97,10 @@ class StoreFailure(ImageFailure):
     # EIO, a read-only remount; later an object store's 5xx or throttling), not the image's.
     code = "storage_error"
     transient = True
+
+
+class OverMemoryBudget(CompressFailure):
+    """Decoding the image would take more memory than a worker may use (WORKER_MEMORY_MB)
+    even with nothing else running: refused from its header, before any pixel is decoded."""
+
+    code = "over_memory_budget"

@@ -10,6 +10,8 @@ runs on threads in the web process or inside the image worker processes
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,6 +19,7 @@ from app.guarded_http import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import compress_to_jpeg
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import HttpFetcher
+from app.pipeline.memory import MemoryBudget
 from app.storage import ImageStorage, StorageConfig, build_storage, output_key
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class StageConfig:
     storage: StorageConfig
     downloads: int  # connections kept for downloads
     compress_slots: int  # images decoded/encoded at once
+    memory_budget_bytes: int  # estimated peak memory of the decodes at once
 
 
 class StageRunner(Protocol):
@@ -87,13 +91,16 @@ class ImageStages:
         jpeg_quality: int,
         max_image_pixels: int,
         compress_slots: int,
+        memory_budget_bytes: int,
     ):
         self.fetcher = fetcher
         self.storage = storage
         self.jpeg_quality = jpeg_quality
         self.max_image_pixels = max_image_pixels
-        # Downloads may run many at once; decoding and encoding only as many as cores.
+        # Downloads may run many at once; decoding and encoding only as many as cores, and
+        # only as many as fit the memory budget (one instance per worker process).
         self._compress_slots = threading.BoundedSemaphore(compress_slots)
+        self.memory = MemoryBudget(memory_budget_bytes)
 
     @classmethod
     def from_config(cls, config: StageConfig, storage: ImageStorage | None = None) -> "ImageStages":
@@ -109,6 +116,7 @@ class ImageStages:
             jpeg_quality=config.jpeg_quality,
             max_image_pixels=config.max_image_pixels,
             compress_slots=config.compress_slots,
+            memory_budget_bytes=config.memory_budget_bytes,
         )
 
     def close(self) -> None:
@@ -120,12 +128,19 @@ class ImageStages:
         try:
             fetched = self.fetcher.fetch(unit.input_url)
             fetch_ms = _ms_since(start)
-            with self._compress_slots:
-                start = time.perf_counter()
-                compressed = compress_to_jpeg(
-                    fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels
-                )
-                compress_ms = _ms_since(start)
+            admitted_at: list[float] = []
+
+            @contextmanager
+            def admitted(cost_bytes: int) -> Iterator[None]:
+                # Memory first: an image waiting for memory must not hold a core slot.
+                with self.memory.reserve(cost_bytes), self._compress_slots:
+                    admitted_at.append(time.perf_counter())  # compress_ms leaves out the wait
+                    yield
+
+            compressed = compress_to_jpeg(
+                fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels, admission=admitted
+            )
+            compress_ms = _ms_since(admitted_at[0])
             key = output_key(unit.request_id, unit.image_id)
             self.storage.save(key, compressed.data)
         except ImageFailure as failure:
