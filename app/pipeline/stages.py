@@ -7,13 +7,13 @@ copy from a StageConfig.
 """
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from app.pipeline.compress import compress_to_jpeg
+from app.pipeline.decoding import DecodingSlots
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import AddressPolicy, HttpFetcher, guarded_pool, parse_allowlist
 from app.pipeline.store import ImageStorage, LocalFileStorage, output_key
@@ -28,6 +28,7 @@ class WorkUnit:
     request_pk: int
     request_id: str
     input_url: str
+    crashes: int = 0  # worker crashes charged to this image before this claim
 
 
 @dataclass(frozen=True)
@@ -85,17 +86,18 @@ class ImageStages:
         storage: ImageStorage,
         jpeg_quality: int,
         max_image_pixels: int,
-        compress_slots: int,
+        decoding_slots: DecodingSlots,
     ):
         self.fetcher = fetcher
         self.storage = storage
         self.jpeg_quality = jpeg_quality
         self.max_image_pixels = max_image_pixels
-        # Downloads may run many at once; decoding and encoding only as many as cores.
-        self._compress_slots = threading.BoundedSemaphore(compress_slots)
+        # Downloads may run many at once; decoding and encoding only as many as there are
+        # slots (as many as cores), each naming its unit in case the decoder crashes.
+        self.decoding_slots = decoding_slots
 
     @classmethod
-    def from_config(cls, config: StageConfig) -> "ImageStages":
+    def from_config(cls, config: StageConfig, decoding_slots: DecodingSlots | None = None) -> "ImageStages":
         policy = AddressPolicy(parse_allowlist(config.allow_private_hosts))
         return cls(
             fetcher=HttpFetcher(
@@ -106,11 +108,12 @@ class ImageStages:
             storage=LocalFileStorage(config.media_root, config.media_url),
             jpeg_quality=config.jpeg_quality,
             max_image_pixels=config.max_image_pixels,
-            compress_slots=config.compress_slots,
+            decoding_slots=decoding_slots or DecodingSlots.in_memory(config.compress_slots),
         )
 
     def close(self) -> None:
         self.fetcher.http.clear()
+        self.decoding_slots.close()
 
     def run(self, unit: WorkUnit) -> ImageOutcome:
         start = time.perf_counter()
@@ -118,7 +121,7 @@ class ImageStages:
         try:
             fetched = self.fetcher.fetch(unit.input_url)
             fetch_ms = _ms_since(start)
-            with self._compress_slots:
+            with self.decoding_slots.take(unit.image_id, unit.attempt):
                 start = time.perf_counter()
                 compressed = compress_to_jpeg(
                     fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels
