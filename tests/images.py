@@ -1,5 +1,6 @@
 """Real image bytes of every kind the service must handle, made with Pillow."""
 
+import functools
 import io
 import zlib
 
@@ -91,3 +92,10 @@ def bmp(size=(90, 70)) -> bytes:
 
 def tiff(size=(90, 70)) -> bytes:
     return encode(photo_like(size), "TIFF")
+
+
+@functools.cache
+def slow_to_decode() -> bytes:
+    """A 36 MP greyscale PNG of 50 kB: a tenth of a second or more to decode and encode,
+    long enough to catch a process in the act."""
+    return encode(Image.linear_gradient("L").resize((6000, 6000)), "PNG")

@@ -1,7 +1,6 @@
 """Image worker processes: the stages run outside the web process, and a worker that dies
 costs no image and never leaves one stuck."""
 
-import functools
 import multiprocessing.context
 import os
 import signal
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image as PillowImage
 from sqlalchemy import select
 
 from app.db.models import Image
@@ -24,13 +22,6 @@ from tests.service_process import ServiceProcess
 from tests.test_api import upload, wait_finished
 
 pytestmark = pytest.mark.slow
-
-
-@functools.cache
-def slow_to_decode() -> bytes:
-    """A 36 MP greyscale PNG of 50 kB: a tenth of a second or more to decode and encode,
-    long enough to catch the worker in the act."""
-    return images.encode(PillowImage.linear_gradient("L").resize((6000, 6000)), "PNG")
 
 
 def hanging_until_released(release: threading.Event, started: threading.Semaphore):
@@ -115,7 +106,7 @@ def test_an_image_whose_worker_dies_is_claimed_again_and_finishes(make_settings,
 
 
 def test_an_image_that_keeps_killing_workers_fails_alone(make_settings, image_server):
-    poisonous = image_server.add(slow_to_decode())
+    poisonous = image_server.add(images.slow_to_decode())
     settings = make_settings(image_processes=1, worker_concurrency=2)
     with TestClient(create_app(settings)) as client:
         request_id = upload(client, csv_of([(1, "A", [poisonous])])).json()["request_id"]
@@ -153,7 +144,7 @@ def test_a_worker_stuck_past_the_time_limit_is_replaced(make_settings, image_ser
 def test_a_dead_worker_charges_only_the_image_it_was_decoding(make_settings, image_server, database_url):
     release, started = threading.Event(), threading.Semaphore(0)
     downloading = [image_server.add_handler(hanging_until_released(release, started)) for _ in range(2)]
-    poisonous = image_server.add(slow_to_decode())
+    poisonous = image_server.add(images.slow_to_decode())
     settings = make_settings(image_processes=1, worker_concurrency=4)
     with TestClient(create_app(settings)) as client:
         request_id = upload(client, csv_of([(1, "A", [*downloading, poisonous])])).json()["request_id"]
