@@ -143,7 +143,7 @@ class ImagePipeline:
             return ImageOutcome(
                 unit,
                 error_code="worker_crashed",
-                error_message=(f"the process decoding this image stopped unexpectedly, {unit.crashes} times"),
+                error_message=f"the process decoding this image stopped unexpectedly, {unit.crashes} times",
             )
         return self.stages.run(unit)
 
