@@ -9,6 +9,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -20,6 +21,7 @@ from app.config import Settings, get_settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.guarded_http import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
+from app.pipeline.decoding import NOTES_DIR_NAME, charge_dead_notes, open_note
 from app.pipeline.memory import MIB
 from app.pipeline.process import ImagePipeline
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
@@ -100,6 +102,11 @@ def stage_config(settings: Settings) -> StageConfig:
     )
 
 
+def decoding_notes_folder(settings: Settings) -> Path:
+    """Where web processes that decode on their own threads note what they decode."""
+    return settings.media_root / NOTES_DIR_NAME
+
+
 def build_stages(settings: Settings) -> StageRunner:
     """Where fetch -> compress -> store runs: IMAGE_PROCESSES worker processes sharing the
     downloads and compressions between them, or threads in this process when it is 0."""
@@ -107,7 +114,9 @@ def build_stages(settings: Settings) -> StageRunner:
     config = stage_config(settings)
     if processes == 0:
         warm_up()
-        return ImageStages.from_config(config)
+        # A decoder crash here takes this process down: the note outlives it.
+        note = open_note(decoding_notes_folder(settings), config.compress_slots)
+        return ImageStages.from_config(config, decoding_slots=note)
     return ImageProcesses(config, processes=processes, threads=config.downloads)
 
 
@@ -160,6 +169,7 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
             LocalFileStorage(settings.media_root).remove_stale_temp_files()
         image_stages = stages or build_stages(settings)
         runner, closers = build_runner(settings, engine, image_stages)
+        charge_dead_notes(decoding_notes_folder(settings), runner.pipeline.charge_crashes)
         app.state.settings = settings
         app.state.engine = engine
         app.state.sessions = reader_sessionmaker(engine)

@@ -1,5 +1,6 @@
 """Real image bytes of every kind the service must handle, made with Pillow."""
 
+import functools
 import io
 import zlib
 
@@ -106,3 +107,10 @@ def flat_png(width: int, height: int, mode: str = "RGBA", colour: bytes = b"\x0a
 
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, colour_type, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@functools.cache
+def slow_to_decode() -> bytes:
+    """A 36 MP greyscale PNG of 50 kB: a tenth of a second or more to decode and encode,
+    long enough to catch a process in the act."""
+    return encode(Image.linear_gradient("L").resize((6000, 6000)), "PNG")

@@ -11,7 +11,7 @@ from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine, writer_sessionmaker
 from app.main import build_runner, build_stages, stage_config
-from app.pipeline.process import next_claimable_ids, seconds_until_next_retry
+from app.pipeline.process import MAX_WORKER_CRASHES, next_claimable_ids, seconds_until_next_retry
 from app.pipeline.stages import ImageStages
 from app.services.batches import CsvLimits, create_batch
 from tests import images
@@ -238,3 +238,44 @@ def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, pipel
     with writer_sessionmaker(engine)() as session:
         # All the way round with no work at all: an empty answer, not an endless walk.
         assert next_claimable_ids(session, 2, last_served)[0] == []
+
+
+def test_hand_backs_and_expired_leases_charge_no_crash(engine, pipeline, image_server, settings):
+    url = image_server.add(images.jpeg())
+    request_pk, (image_id,) = make_batch(engine, [(1, "A", [url])])
+    for _ in range(MAX_WORKER_CRASHES):
+        pipeline.release(pipeline.claim_images([image_id]))
+        pipeline.claim_images([image_id])
+        with writer_sessionmaker(engine).begin() as session:  # the lease runs out
+            session.execute(
+                update(Image)
+                .where(Image.id == image_id)
+                .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
+            )
+    for _ in range(MAX_WORKER_CRASHES - 1):
+        (unit,) = pipeline.claim_images([image_id])
+        pipeline.charge_crashes([(unit.image_id, unit.attempt)])
+    pipeline.process_image(image_id)
+    image = image_row(engine, image_id)
+    assert (image.status, image.crash_count) == ("succeeded", MAX_WORKER_CRASHES - 1)
+    assert request_row(engine, request_pk).status == "completed"
+
+
+def test_an_image_charged_the_most_crashes_fails_without_being_fetched(engine, pipeline, image_server):
+    url = image_server.add(images.jpeg())
+    request_pk, (image_id,) = make_batch(engine, [(1, "A", [url])], "https://h.example/x")
+    stale = None
+    for _ in range(MAX_WORKER_CRASHES):
+        (unit,) = pipeline.claim_images([image_id])
+        pipeline.charge_crashes([(unit.image_id, unit.attempt)])
+        stale = unit
+    pipeline.charge_crashes([(stale.image_id, stale.attempt)])  # an old claim changes nothing
+    events = pipeline.process_image(image_id)
+    image = image_row(engine, image_id)
+    assert (image.status, image.error_code, image.crash_count) == (
+        "failed",
+        "worker_crashed",
+        MAX_WORKER_CRASHES,
+    )
+    assert request_row(engine, request_pk).status == "failed" and len(events) == 1
+    assert image_server.hits_for(url) == 0

@@ -9,6 +9,7 @@ from standardwebhooks import Webhook
 
 from app.db.models import Image, ImageStatus
 from app.db.session import build_engine
+from app.pipeline.decoding import NOTES_DIR_NAME, read_notes
 from tests import images
 from tests.conftest import FINISHED, csv_of
 from tests.service_process import ServiceProcess
@@ -129,3 +130,33 @@ def test_sigterm_finishes_in_flight_work_and_hands_back_the_rest(
         assert_complete_and_fetchable(service, body, tmp_path / "media")
     finally:
         service.stop()
+
+
+def test_with_decoding_in_the_web_process_an_image_that_keeps_killing_it_fails_alone(
+    service_env, database_url, tmp_path, image_server
+):
+    poisonous = image_server.add(images.slow_to_decode())
+    quick = image_server.add(images.jpeg())
+    notes = tmp_path / "media" / NOTES_DIR_NAME
+    service = ServiceProcess({**service_env, "IMAGE_PROCESSES": "0"}, tmp_path / "service.log").start()
+    try:
+        batch = csv_of([(1, "A", [poisonous, quick])])
+        request_id = service.post("/upload", files={"file": ("p.csv", batch)}).json()["request_id"]
+        engine = build_engine(database_url)
+        with engine.connect() as connection:
+            poisonous_id = connection.scalar(select(Image.id).where(Image.input_url == poisonous))
+        engine.dispose()
+        for _crash in range(3):  # the decoder takes the whole service down, as a crash would
+            deadline = time.monotonic() + 30
+            while not any(image_id == poisonous_id for image_id, _ in read_notes(notes)):
+                assert time.monotonic() < deadline, "the image was never decoded"
+                time.sleep(0.001)
+            service.kill()
+            service.start()
+        body = wait_progress(service, request_id, 2)
+    finally:
+        service.stop()
+    assert body["status"] == "completed_with_errors"
+    bad, good = body["products"][0]["images"]
+    assert (bad["status"], bad["error"]["code"], good["status"]) == ("failed", "worker_crashed", "succeeded")
+    assert image_server.hits_for(poisonous) == 3

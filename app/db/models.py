@@ -103,7 +103,9 @@ class Image(Base):
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     source_format: Mapped[str | None] = mapped_column(String(16))
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; guards every update
+    # Worker crashes this image was being decoded in; at MAX_WORKER_CRASHES it fails.
+    crash_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # After a transient failure: not claimable before retry_at; the count sets the backoff.
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -1,7 +1,9 @@
 """The unit of work: one image, by database id.
 
     claim_images(ids)  -> WorkUnits     guarded pending -> processing, with a lease
-    stages.run(unit)   -> ImageOutcome   fetch -> compress -> store (app/pipeline/stages.py)
+    run(unit)          -> ImageOutcome   fetch -> compress -> store (app/pipeline/stages.py),
+                                         or `worker_crashed` for an image that has taken
+                                         down MAX_WORKER_CRASHES workers
     record_outcomes(outcomes)            guarded processing -> succeeded/failed, request
                                          counters, and the request finished exactly once;
                                          or, after a transient failure, back to pending,
@@ -11,6 +13,10 @@
 the stages wherever it likes (threads, or worker processes). Every state change is
 guarded by the claim's attempt number, so a unit handled twice (a lost lease, a crash and
 restart, a duplicate dispatch) changes nothing the second time.
+
+`attempts` counts claims and is the claim's token; `crash_count` counts only the worker
+crashes an image was being decoded in (charge_crashes). Hand-backs and expired leases
+are not the image's fault and charge nothing.
 """
 
 import logging
@@ -32,6 +38,8 @@ from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
+
+MAX_WORKER_CRASHES = 3
 
 
 def retry_delay_seconds(transient_failures: int, base_seconds: float, max_seconds: float) -> float:
@@ -60,6 +68,10 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
         "new_fetch_ms": outcome.fetch_ms,
         "new_compress_ms": outcome.compress_ms,
     }
+
+
+def _claims(units: Sequence[WorkUnit]) -> list[tuple[int, int]]:
+    return [(unit.image_id, unit.attempt) for unit in units]
 
 
 class ImagePipeline:
@@ -108,7 +120,7 @@ class ImagePipeline:
                     claimed_at=now,
                     attempts=Image.attempts + 1,
                 )
-                .returning(Image.id, Image.attempts, Image.request_pk, Image.input_url)
+                .returning(Image.id, Image.attempts, Image.request_pk, Image.input_url, Image.crash_count)
             ).all()
             if not claimed:
                 return []
@@ -135,22 +147,42 @@ class ImagePipeline:
                 row.request_pk,
                 public_ids[row.request_pk],
                 row.input_url,
+                row.crash_count,
             )
             for row in claimed
         ]
         units.sort(key=lambda unit: unit.image_id)
         return units
 
+    def run(self, unit: WorkUnit) -> ImageOutcome:
+        """The unit's outcome: its stages' result, or `worker_crashed` without running them
+        for an image that has taken down MAX_WORKER_CRASHES worker processes."""
+        if unit.crashes >= MAX_WORKER_CRASHES:
+            return ImageOutcome(
+                unit,
+                error_code="worker_crashed",
+                error_message=f"the process decoding this image stopped unexpectedly, {unit.crashes} times",
+            )
+        return self.stages.run(unit)
+
     def release(self, units: Sequence[WorkUnit]) -> None:
-        """Hand claimed but unprocessed units back (graceful shutdown)."""
-        self._update_still_claimed(units, status=ImageStatus.PENDING, claimed_at=None)
+        """Hand claimed but unprocessed units back (graceful shutdown, a lost worker)."""
+        self._update_still_claimed(_claims(units), status=ImageStatus.PENDING, claimed_at=None)
+
+    def charge_crashes(self, claims: Sequence[tuple[int, int]]) -> None:
+        """Hand back units, given as (image id, attempt), that were being decoded when
+        their process died, with one more crash charged to each; the next claim of an
+        image at MAX_WORKER_CRASHES fails it (run)."""
+        self._update_still_claimed(
+            claims, status=ImageStatus.PENDING, claimed_at=None, crash_count=Image.crash_count + 1
+        )
 
     def renew_leases(self, units: Sequence[WorkUnit]) -> None:
-        self._update_still_claimed(units, claimed_at=utcnow())
+        self._update_still_claimed(_claims(units), claimed_at=utcnow())
 
-    def _update_still_claimed(self, units: Sequence[WorkUnit], **values) -> None:
-        """Change the rows of units whose claim is still the one they carry."""
-        if not units:
+    def _update_still_claimed(self, claims: Sequence[tuple[int, int]], **values) -> None:
+        """Change the rows of claims, (image id, attempt), that are still current."""
+        if not claims:
             return
         with self.sessions.begin() as session:
             session.connection().execute(
@@ -161,7 +193,7 @@ class ImagePipeline:
                     Image.attempts == bindparam("attempt"),
                 )
                 .values(**values),
-                [{"image_id": unit.image_id, "attempt": unit.attempt} for unit in units],
+                [{"image_id": image_id, "attempt": attempt} for image_id, attempt in claims],
             )
 
     def record_outcomes(self, outcomes: Sequence[ImageOutcome]) -> list[int]:
@@ -314,7 +346,7 @@ class ImagePipeline:
         return [
             event_id
             for unit in self.claim_images([image_id])
-            for event_id in self.record_outcomes([self.stages.run(unit)])
+            for event_id in self.record_outcomes([self.run(unit)])
         ]
 
 

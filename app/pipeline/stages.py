@@ -8,7 +8,6 @@ runs on threads in the web process or inside the image worker processes
 """
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from typing import Protocol
 
 from app.guarded_http import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import compress_to_jpeg
+from app.pipeline.decoding import DecodingSlots
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import HttpFetcher
 from app.pipeline.memory import MemoryBudget
@@ -32,6 +32,7 @@ class WorkUnit:
     request_pk: int
     request_id: str
     input_url: str
+    crashes: int = 0  # worker crashes charged to this image before this claim
 
 
 @dataclass(frozen=True)
@@ -90,20 +91,27 @@ class ImageStages:
         storage: ImageStorage,
         jpeg_quality: int,
         max_image_pixels: int,
-        compress_slots: int,
         memory_budget_bytes: int,
+        decoding_slots: DecodingSlots,
     ):
         self.fetcher = fetcher
         self.storage = storage
         self.jpeg_quality = jpeg_quality
         self.max_image_pixels = max_image_pixels
-        # Downloads may run many at once; decoding and encoding only as many as cores, and
+        # Downloads may run many at once; decoding and encoding only as many as there are
+        # slots (as many as cores), each naming its unit in case the decoder crashes, and
         # only as many as fit the memory budget (one instance per worker process).
-        self._compress_slots = threading.BoundedSemaphore(compress_slots)
+        self.decoding_slots = decoding_slots
         self.memory = MemoryBudget(memory_budget_bytes)
 
     @classmethod
-    def from_config(cls, config: StageConfig, storage: ImageStorage | None = None) -> "ImageStages":
+    def from_config(
+        cls,
+        config: StageConfig,
+        *,
+        storage: ImageStorage | None = None,
+        decoding_slots: DecodingSlots | None = None,
+    ) -> "ImageStages":
         """The stages as the app runs them; `storage` replaces the one config.storage names."""
         policy = AddressPolicy(parse_allowlist(config.allow_private_hosts))
         return cls(
@@ -115,12 +123,13 @@ class ImageStages:
             storage=storage or build_storage(config.storage, connections=config.downloads),
             jpeg_quality=config.jpeg_quality,
             max_image_pixels=config.max_image_pixels,
-            compress_slots=config.compress_slots,
             memory_budget_bytes=config.memory_budget_bytes,
+            decoding_slots=decoding_slots or DecodingSlots.in_memory(config.compress_slots),
         )
 
     def close(self) -> None:
         self.fetcher.http.clear()
+        self.decoding_slots.close()
 
     def run(self, unit: WorkUnit) -> ImageOutcome:
         start = time.perf_counter()
@@ -133,7 +142,7 @@ class ImageStages:
             @contextmanager
             def admitted(cost_bytes: int) -> Iterator[None]:
                 # Memory first: an image waiting for memory must not hold a core slot.
-                with self.memory.reserve(cost_bytes), self._compress_slots:
+                with self.memory.reserve(cost_bytes), self.decoding_slots.take(unit.image_id, unit.attempt):
                     admitted_at.append(time.perf_counter())  # compress_ms leaves out the wait
                     yield
 

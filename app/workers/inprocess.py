@@ -26,7 +26,7 @@ from app.pipeline.process import (
 )
 from app.pipeline.stages import ImageOutcome, WorkUnit
 from app.webhooks.delivery import WebhookDeliverer
-from app.workers.processes import WorkerLost
+from app.workers.processes import WorkerCrashed, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class InProcessRunner:
 
         self._units: queue.Queue[WorkUnit | None] = queue.Queue(maxsize=self.claim_batch)
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
-        self._held: dict[int, WorkUnit] = {}  # claimed and not yet recorded
+        # Claimed and not yet recorded, by (image id, attempt): after a lost lease the same
+        # image may be held under an old claim and a new one at once.
+        self._held: dict[tuple[int, int], WorkUnit] = {}
         self._held_lock = threading.Lock()
         # "code: message" of the latest transient failure, until an image succeeds again.
         self._transient_failure: str | None = None
@@ -170,7 +172,7 @@ class InProcessRunner:
                 continue
             units = self.pipeline.claim_images(ids)
             with self._held_lock:
-                self._held.update((unit.image_id, unit) for unit in units)
+                self._held.update(((unit.image_id, unit.attempt), unit) for unit in units)
             for index, unit in enumerate(units):
                 if not self._put_unit(unit):
                     self._release(units[index:])
@@ -191,7 +193,12 @@ class InProcessRunner:
             if unit is None:
                 return
             try:
-                outcome = self.pipeline.stages.run(unit)
+                outcome = self.pipeline.run(unit)
+            except WorkerCrashed:
+                log.warning("image %s was being decoded when its worker process died", unit.image_id)
+                self._charge_crash(unit)
+                self._wake_feeder.set()
+                continue
             except Exception as exc:  # never keep a unit whose outcome will not come
                 if isinstance(exc, WorkerLost):
                     log.warning("image %s lost with its worker process; handing it back", unit.image_id)
@@ -234,7 +241,7 @@ class InProcessRunner:
             events = self._record(batch)
             with self._held_lock:
                 for outcome in batch:
-                    self._held.pop(outcome.unit.image_id, None)
+                    self._held.pop((outcome.unit.image_id, outcome.unit.attempt), None)
             if events:
                 self._wake_webhooks.set()
             if any(outcome.retry_later for outcome in batch):
@@ -305,6 +312,16 @@ class InProcessRunner:
             self.pipeline.release(units)
         except Exception:
             log.exception("could not release %d units; their leases will expire", len(units))
+        self._forget(units)
+
+    def _charge_crash(self, unit: WorkUnit) -> None:
+        try:
+            self.pipeline.charge_crashes([(unit.image_id, unit.attempt)])
+        except Exception:
+            log.exception("could not charge image %s a crash; its lease will expire", unit.image_id)
+        self._forget([unit])
+
+    def _forget(self, units: Sequence[WorkUnit]) -> None:
         with self._held_lock:
             for unit in units:
-                self._held.pop(unit.image_id, None)
+                self._held.pop((unit.image_id, unit.attempt), None)

@@ -1,0 +1,90 @@
+"""The in-process runner's bookkeeping of the claims it holds, with stages the test
+controls (the runner, not the stages, is under test)."""
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.db.base import utcnow
+from app.db.models import Image
+from app.db.session import build_engine, writer_sessionmaker
+from app.main import build_runner
+from app.pipeline.stages import ImageOutcome, WorkUnit
+from tests.test_process import make_batch
+
+
+class StagesHeldByTheTest:
+    """Each claim waits until the test lets its attempt go, then succeeds."""
+
+    def __init__(self):
+        self.started: queue.Queue[WorkUnit] = queue.Queue()
+        self.let_go: defaultdict[int, threading.Event] = defaultdict(threading.Event)
+
+    def run(self, unit: WorkUnit) -> ImageOutcome:
+        self.started.put(unit)
+        self.let_go[unit.attempt].wait(timeout=30)
+        return ImageOutcome(unit, output_url=f"http://testserver/{unit.image_id}.jpg")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def engine(settings):
+    engine = build_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+def claimed_at(engine, image_id: int) -> datetime:
+    with writer_sessionmaker(engine)() as session:
+        return session.scalar(select(Image.claimed_at).where(Image.id == image_id))
+
+
+def backdate_claim(engine, image_id: int, seconds: float) -> None:
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id == image_id).values(claimed_at=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settings, engine):
+    settings = make_settings(lease_seconds=6, recovery_interval_seconds=0.1)
+    stages = StagesHeldByTheTest()
+    runner, closers = build_runner(settings, engine, stages)
+    _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
+    runner.start()
+    try:
+        first = stages.started.get(timeout=10)
+        # The heartbeat stalls past the lease (the claim is backdated): the runner's own
+        # feeder takes the image back and claims it again while the old claim runs on.
+        deadline = time.monotonic() + 10
+        while True:
+            backdate_claim(engine, image_id, settings.lease_seconds + 1)
+            try:
+                second = stages.started.get(timeout=0.5)
+                break
+            except queue.Empty:
+                assert time.monotonic() < deadline, "the expired claim was not taken back"
+        assert second.attempt == first.attempt + 1
+        stages.let_go[first.attempt].set()  # the old claim's outcome arrives, and is ignored
+        time.sleep(0.5)
+
+        backdated = utcnow() - timedelta(seconds=settings.lease_seconds / 2)
+        backdate_claim(engine, image_id, settings.lease_seconds / 2)
+        deadline = time.monotonic() + settings.lease_seconds / 3 + 3
+        while claimed_at(engine, image_id) < backdated + timedelta(seconds=1):
+            assert time.monotonic() < deadline, "the heartbeat no longer renews the new claim"
+            time.sleep(0.1)
+        assert stages.started.empty()  # never claimed a third time
+    finally:
+        for attempt in range(1, 4):
+            stages.let_go[attempt].set()
+        runner.stop()
+        for close in closers:
+            close()
