@@ -167,6 +167,36 @@ def test_bad_paging_parameters_are_problems(client, image_server, params):
     assert response.headers["content-type"] == "application/problem+json"
 
 
+def _cursor(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+FOREIGN_CURSORS = [
+    "djE6OTk5OTk5OTk5OTk5OTk5OTk5OTk",  # v1:99999999999999999999, more than any id
+    _cursor(f"v1:{2**63}"),
+    _cursor("v1:0"),
+    _cursor("v1:-1"),
+    _cursor("v1:007"),
+    _cursor("v1:\u0665"),  # an Arabic-Indic digit five
+    _cursor("v2:5"),
+    _cursor("v1:5") + "==",
+    _cursor("v1:5") + "!*",
+    "\u00e9t\u00e9",
+    "djE6" * 5000,
+]
+
+
+@pytest.mark.parametrize("cursor", FOREIGN_CURSORS)
+def test_a_cursor_the_service_did_not_issue_is_a_422_problem(client, image_server, cursor):
+    request_id = upload(client, csv_of([(1, "A", [image_server.add(images.jpeg())])])).json()["request_id"]
+    for path in (f"/status/{request_id}", "/requests"):
+        response = client.get(path, params={"cursor": cursor})
+        assert response.status_code == 422, (path, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+
+
 def test_requests_are_listed_newest_first_and_paged(make_settings, image_server):
     key = uuid.uuid4().hex  # a key of our own: the list shows only this test's requests
     settings = make_settings(api_keys=key)
