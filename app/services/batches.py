@@ -22,6 +22,7 @@ from app.services.csv_input import (
     OUTPUT_COLUMNS,
     CsvErrors,
     CsvTooLarge,
+    neutralised,
     read_products,
     write_csv_line,
 )
@@ -268,22 +269,24 @@ def requests_page(
     return items, items[-1].id if has_more and items else None
 
 
-def result_csv_lines(sessions: sessionmaker[Session], request_pk: int, chunk: int = 1000) -> Iterator[str]:
+def result_csv_lines(
+    sessions: sessionmaker[Session], request_pk: int, *, escape_formulas: bool, chunk: int = 1000
+) -> Iterator[str]:
     """The result CSV, a page of products at a time, in a session of its own: it is read
-    while the response streams, after the request's own session has closed."""
+    while the response streams, after the request's own session has closed. With
+    escape_formulas, cells that start like a spreadsheet formula are neutralised."""
     yield write_csv_line(list(OUTPUT_COLUMNS))
     after_id = None
     while True:
         with sessions() as session:
             page, after_id = products_page(session, request_pk, after_id=after_id, limit=chunk)
         for item in page:
-            yield write_csv_line(
-                [
-                    str(item.product.serial_number),
-                    item.product.product_name,
-                    ",".join(image.input_url for image in item.images),
-                    ",".join(image.output_url or "" for image in item.images),
-                ]
-            )
+            cells = [
+                str(item.product.serial_number),
+                item.product.product_name,
+                ",".join(image.input_url for image in item.images),
+                ",".join(image.output_url or "" for image in item.images),
+            ]
+            yield write_csv_line([neutralised(cell) for cell in cells] if escape_formulas else cells)
         if after_id is None:
             return

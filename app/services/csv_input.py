@@ -235,6 +235,16 @@ def _parse_row(line, cells, index, max_urls_per_row, serials, errors) -> CsvRow 
     return CsvRow(line, serial, name, urls) if ok else None
 
 
+# What spreadsheets read as the start of a formula (OWASP, "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralised(cell: str) -> str:
+    """The cell as a spreadsheet will show it as text rather than run it: prefixed with '
+    if it starts like a formula."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
 def write_csv_line(cells: list[str]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\r\n").writerow(cells)
