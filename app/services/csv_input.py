@@ -4,10 +4,8 @@ Rows are yielded as they are read, so a large file never sits in memory whole; p
 are collected in `errors` (bounded) and the caller refuses the upload if any were found.
 """
 
-import codecs
 import csv
 import io
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -19,7 +17,7 @@ OUTPUT_COLUMNS = (*COLUMNS, "Output Image Urls")
 MAX_REPORTED_ERRORS = 50
 MAX_PRODUCT_NAME_CHARS = 1000
 READ_BLOCK_BYTES = 64 * 1024
-_LINE_END = re.compile(r"\r\n|\r|\n")
+_LINE_BREAKS = (b"\n", b"\r")
 
 
 def _header_key(name: str) -> str:
@@ -60,38 +58,70 @@ class CsvErrors:
         return self.total - len(self.items)
 
 
-def _decoded_lines(stream: BinaryIO, max_bytes: int, errors: CsvErrors) -> Iterator[str]:
-    """Yield text lines of a UTF-8 (optionally BOM-prefixed) byte stream, within max_bytes."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+def _decoded_lines(
+    stream: BinaryIO,
+    *,
+    max_bytes: int,
+    max_line_bytes: int,
+    errors: CsvErrors,
+    block_bytes: int = READ_BLOCK_BYTES,
+) -> Iterator[str]:
+    """Yield the text lines, line breaks included, of a UTF-8 (optionally BOM-prefixed)
+    byte stream of at most max_bytes; a line longer than max_line_bytes ends the file.
+
+    Lines are split on bytes (in UTF-8 a CR or LF byte is always that character) and every
+    byte is copied a bounded number of times, so the time is linear in the size however
+    long the lines are.
+    """
     seen = 0
-    pending = ""
-    lines_yielded = 0
+    line_number = 0
+    unfinished: list[bytes] = []  # the start of a line that goes on in the next block
+    unfinished_bytes = 0
+    carry = b""
     while True:
-        block = stream.read(READ_BLOCK_BYTES)
-        seen += len(block)
+        read = stream.read(block_bytes)
+        seen += len(read)
+        block = carry + read if carry else read
+        carry = b""
+        if read and block.endswith(b"\r"):
+            # A CR LF may be split between blocks: one byte more decides.
+            carry = stream.read(1)
+            seen += len(carry)
+            if carry == b"\n":
+                block += carry
+                carry = b""
         if seen > max_bytes:
             raise CsvTooLarge
         if b"\x00" in block:
             errors.add(None, None, "the file is binary, not a CSV text file")
             return
-        try:
-            pending += decoder.decode(block, final=not block)
-        except UnicodeDecodeError as exc:
-            before = pending + block[: exc.start].decode("utf-8", "ignore")
-            line = lines_yielded + 1 + len(_LINE_END.findall(before))
-            errors.add(line, None, "the file is not valid UTF-8 text")
+        lines = block.splitlines(keepends=True)
+        if not lines:
+            lines = [b"".join(unfinished)] if unfinished else []
+            unfinished = []
+        elif unfinished and lines[0].endswith(_LINE_BREAKS):
+            lines[0] = b"".join([*unfinished, lines[0]])
+            unfinished = []
+            unfinished_bytes = 0
+        if block and not lines[-1].endswith(_LINE_BREAKS):
+            tail = lines.pop()
+            unfinished.append(tail)
+            unfinished_bytes += len(tail)
+        for line in lines:
+            line_number += 1
+            if len(line) > max_line_bytes and len(line.rstrip(b"\r\n")) > max_line_bytes:
+                errors.add(line_number, None, f"the line is longer than {max_line_bytes} bytes")
+                return
+            try:
+                text = line.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                errors.add(line_number, None, "the file is not valid UTF-8 text")
+                return
+            yield text
+        if unfinished_bytes > max_line_bytes:
+            errors.add(line_number + 1, None, f"the line is longer than {max_line_bytes} bytes")
             return
-        start = 0
-        for match in _LINE_END.finditer(pending):
-            if block and match.group() == "\r" and match.end() == len(pending):
-                break  # may be the first half of a "\r\n" split across blocks
-            yield pending[start : match.end()]
-            lines_yielded += 1
-            start = match.end()
-        pending = pending[start:]
         if not block:
-            if pending:
-                yield pending
             return
 
 
@@ -99,12 +129,14 @@ def read_products(
     stream: BinaryIO,
     *,
     max_bytes: int,
+    max_line_bytes: int,
     max_rows: int,
     max_urls_per_row: int,
     errors: CsvErrors,
 ) -> Iterator[CsvRow]:
     """Yield valid rows; record every problem in errors. Raises CsvTooLarge past max_bytes."""
-    reader = csv.reader(_decoded_lines(stream, max_bytes, errors), strict=True)
+    lines = _decoded_lines(stream, max_bytes=max_bytes, max_line_bytes=max_line_bytes, errors=errors)
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader, None)
         while header is not None and not any(cell.strip() for cell in header):
@@ -201,6 +233,16 @@ def _parse_row(line, cells, index, max_urls_per_row, serials, errors) -> CsvRow 
             errors.add(line, "Input Image Urls", problem)
             ok = False
     return CsvRow(line, serial, name, urls) if ok else None
+
+
+# What spreadsheets read as the start of a formula (OWASP, "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralised(cell: str) -> str:
+    """The cell as a spreadsheet will show it as text rather than run it: prefixed with '
+    if it starts like a formula."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
 
 
 def write_csv_line(cells: list[str]) -> str:

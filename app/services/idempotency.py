@@ -40,15 +40,13 @@ def check_key(key: str) -> str:
 def find_original(
     session: Session, owner: str | None, key: str, fingerprint: str
 ) -> ProcessingRequest | None:
-    _forget_some_expired_keys(session)
+    """The request created first with this key, or None if the key is new or expired.
+
+    Only reads: it runs before the upload is parsed, outside any write transaction."""
     remembered = session.scalars(
         select(IdempotencyKey).where(IdempotencyKey.owner_scope == (owner or ""), IdempotencyKey.key == key)
     ).one_or_none()
-    if remembered is None:
-        return None
-    if remembered.expires_at <= utcnow():
-        session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == remembered.id))
-        session.flush()
+    if remembered is None or remembered.expires_at <= utcnow():
         return None
     if remembered.fingerprint != fingerprint:
         raise InvalidInput(
@@ -57,16 +55,25 @@ def find_original(
     return session.get(ProcessingRequest, remembered.request_pk)
 
 
-def _forget_some_expired_keys(session: Session, batch: int = 100) -> None:
-    """Each keyed upload clears a bounded number of expired keys, so the table does not
+def _forget_expired_keys(session: Session, owner: str | None, key: str, batch: int = 100) -> None:
+    """This key if it has expired, and a bounded number of others, so the table does not
     grow with keys that are never reused."""
-    expired = select(IdempotencyKey.id).where(IdempotencyKey.expires_at <= utcnow()).limit(batch)
+    now = utcnow()
+    session.execute(
+        delete(IdempotencyKey).where(
+            IdempotencyKey.owner_scope == (owner or ""),
+            IdempotencyKey.key == key,
+            IdempotencyKey.expires_at <= now,
+        )
+    )
+    expired = select(IdempotencyKey.id).where(IdempotencyKey.expires_at <= now).limit(batch)
     session.execute(delete(IdempotencyKey).where(IdempotencyKey.id.in_(expired.scalar_subquery())))
 
 
 def remember(
     session: Session, owner: str | None, key: str, fingerprint: str, request_pk: int, ttl_seconds: float
 ) -> None:
+    _forget_expired_keys(session, owner, key)
     now = utcnow()
     try:
         with session.begin_nested():

@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ProcessingRequestDep
+from app.api.deps import ProcessingRequestDep, SettingsDep
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.errors import Conflict
 from app.services.batches import result_csv_lines
@@ -22,14 +22,21 @@ router = APIRouter(tags=["batches"])
     },
     summary="The result CSV: input rows with an Output Image Urls column",
 )
-def download_results(request: ProcessingRequestDep, http_request: Request) -> StreamingResponse:
+def download_results(
+    request: ProcessingRequestDep, http_request: Request, settings: SettingsDep
+) -> StreamingResponse:
     if request.completed_at is None:
         raise Conflict(
             f"request {request.request_id} is {request.status}; the CSV is ready when it finishes",
             request_status=request.status,
         )
     return StreamingResponse(
-        result_csv_lines(http_request.app.state.sessions, request.id, http_request.app.state.output_urls),
+        result_csv_lines(
+            http_request.app.state.sessions,
+            request.id,
+            http_request.app.state.output_urls,
+            escape_formulas=settings.csv_escape_formulas,
+        ),
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{request.request_id}.csv"'},
     )

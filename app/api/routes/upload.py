@@ -2,13 +2,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
 
-from app.api.deps import OwnerDep, RunnerDep, SettingsDep, WriterSessionDep
+from app.api.deps import OwnerDep, RunnerDep, SessionDep, SettingsDep, WriterSessionDep
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import UploadAccepted
 from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest, RequestStatus
 from app.errors import InvalidInput
-from app.services.batches import CsvLimits, create_batch
+from app.services.batches import CsvLimits, checked_webhook_url, create_batch, parse_csv
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
 
 router = APIRouter(tags=["batches"])
@@ -30,6 +30,7 @@ router = APIRouter(tags=["batches"])
 def upload_csv(
     http_request: Request,
     response: Response,
+    read_session: SessionDep,
     session: WriterSessionDep,
     runner: RunnerDep,
     settings: SettingsDep,
@@ -43,12 +44,12 @@ def upload_csv(
 ) -> UploadAccepted:
     if file is None:
         raise InvalidInput("the form needs a 'file' field holding the CSV")
-    webhook_url = (webhook_url or "").strip() or None
+    webhook_url = checked_webhook_url(webhook_url)
     remember_key = None
     if idempotency_key is not None:
         key = check_key(idempotency_key)
         fingerprint = payload_fingerprint(file.file, webhook_url)
-        original = find_original(session, owner, key, fingerprint)
+        original = find_original(read_session, owner, key, fingerprint)
         if original is not None:
             response.headers["Idempotent-Replayed"] = "true"
             return _accepted(response, original, settings.base_url)
@@ -56,13 +57,17 @@ def upload_csv(
         def remember_key(request):
             remember(session, owner, key, fingerprint, request.id, settings.idempotency_key_ttl_seconds)
 
-    request = create_batch(
-        session,
+    # The whole file is read and checked before the write transaction begins: on SQLite
+    # that transaction holds the database's one write lock, which every upload and worker
+    # waits for.
+    parsed = parse_csv(
         file.file,
-        webhook_url=webhook_url,
-        owner=owner,
-        limits=CsvLimits(settings.max_csv_bytes, settings.max_rows, settings.max_urls_per_row),
-        on_request_created=remember_key,
+        CsvLimits(
+            settings.max_csv_bytes, settings.max_line_bytes, settings.max_rows, settings.max_urls_per_row
+        ),
+    )
+    request = create_batch(
+        session, parsed, webhook_url=webhook_url, owner=owner, on_request_created=remember_key
     )
     # Work leaves only after the commit: a runner must never see ids it cannot read.
     session.commit()
