@@ -9,11 +9,23 @@ def test_same_key_and_file_returns_the_original_and_creates_nothing(client, imag
     first = upload(client, data, headers={"Idempotency-Key": "order-42"})
     again = upload(client, data, headers={"Idempotency-Key": "order-42"})
     assert first.status_code == again.status_code == 202
-    assert again.json() == first.json()
+    # The same answer, but for the status, which is the request's status now.
+    assert {**again.json(), "status": first.json()["status"]} == first.json()
+    assert again.json()["status"] in ("pending", "processing", "completed")
     assert again.headers["idempotent-replayed"] == "true"
     assert again.headers["location"] == first.headers["location"]
     assert len(client.get("/requests").json()["items"]) == 1
     wait_finished(client, first.json()["request_id"])
+
+
+def test_a_replay_reports_the_status_of_the_request_now(client, image_server):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    first = upload(client, data, headers={"Idempotency-Key": "order-43"})
+    assert first.json()["status"] == "pending"
+    wait_finished(client, first.json()["request_id"])
+    again = upload(client, data, headers={"Idempotency-Key": "order-43"})
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    assert again.json()["status"] == "completed"
 
 
 def test_same_key_with_a_different_file_is_refused(client, image_server):

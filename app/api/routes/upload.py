@@ -6,7 +6,7 @@ from app.api.deps import OwnerDep, RunnerDep, SessionDep, SettingsDep, WriterSes
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import UploadAccepted
 from app.db.maintenance import refresh_statistics_after_upload
-from app.db.models import ProcessingRequest, RequestStatus
+from app.db.models import ProcessingRequest
 from app.errors import InvalidInput
 from app.services.batches import CsvLimits, checked_webhook_url, create_batch, parse_csv
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
@@ -81,7 +81,7 @@ def _accepted(response: Response, request: ProcessingRequest, base_url: str) -> 
     response.headers["Location"] = status_url
     return UploadAccepted(
         request_id=request.request_id,
-        status=RequestStatus.PENDING,
+        status=request.status,  # a replay tells the status now, not the first answer's
         status_url=status_url,
         total_products=request.total_products,
         total_images=request.total_images,
