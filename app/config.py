@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{PROJECT_ROOT / 'data' / 'images.db'}"
     media_root: Path = PROJECT_ROOT / "processed_images"
     public_base_url: str = ""
+    task_backend: Literal["inprocess", "celery"] = "inprocess"
+    celery_broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     storage_backend: Literal["local", "s3"] = "local"
     media_public_base_url: str = ""
     s3_bucket: str = ""
@@ -101,9 +103,15 @@ class Settings(BaseSettings):
         return (self.media_public_base_url or self.media_url).rstrip("/")
 
     @model_validator(mode="after")
-    def _s3_needs_a_bucket(self) -> "Settings":
+    def _backends_are_complete(self) -> "Settings":
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError("STORAGE_BACKEND=s3 needs S3_BUCKET")
+        if self.task_backend == "celery" and self.database_url.startswith("sqlite"):
+            raise ValueError(
+                "TASK_BACKEND=celery needs a database every worker can reach, such as "
+                "PostgreSQL (DATABASE_URL=postgresql+psycopg2://...); a SQLite file belongs "
+                "to one machine and allows one writer at a time"
+            )
         return self
 
 

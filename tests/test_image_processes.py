@@ -39,7 +39,7 @@ def hanging_until_released(release: threading.Event, started: threading.Semaphor
 
 def kill_worker_holding_an_image(client: TestClient, started: threading.Semaphore) -> int:
     assert started.acquire(timeout=15), "the image was never requested"
-    processes = client.app.state.runner.pipeline.stages
+    processes = client.app.state.runner.stages
     (pid,) = processes.worker_pids()
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 15
@@ -53,7 +53,7 @@ def kill_worker_holding_an_image(client: TestClient, started: threading.Semaphor
 
 def kill_worker_decoding(client: TestClient) -> set[tuple[int, int]]:
     """SIGKILL the worker as soon as it is decoding; returns the units it was decoding."""
-    processes = client.app.state.runner.pipeline.stages
+    processes = client.app.state.runner.stages
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         for pid, decoding in processes.units_decoding().items():
@@ -81,7 +81,7 @@ def test_stages_run_in_worker_processes(make_settings, image_server):
     settings = make_settings(image_processes=2)
     urls = [image_server.add(images.jpeg((640, 480))), image_server.add(b"<html>no</html>")]
     with TestClient(create_app(settings)) as client:
-        workers = client.app.state.runner.pipeline.stages.worker_pids()
+        workers = client.app.state.runner.stages.worker_pids()
         request_id = upload(client, csv_of([(1, "A", urls)])).json()["request_id"]
         status = wait_finished(client, request_id)
     assert len(set(workers)) == 2 and os.getpid() not in workers
@@ -131,13 +131,13 @@ def test_a_worker_stuck_past_the_time_limit_is_replaced(make_settings, image_ser
     stuck = image_server.add_handler(hanging_until_released(release, started))
     settings = make_settings(image_processes=1, worker_concurrency=2)
     with TestClient(create_app(settings)) as client:
-        (first_worker,) = client.app.state.runner.pipeline.stages.worker_pids()
+        (first_worker,) = client.app.state.runner.stages.worker_pids()
         request_id = upload(client, csv_of([(1, "A", [stuck])])).json()["request_id"]
         assert started.acquire(timeout=15)
         assert started.acquire(timeout=15), "the image was not tried again after the worker was stopped"
         release.set()
         status = wait_finished(client, request_id)
-        assert first_worker not in client.app.state.runner.pipeline.stages.worker_pids()
+        assert first_worker not in client.app.state.runner.stages.worker_pids()
     assert status["status"] == "completed"
 
 
@@ -161,7 +161,7 @@ def test_a_worker_killed_in_the_middle_of_an_answer_costs_only_its_own_images(ma
     urls = [image_server.add(images.jpeg((64 + n, 48))) for n in range(12)]
     settings = make_settings(image_processes=2, worker_concurrency=4)
     with TestClient(create_app(settings)) as client:
-        victim = client.app.state.runner.pipeline.stages.worker_pids()[0]
+        victim = client.app.state.runner.stages.worker_pids()[0]
         for pipe in pipes_to_us(victim):
             with open(pipe, "wb", buffering=0) as writer:
                 writer.write((4096).to_bytes(4, "big") + b"half an outcome")  # a frame cut short
@@ -209,7 +209,7 @@ def test_units_are_handed_back_while_no_worker_can_be_started(
             raise OSError("no more processes")
 
         monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
-        (pid,) = client.app.state.runner.pipeline.stages.worker_pids()
+        (pid,) = client.app.state.runner.stages.worker_pids()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 15
         with engine.connect() as connection:

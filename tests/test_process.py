@@ -7,13 +7,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
+from app.composition import build_services, stage_config
 from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
-from app.db.session import build_engine, writer_sessionmaker
-from app.main import build_runner, build_stages, stage_config
-from app.pipeline.process import MAX_WORKER_CRASHES, next_claimable_ids, seconds_until_next_retry
+from app.db.session import writer_sessionmaker
 from app.pipeline.stages import ImageStages
+from app.queue.turns import next_claimable_ids, seconds_until_next_retry
 from app.services.batches import CsvLimits, create_batch, parse_csv
+from app.tasks import MAX_WORKER_CRASHES, process_image
 from tests import images
 from tests.conftest import csv_of
 from tests.storage import FillableStorage
@@ -22,20 +23,15 @@ LIMITS = CsvLimits(1_000_000, 1 << 20, 1000, 50)
 
 
 @pytest.fixture
-def engine(settings):
-    engine = build_engine(settings.database_url)
-    yield engine
-    engine.dispose()
+def services(settings):
+    services = build_services(settings, runs_images=True)
+    yield services
+    services.close()
 
 
 @pytest.fixture
-def pipeline(settings, engine):
-    stages = build_stages(settings)
-    runner, closers = build_runner(settings, engine, stages)
-    yield runner.pipeline
-    stages.close()
-    for close in closers:
-        close()
+def engine(services):
+    return services.engine
 
 
 def make_batch(engine, rows, webhook_url=None) -> tuple[int, list[int]]:
@@ -58,13 +54,13 @@ def event_count(engine, request_pk) -> int:
 
 
 def test_processing_an_image_twice_changes_nothing_the_second_time(
-    engine, pipeline, image_server, media_root
+    engine, services, image_server, media_root
 ):
     request_pk, (image_id,) = make_batch(
         engine, [(1, "A", [image_server.add(images.jpeg())])], "https://h.example/x"
     )
-    first = pipeline.process_image(image_id)
-    second = pipeline.process_image(image_id)
+    first = process_image(services.ledger, services.stages, image_id)
+    second = process_image(services.ledger, services.stages, image_id)
     assert len(first) == 1 and second == []
     request = request_row(engine, request_pk)
     assert (request.processed_images, request.failed_images, request.status) == (1, 0, "completed")
@@ -72,48 +68,48 @@ def test_processing_an_image_twice_changes_nothing_the_second_time(
     assert len(list(media_root.rglob("*.jpg"))) == 1
 
 
-def test_recording_the_same_outcome_twice_counts_once(engine, pipeline, image_server):
+def test_recording_the_same_outcome_twice_counts_once(engine, services, image_server):
     request_pk, ids = make_batch(
         engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
     )
-    units = pipeline.claim_images(ids)
-    outcome = pipeline.stages.run(units[0])
-    pipeline.record_outcomes([outcome])
-    pipeline.record_outcomes([outcome])
+    units = services.ledger.claim_images(ids)
+    outcome = services.stages.run(units[0])
+    services.ledger.record_outcomes([outcome])
+    services.ledger.record_outcomes([outcome])
     request = request_row(engine, request_pk)
     assert (request.processed_images, request.status) == (1, "processing")
 
 
-def test_a_late_result_from_a_lost_lease_is_ignored(engine, pipeline, image_server, settings):
+def test_a_late_result_from_a_lost_lease_is_ignored(engine, services, image_server, settings):
     request_pk, (image_id,) = make_batch(engine, [(1, "A", [image_server.add(images.jpeg())])])
-    (stale,) = pipeline.claim_images([image_id])
-    assert pipeline.claim_images([image_id]) == []  # lease still held
+    (stale,) = services.ledger.claim_images([image_id])
+    assert services.ledger.claim_images([image_id]) == []  # lease still held
     with writer_sessionmaker(engine).begin() as session:  # the lease runs out
         session.execute(
             update(Image)
             .where(Image.id == image_id)
             .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
         )
-    (fresh,) = pipeline.claim_images([image_id])
+    (fresh,) = services.ledger.claim_images([image_id])
     assert fresh.attempt == stale.attempt + 1
-    pipeline.record_outcomes([pipeline.stages.run(stale)])
+    services.ledger.record_outcomes([services.stages.run(stale)])
     assert request_row(engine, request_pk).processed_images == 0
-    pipeline.record_outcomes([pipeline.stages.run(fresh)])
+    services.ledger.record_outcomes([services.stages.run(fresh)])
     request = request_row(engine, request_pk)
     assert (request.processed_images, request.status) == (1, "completed")
 
 
-def test_concurrent_last_images_finish_the_request_exactly_once(engine, pipeline, image_server):
+def test_concurrent_last_images_finish_the_request_exactly_once(engine, services, image_server):
     url = image_server.add(images.jpeg((16, 16)))
     request_pk, ids = make_batch(engine, [(n, f"P{n}", [url]) for n in range(1, 41)], "https://h.example/x")
-    outcomes = [pipeline.stages.run(unit) for unit in pipeline.claim_images(ids)]
+    outcomes = [services.stages.run(unit) for unit in services.ledger.claim_images(ids)]
     events: list[int] = []
     barrier = threading.Barrier(8)
 
     def record(chunk):
         barrier.wait()
         for outcome in chunk:
-            events.extend(pipeline.record_outcomes([outcome]))
+            events.extend(services.ledger.record_outcomes([outcome]))
 
     threads = [threading.Thread(target=record, args=(outcomes[n::8],)) for n in range(8)]
     for thread in threads:
@@ -127,24 +123,24 @@ def test_concurrent_last_images_finish_the_request_exactly_once(engine, pipeline
     assert event_count(engine, request_pk) == 1
 
 
-def test_released_units_go_back_to_pending(engine, pipeline, image_server):
+def test_released_units_go_back_to_pending(engine, services, image_server):
     _, (image_id,) = make_batch(engine, [(1, "A", [image_server.add(images.jpeg())])])
-    units = pipeline.claim_images([image_id])
-    pipeline.release(units)
-    assert [unit.image_id for unit in pipeline.claim_images([image_id])] == [image_id]
+    units = services.ledger.claim_images([image_id])
+    services.ledger.release(units)
+    assert [unit.image_id for unit in services.ledger.claim_images([image_id])] == [image_id]
 
 
-def test_renewed_leases_are_not_taken_back(engine, pipeline, image_server, settings):
+def test_renewed_leases_are_not_taken_back(engine, services, image_server, settings):
     _, (image_id,) = make_batch(engine, [(1, "A", [image_server.add(images.jpeg())])])
-    units = pipeline.claim_images([image_id])
+    units = services.ledger.claim_images([image_id])
     with writer_sessionmaker(engine).begin() as session:
         session.execute(
             update(Image)
             .where(Image.id == image_id)
             .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
         )
-    pipeline.renew_leases(units)
-    assert pipeline.claim_images([image_id]) == []
+    services.ledger.renew_leases(units)
+    assert services.ledger.claim_images([image_id]) == []
 
 
 @pytest.fixture
@@ -153,16 +149,14 @@ def storage(settings) -> FillableStorage:
 
 
 @pytest.fixture
-def retrying_pipeline(make_settings, engine, storage):
-    """The app's pipeline, with a storage the test can fill, and backoffs far longer than
+def retrying_services(make_settings, storage):
+    """The app's parts, with a storage the test can fill, and backoffs far longer than
     any test step: 10 s, doubling, capped at 25 s."""
     settings = make_settings(transient_retry_base_seconds=10, transient_retry_max_seconds=25)
     stages = ImageStages.from_config(stage_config(settings), storage=storage)
-    runner, closers = build_runner(settings, engine, stages)
-    yield runner.pipeline
-    stages.close()
-    for close in closers:
-        close()
+    services = build_services(settings, runs_images=True, stages=stages)
+    yield services
+    services.close()
 
 
 def image_row(engine, image_id) -> Image:
@@ -178,19 +172,19 @@ def make_due(engine, image_id) -> None:
 
 
 def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
-    engine, retrying_pipeline, storage, image_server
+    engine, retrying_services, storage, image_server
 ):
-    pipeline = retrying_pipeline
+    services = retrying_services
     request_pk, (image_id, other_id) = make_batch(
         engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
     )
     storage.full.set()
     for backoff_seconds in (10, 20, 25):  # doubling from the base, up to the cap
-        (unit,) = pipeline.claim_images([image_id])
-        outcome = pipeline.stages.run(unit)
+        (unit,) = services.ledger.claim_images([image_id])
+        outcome = services.stages.run(unit)
         assert outcome.retry_later and outcome.error_code == "storage_error"
         before = utcnow()
-        assert pipeline.record_outcomes([outcome]) == []
+        assert services.ledger.record_outcomes([outcome]) == []
         after = utcnow()
         image = image_row(engine, image_id)
         assert (image.status, image.error_code) == ("pending", "storage_error")
@@ -200,7 +194,7 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
         request = request_row(engine, request_pk)
         assert (request.processed_images, request.failed_images, request.status) == (0, 0, "processing")
         # Waiting: neither claimable nor offered, and the feeder knows when it will be.
-        assert pipeline.claim_images([image_id]) == []
+        assert services.ledger.claim_images([image_id]) == []
         with writer_sessionmaker(engine)() as session:
             assert next_claimable_ids(session, 8)[0] == [other_id]
             assert 0 < seconds_until_next_retry(session) <= backoff_seconds
@@ -209,17 +203,17 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
     assert storage.refused == 3
 
     storage.full.clear()
-    (unit,) = pipeline.claim_images([image_id])
-    pipeline.record_outcomes([pipeline.stages.run(unit)])
+    (unit,) = services.ledger.claim_images([image_id])
+    services.ledger.record_outcomes([services.stages.run(unit)])
     image = image_row(engine, image_id)
     assert (image.status, image.error_code, image.error_message) == ("succeeded", None, None)
-    (unit,) = pipeline.claim_images([other_id])
-    pipeline.record_outcomes([pipeline.stages.run(unit)])
+    (unit,) = services.ledger.claim_images([other_id])
+    services.ledger.record_outcomes([services.stages.run(unit)])
     request = request_row(engine, request_pk)
     assert (request.processed_images, request.failed_images, request.status) == (2, 0, "completed")
 
 
-def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, pipeline, image_server):
+def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, services, image_server):
     url = image_server.add(images.jpeg())
     waiting = [make_batch(engine, [(1, "W", [url])])[1][0] for _ in range(3)]
     _, (ready_id,) = make_batch(engine, [(1, "R", [url])])
@@ -234,18 +228,18 @@ def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, pipel
         ids, last_served = next_claimable_ids(session, 2)
         assert ids == [ready_id]
         assert 59 < seconds_until_next_retry(session) <= 60
-    assert [unit.image_id for unit in pipeline.claim_images([ready_id])] == [ready_id]
+    assert [unit.image_id for unit in services.ledger.claim_images([ready_id])] == [ready_id]
     with writer_sessionmaker(engine)() as session:
         # All the way round with no work at all: an empty answer, not an endless walk.
         assert next_claimable_ids(session, 2, last_served)[0] == []
 
 
-def test_hand_backs_and_expired_leases_charge_no_crash(engine, pipeline, image_server, settings):
+def test_hand_backs_and_expired_leases_charge_no_crash(engine, services, image_server, settings):
     url = image_server.add(images.jpeg())
     request_pk, (image_id,) = make_batch(engine, [(1, "A", [url])])
     for _ in range(MAX_WORKER_CRASHES):
-        pipeline.release(pipeline.claim_images([image_id]))
-        pipeline.claim_images([image_id])
+        services.ledger.release(services.ledger.claim_images([image_id]))
+        services.ledger.claim_images([image_id])
         with writer_sessionmaker(engine).begin() as session:  # the lease runs out
             session.execute(
                 update(Image)
@@ -253,24 +247,24 @@ def test_hand_backs_and_expired_leases_charge_no_crash(engine, pipeline, image_s
                 .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
             )
     for _ in range(MAX_WORKER_CRASHES - 1):
-        (unit,) = pipeline.claim_images([image_id])
-        pipeline.charge_crashes([(unit.image_id, unit.attempt)])
-    pipeline.process_image(image_id)
+        (unit,) = services.ledger.claim_images([image_id])
+        services.ledger.charge_crashes([(unit.image_id, unit.attempt)])
+    process_image(services.ledger, services.stages, image_id)
     image = image_row(engine, image_id)
     assert (image.status, image.crash_count) == ("succeeded", MAX_WORKER_CRASHES - 1)
     assert request_row(engine, request_pk).status == "completed"
 
 
-def test_an_image_charged_the_most_crashes_fails_without_being_fetched(engine, pipeline, image_server):
+def test_an_image_charged_the_most_crashes_fails_without_being_fetched(engine, services, image_server):
     url = image_server.add(images.jpeg())
     request_pk, (image_id,) = make_batch(engine, [(1, "A", [url])], "https://h.example/x")
     stale = None
     for _ in range(MAX_WORKER_CRASHES):
-        (unit,) = pipeline.claim_images([image_id])
-        pipeline.charge_crashes([(unit.image_id, unit.attempt)])
+        (unit,) = services.ledger.claim_images([image_id])
+        services.ledger.charge_crashes([(unit.image_id, unit.attempt)])
         stale = unit
-    pipeline.charge_crashes([(stale.image_id, stale.attempt)])  # an old claim changes nothing
-    events = pipeline.process_image(image_id)
+    services.ledger.charge_crashes([(stale.image_id, stale.attempt)])  # an old claim changes nothing
+    events = process_image(services.ledger, services.stages, image_id)
     image = image_row(engine, image_id)
     assert (image.status, image.error_code, image.crash_count) == (
         "failed",

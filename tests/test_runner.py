@@ -7,14 +7,14 @@ import time
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-import pytest
 from sqlalchemy import select, update
 
+from app.composition import build_services
 from app.db.base import utcnow
 from app.db.models import Image
-from app.db.session import build_engine, writer_sessionmaker
-from app.main import build_runner
+from app.db.session import writer_sessionmaker
 from app.pipeline.stages import ImageOutcome, WorkUnit
+from app.workers.inprocess import InProcessRunner
 from tests.test_process import make_batch
 
 
@@ -28,17 +28,10 @@ class StagesHeldByTheTest:
     def run(self, unit: WorkUnit) -> ImageOutcome:
         self.started.put(unit)
         self.let_go[unit.attempt].wait(timeout=30)
-        return ImageOutcome(unit, output_url=f"http://testserver/{unit.image_id}.jpg")
+        return ImageOutcome(unit, output_key=f"{unit.request_id}/{unit.image_id}.jpg")
 
     def close(self) -> None:
         pass
-
-
-@pytest.fixture
-def engine(settings):
-    engine = build_engine(settings.database_url)
-    yield engine
-    engine.dispose()
 
 
 def claimed_at(engine, image_id: int) -> datetime:
@@ -53,10 +46,12 @@ def backdate_claim(engine, image_id: int, seconds: float) -> None:
         )
 
 
-def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settings, engine):
+def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settings):
     settings = make_settings(lease_seconds=6, recovery_interval_seconds=0.1)
     stages = StagesHeldByTheTest()
-    runner, closers = build_runner(settings, engine, stages)
+    services = build_services(settings, runs_images=True, stages=stages)
+    engine = services.engine
+    runner = InProcessRunner.from_services(services)
     _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
     runner.start()
     try:
@@ -86,5 +81,4 @@ def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settin
         for attempt in range(1, 4):
             stages.let_go[attempt].set()
         runner.stop()
-        for close in closers:
-            close()
+        services.close()

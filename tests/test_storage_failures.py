@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app, stage_config
+from app.composition import stage_config
+from app.main import create_app
 from app.pipeline.stages import ImageStages
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished

@@ -1,17 +1,24 @@
-"""Runners: what takes committed work units and drives them through the pipeline."""
+"""Runners: where the task bodies (app/tasks.py) run.
 
-from typing import Protocol
+inprocess.py       threads in the web process, the database as the queue (default)
+celery_worker.py   Celery workers on RabbitMQ or Redis; the API only publishes hints
+processes.py       the image worker processes either runner hands stages to
+"""
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from app.composition import Services
 
 
 class Runner(Protocol):
-    """The seam between the API and whatever executes work (threads here, a broker later)."""
+    """The seam between the API and whatever executes work."""
 
     def start(self) -> None: ...
 
     def dispatch(self, request_pk: int) -> None:
         """The request's images are committed and pending: see that they get processed.
-        A broker-based runner sends one message per image id (each message is one
-        pipeline.process_image call); the in-process runner reads them from the database."""
+        A message is only a hint that work exists; the ledger decides who does what."""
 
     def notify_webhooks(self) -> None: ...
 
@@ -20,3 +27,13 @@ class Runner(Protocol):
         image succeeds again; None when the stages work."""
 
     def stop(self) -> None: ...
+
+
+def build_runner(services: "Services") -> Runner:
+    if services.settings.task_backend == "celery":
+        from app.workers.celery_app import CeleryDispatcher
+
+        return CeleryDispatcher(services)
+    from app.workers.inprocess import InProcessRunner
+
+    return InProcessRunner.from_services(services)

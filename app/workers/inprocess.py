@@ -15,35 +15,33 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from app.pipeline.process import (
-    ImagePipeline,
-    expired_claim_ids,
-    next_claimable_ids,
-    seconds_until_next_retry,
+from app.composition import PARALLEL_DELIVERIES, Services
+from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
+from app.queue import ImageLedger
+from app.tasks import (
+    DB_RETRY_SECONDS,
+    RECORD_BATCH_MAX,
+    RECORD_LINGER_SECONDS,
+    HeldClaims,
+    idle_wait_seconds,
+    process_claimed,
+    record_outcomes,
 )
-from app.pipeline.stages import ImageOutcome, WorkUnit
 from app.webhooks.delivery import WebhookDeliverer
-from app.workers.processes import WorkerCrashed, WorkerLost
 
 log = logging.getLogger(__name__)
 
-RECORD_BATCH_MAX = 500
-# Outcomes wait at most this long for others to share their transaction; each commit costs
-# a couple of milliseconds of Python, which would otherwise be paid once per image.
-RECORD_LINGER_SECONDS = 0.05
 WEBHOOK_IDLE_POLL_SECONDS = 5.0
 WEBHOOK_MIN_POLL_SECONDS = 0.02
-PARALLEL_DELIVERIES = 4
-DB_RETRY_SECONDS = 1.0
 
 
 class InProcessRunner:
     def __init__(
         self,
-        pipeline: ImagePipeline,
+        ledger: ImageLedger,
+        stages: StageRunner,
         deliverer: WebhookDeliverer,
         *,
         concurrency: int,
@@ -51,7 +49,8 @@ class InProcessRunner:
         recovery_interval_seconds: float,
         shutdown_grace_seconds: float,
     ):
-        self.pipeline = pipeline
+        self.ledger = ledger
+        self.stages = stages
         self.deliverer = deliverer
         self.concurrency = concurrency
         self.claim_batch = max(8, concurrency * 2)
@@ -61,10 +60,7 @@ class InProcessRunner:
 
         self._units: queue.Queue[WorkUnit | None] = queue.Queue(maxsize=self.claim_batch)
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
-        # Claimed and not yet recorded, by (image id, attempt): after a lost lease the same
-        # image may be held under an old claim and a new one at once.
-        self._held: dict[tuple[int, int], WorkUnit] = {}
-        self._held_lock = threading.Lock()
+        self._held = HeldClaims()
         # "code: message" of the latest transient failure, until an image succeeds again.
         self._transient_failure: str | None = None
         self._wake_feeder = threading.Event()
@@ -74,6 +70,20 @@ class InProcessRunner:
         self._feeder: threading.Thread | None = None
         self._recorder: threading.Thread | None = None
         self._webhooks: threading.Thread | None = None
+
+    @classmethod
+    def from_services(cls, services: Services) -> "InProcessRunner":
+        assert services.stages is not None, "the in-process runner needs the stages"
+        settings = services.settings
+        return cls(
+            services.ledger,
+            services.stages,
+            services.deliverer,
+            concurrency=settings.worker_concurrency,
+            lease_seconds=settings.lease_seconds,
+            recovery_interval_seconds=settings.recovery_interval_seconds,
+            shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        )
 
     # -- the runner interface ---------------------------------------------------------
 
@@ -112,7 +122,7 @@ class InProcessRunner:
                 break
             if unit is not None:
                 unstarted.append(unit)
-        self._release(unstarted)
+        self._held.hand_back(self.ledger, unstarted)
         for _ in self._workers:
             self._units.put(None)
         deadline = time.monotonic() + self.shutdown_grace_seconds
@@ -121,9 +131,7 @@ class InProcessRunner:
         self._outcomes.put(None)
         if self._recorder:
             self._recorder.join(timeout=max(5.0, deadline - time.monotonic()))
-        with self._held_lock:
-            unfinished = list(self._held.values())
-        self._release(unfinished)
+        self._held.hand_back(self.ledger, self._held.units())
         if self._webhooks:
             self._webhooks.join(timeout=5)
 
@@ -150,32 +158,21 @@ class InProcessRunner:
         next_expiry_scan = 0.0  # at once: work a crashed process left behind
         last_request_served = 0  # the feeder's place in the requests' turns
         while not self._stopping.is_set():
-            with self.pipeline.sessions() as session:
-                # Only reads: no need for SQLite's write lock (see app.db.session).
-                session.connection(execution_options={"sqlite_begin_immediate": False})
-                ids = []
-                if time.monotonic() >= next_expiry_scan:
-                    ids = expired_claim_ids(session, self.pipeline, self.claim_batch)
-                    next_expiry_scan = time.monotonic() + self.recovery_interval_seconds
-                pending, last_request_served = next_claimable_ids(
-                    session, self.claim_batch, last_request_served
-                )
-                ids += pending
-                idle_seconds = min(self.recovery_interval_seconds, self.heartbeat_seconds)
-                if not ids:
-                    next_retry = seconds_until_next_retry(session)
-                    if next_retry is not None:
-                        idle_seconds = min(idle_seconds, next_retry)
-            if not ids:
-                self._wake_feeder.wait(idle_seconds)
+            expired_too = time.monotonic() >= next_expiry_scan
+            if expired_too:
+                next_expiry_scan = time.monotonic() + self.recovery_interval_seconds
+            units, last_request_served = self.ledger.claim_next(
+                self.claim_batch, last_request_served, expired_too=expired_too
+            )
+            if not units:
+                idle = min(self.recovery_interval_seconds, self.heartbeat_seconds)
+                self._wake_feeder.wait(idle_wait_seconds(self.ledger, idle))
                 self._wake_feeder.clear()
                 continue
-            units = self.pipeline.claim_images(ids)
-            with self._held_lock:
-                self._held.update(((unit.image_id, unit.attempt), unit) for unit in units)
+            self._held.add(units)
             for index, unit in enumerate(units):
                 if not self._put_unit(unit):
-                    self._release(units[index:])
+                    self._held.hand_back(self.ledger, units[index:])
                     return
 
     def _put_unit(self, unit: WorkUnit) -> bool:
@@ -192,19 +189,8 @@ class InProcessRunner:
             unit = self._units.get()
             if unit is None:
                 return
-            try:
-                outcome = self.pipeline.run(unit)
-            except WorkerCrashed:
-                log.warning("image %s was being decoded when its worker process died", unit.image_id)
-                self._charge_crash(unit)
-                self._wake_feeder.set()
-                continue
-            except Exception as exc:  # never keep a unit whose outcome will not come
-                if isinstance(exc, WorkerLost):
-                    log.warning("image %s lost with its worker process; handing it back", unit.image_id)
-                else:
-                    log.exception("running image %s failed; handing it back", unit.image_id)
-                self._release([unit])
+            outcome = process_claimed(self.ledger, self.stages, self._held, unit)
+            if outcome is None:  # handed back: another claim may take it
                 self._wake_feeder.set()
                 continue
             if outcome.retry_later:
@@ -238,27 +224,14 @@ class InProcessRunner:
                     stopping = True
                     break
                 batch.append(outcome)
-            events = self._record(batch)
-            with self._held_lock:
-                for outcome in batch:
-                    self._held.pop((outcome.unit.image_id, outcome.unit.attempt), None)
+            events = record_outcomes(self.ledger, self._held, batch, self._stopping)
             if events:
                 self._wake_webhooks.set()
             if any(outcome.retry_later for outcome in batch):
                 self._wake_feeder.set()  # to sleep until the new retry times, not longer
 
     def _others_in_flight(self, waiting_outcomes: int) -> bool:
-        with self._held_lock:
-            return len(self._held) > waiting_outcomes
-
-    def _record(self, batch: list[ImageOutcome]) -> list[int]:
-        # Outcomes are never dropped: if the database is away, wait and try again.
-        while True:
-            try:
-                return self.pipeline.record_outcomes(batch)
-            except Exception:
-                log.exception("recording %d outcomes failed; retrying", len(batch))
-                time.sleep(DB_RETRY_SECONDS)
+        return len(self._held) > waiting_outcomes
 
     def _webhook_loop(self) -> None:
         """Start an attempt for each due event without waiting for earlier ones, so a slow
@@ -301,27 +274,4 @@ class InProcessRunner:
             self._heartbeat()
 
     def _heartbeat(self) -> None:
-        with self._held_lock:
-            held = list(self._held.values())
-        self.pipeline.renew_leases(held)
-
-    def _release(self, units: Sequence[WorkUnit]) -> None:
-        if not units:
-            return
-        try:
-            self.pipeline.release(units)
-        except Exception:
-            log.exception("could not release %d units; their leases will expire", len(units))
-        self._forget(units)
-
-    def _charge_crash(self, unit: WorkUnit) -> None:
-        try:
-            self.pipeline.charge_crashes([(unit.image_id, unit.attempt)])
-        except Exception:
-            log.exception("could not charge image %s a crash; its lease will expire", unit.image_id)
-        self._forget([unit])
-
-    def _forget(self, units: Sequence[WorkUnit]) -> None:
-        with self._held_lock:
-            for unit in units:
-                self._held.pop((unit.image_id, unit.attempt), None)
+        self._held.renew(self.ledger)

@@ -1,18 +1,19 @@
-"""The unit of work: one image, by database id.
+"""The ledger: which image is whose, and what became of it. The database is the truth.
 
-    claim_images(ids)  -> WorkUnits     guarded pending -> processing, with a lease
-    run(unit)          -> ImageOutcome   fetch -> compress -> store (app/pipeline/stages.py),
-                                         or `worker_crashed` for an image that has taken
-                                         down MAX_WORKER_CRASHES workers
-    record_outcomes(outcomes)            guarded processing -> succeeded/failed, request
-                                         counters, and the request finished exactly once;
-                                         or, after a transient failure, back to pending,
-                                         not claimable before a backoff time (retry_at)
+    claim_next(limit, turn)  -> WorkUnits   the next images, requests taking turns
+                                            (app/queue/turns.py), plus expired claims
+    claim_images(ids)        -> WorkUnits   guarded pending -> processing, with a lease
+    renew_leases / release / charge_crashes  guarded by the claim they name
+    record_outcomes(outcomes)               guarded processing -> succeeded/failed, request
+                                            counters, and the request finished exactly
+                                            once; or, after a transient failure, back to
+                                            pending, not claimable before retry_at
 
-`process_image(image_id)` chains the three; a runner may batch the database ends and run
-the stages wherever it likes (threads, or worker processes). Every state change is
-guarded by the claim's attempt number, so a unit handled twice (a lost lease, a crash and
-restart, a duplicate dispatch) changes nothing the second time.
+What happens between a claim and its outcome (fetch -> compress -> store) is the
+stages' business (app/pipeline/), and which process does it is the runner's
+(app/workers/); app/tasks.py holds the task bodies every runner calls. Every state change
+is guarded by the claim's attempt number, so a unit handled twice (a lost lease, a crash
+and restart, a duplicate message) changes nothing the second time.
 
 `attempts` counts claims and is the claim's token; `crash_count` counts only the worker
 crashes an image was being decoded in (charge_crashes). Hand-backs and expired leases
@@ -34,22 +35,22 @@ from app.db.models import (
     ProcessingRequest,
     RequestStatus,
 )
-from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
+from app.pipeline.stages import ImageOutcome, WorkUnit
+from app.queue.turns import (
+    expired_claim_ids,
+    next_claimable_ids,
+    not_waiting_for_retry,
+    seconds_until_next_retry,
+)
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
-
-MAX_WORKER_CRASHES = 3
 
 
 def retry_delay_seconds(transient_failures: int, base_seconds: float, max_seconds: float) -> float:
     """Backoff before the next try of an image that failed transiently that many times
     before: base, doubling, capped."""
     return min(max_seconds, base_seconds * 2 ** min(transient_failures, 32))
-
-
-def _not_waiting_for_retry(now):
-    return or_(Image.retry_at.is_(None), Image.retry_at <= now)
 
 
 def _outcome_params(outcome: "ImageOutcome") -> dict:
@@ -74,19 +75,17 @@ def _claims(units: Sequence[WorkUnit]) -> list[tuple[int, int]]:
     return [(unit.image_id, unit.attempt) for unit in units]
 
 
-class ImagePipeline:
+class ImageLedger:
     def __init__(
         self,
         *,
         sessions: sessionmaker[Session],
-        stages: StageRunner,
         lease_seconds: float,
         public_base_url: str,
         retry_base_seconds: float,
         retry_max_seconds: float,
     ):
         self.sessions = sessions
-        self.stages = stages
         self.lease = timedelta(seconds=lease_seconds)
         self.public_base_url = public_base_url
         self.retry_base_seconds = retry_base_seconds
@@ -100,9 +99,29 @@ class ImagePipeline:
         now = now or utcnow()
         cutoff = now - self.lease
         return or_(
-            and_(Image.status == ImageStatus.PENDING, _not_waiting_for_retry(now)),
+            and_(Image.status == ImageStatus.PENDING, not_waiting_for_retry(now)),
             and_(Image.status == ImageStatus.PROCESSING, Image.claimed_at < cutoff),
         )
+
+    def claim_next(
+        self, limit: int, after_request_pk: int = 0, *, expired_too: bool = False
+    ) -> tuple[list[WorkUnit], int]:
+        """Claim up to `limit` images, requests taking turns from after `after_request_pk`
+        (plus, with expired_too, images whose claim expired because their process died);
+        returns them and the last request served, to pass back next time."""
+        with self.sessions() as session:
+            # Only reads: no need for SQLite's write lock (see app.db.session).
+            session.connection(execution_options={"sqlite_begin_immediate": False})
+            ids = expired_claim_ids(session, self.lease, limit) if expired_too else []
+            pending, last_served = next_claimable_ids(session, limit, after_request_pk)
+        return self.claim_images(ids + pending), last_served
+
+    def seconds_until_next_retry(self) -> float | None:
+        """How long until the earliest image waiting for a retry may be claimed; None when
+        no image waits."""
+        with self.sessions() as session:
+            session.connection(execution_options={"sqlite_begin_immediate": False})
+            return seconds_until_next_retry(session)
 
     def claim_images(self, image_ids: Sequence[int]) -> list[WorkUnit]:
         if not image_ids:
@@ -154,17 +173,6 @@ class ImagePipeline:
         units.sort(key=lambda unit: unit.image_id)
         return units
 
-    def run(self, unit: WorkUnit) -> ImageOutcome:
-        """The unit's outcome: its stages' result, or `worker_crashed` without running them
-        for an image that has taken down MAX_WORKER_CRASHES worker processes."""
-        if unit.crashes >= MAX_WORKER_CRASHES:
-            return ImageOutcome(
-                unit,
-                error_code="worker_crashed",
-                error_message=f"the process decoding this image stopped unexpectedly, {unit.crashes} times",
-            )
-        return self.stages.run(unit)
-
     def release(self, units: Sequence[WorkUnit]) -> None:
         """Hand claimed but unprocessed units back (graceful shutdown, a lost worker)."""
         self._update_still_claimed(_claims(units), status=ImageStatus.PENDING, claimed_at=None)
@@ -172,7 +180,7 @@ class ImagePipeline:
     def charge_crashes(self, claims: Sequence[tuple[int, int]]) -> None:
         """Hand back units, given as (image id, attempt), that were being decoded when
         their process died, with one more crash charged to each; the next claim of an
-        image at MAX_WORKER_CRASHES fails it (run)."""
+        image at MAX_WORKER_CRASHES fails it (app/tasks.py)."""
         self._update_still_claimed(
             claims, status=ImageStatus.PENDING, claimed_at=None, crash_count=Image.crash_count + 1
         )
@@ -340,85 +348,3 @@ class ImagePipeline:
         request = session.get(ProcessingRequest, request_pk)
         assert request is not None
         return create_finished_event(session, request, self.public_base_url)
-
-    def process_image(self, image_id: int) -> list[int]:
-        """Claim, run and record one image; returns webhook event ids to deliver."""
-        return [
-            event_id
-            for unit in self.claim_images([image_id])
-            for event_id in self.record_outcomes([self.run(unit)])
-        ]
-
-
-# Built once: the feeder runs these many times a second, and building a statement costs
-# more Python than running it.
-_UNFINISHED_REQUESTS_IN_TURN = (
-    select(ProcessingRequest.id)
-    .where(ProcessingRequest.status.in_((RequestStatus.PENDING, RequestStatus.PROCESSING)))
-    .order_by(case((ProcessingRequest.id > bindparam("after"), 0), else_=1), ProcessingRequest.id)
-    .limit(bindparam("turns"))
-)
-_PENDING_OF_REQUEST = (
-    select(Image.id)
-    .where(
-        Image.request_pk == bindparam("request_pk"),
-        Image.status == ImageStatus.PENDING,
-        _not_waiting_for_retry(bindparam("now")),
-    )
-    .order_by(Image.id)
-    .limit(bindparam("share"))
-)
-# Only images waiting for a retry have a retry_at in the future (a claimed image's has
-# passed), so no status test: it would tempt the planners to scan every pending image.
-_NEXT_RETRY = (
-    select(Image.retry_at).where(Image.retry_at > bindparam("now")).order_by(Image.retry_at).limit(1)
-)
-_EXPIRED_CLAIMS = (
-    select(Image.id)
-    .where(Image.status == ImageStatus.PROCESSING, Image.claimed_at < bindparam("cutoff"))
-    .order_by(Image.id)
-    .limit(bindparam("limit"))
-)
-
-
-def expired_claim_ids(session: Session, pipeline: ImagePipeline, limit: int) -> list[int]:
-    """Images claimed by a process that stopped renewing its lease (it died)."""
-    cutoff = utcnow() - pipeline.lease
-    return list(session.connection().scalars(_EXPIRED_CLAIMS, {"cutoff": cutoff, "limit": limit}))
-
-
-def next_claimable_ids(session: Session, limit: int, after_request_pk: int = 0) -> tuple[list[int], int]:
-    """Pending image ids to claim next, and the last request served (pass it back next
-    time).
-
-    Unfinished requests take turns: each round serves up to `limit` of them, starting
-    after `after_request_pk` and wrapping around, and shares `limit` images between them,
-    oldest first within each, so a small batch is not stuck behind big ones however many
-    arrive. Images waiting for a retry are skipped; a turn of requests that only have
-    such images passes straight on to the next, so they hold up nobody."""
-    connection = session.connection()
-    now = utcnow()
-    served = after_request_pk
-    seen: set[int] = set()
-    while True:
-        turn = list(connection.scalars(_UNFINISHED_REQUESTS_IN_TURN, {"after": served, "turns": limit}))
-        if not turn or turn[0] in seen:  # none, or all the way round without finding work
-            return [], served
-        share = -(-limit // len(turn))  # ceiling division
-        ids: list[int] = []
-        for request_pk in turn:
-            ids += connection.scalars(
-                _PENDING_OF_REQUEST, {"request_pk": request_pk, "share": share, "now": now}
-            )
-        served = turn[-1]
-        if ids or len(turn) < limit:  # a short turn held every unfinished request
-            return sorted(ids), served
-        seen.update(turn)
-
-
-def seconds_until_next_retry(session: Session) -> float | None:
-    """How long until the earliest image waiting for a retry may be claimed; None when
-    no image waits."""
-    now = utcnow()
-    retry_at = session.connection().scalar(_NEXT_RETRY, {"now": now})
-    return None if retry_at is None else max(0.0, (retry_at - now).total_seconds())

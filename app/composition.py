@@ -1,0 +1,143 @@
+"""One composition of the service's parts, settings -> engine -> storage -> stages ->
+ledger -> webhooks, shared by the FastAPI app (app/main.py), the in-process runner and
+the Celery worker (app/workers/celery_worker.py), so they cannot drift apart."""
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
+from app.guarded_http import AddressPolicy, guarded_session, parse_allowlist
+from app.pipeline.compress import warm_up
+from app.pipeline.decoding import NOTES_DIR_NAME, charge_dead_notes, open_note
+from app.pipeline.memory import MIB
+from app.pipeline.stages import ImageStages, StageConfig, StageRunner
+from app.queue import ImageLedger
+from app.storage import ImageStorage, OutputUrls, StorageConfig, build_storage
+from app.storage.local import LocalFileStorage
+from app.webhooks.delivery import WebhookDeliverer
+from app.workers.processes import ImageProcesses
+
+log = logging.getLogger(__name__)
+
+PARALLEL_DELIVERIES = 4
+
+
+def storage_config(settings: Settings) -> StorageConfig:
+    return StorageConfig(
+        backend=settings.storage_backend,
+        media_root=settings.media_root,
+        s3_bucket=settings.s3_bucket,
+        s3_prefix=settings.s3_prefix,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        s3_region=settings.s3_region,
+        s3_presign_seconds=settings.s3_presign_seconds,
+    )
+
+
+def stage_config(settings: Settings) -> StageConfig:
+    """The stages' settings; the limits are each worker process's part of the whole."""
+    processes = settings.image_processes
+    return StageConfig(
+        allow_private_hosts=settings.allow_private_hosts,
+        download_timeout_seconds=settings.download_timeout_seconds,
+        max_image_bytes=settings.max_image_bytes,
+        jpeg_quality=settings.jpeg_quality,
+        max_image_pixels=settings.max_image_pixels,
+        storage=storage_config(settings),
+        downloads=math.ceil(settings.worker_concurrency / max(processes, 1)),
+        compress_slots=math.ceil(settings.compress_concurrency / max(processes, 1)),
+        memory_budget_bytes=settings.worker_memory_mb * MIB,
+    )
+
+
+def decoding_notes_folder(settings: Settings) -> Path:
+    """Where web processes that decode on their own threads note what they decode."""
+    return settings.media_root / NOTES_DIR_NAME
+
+
+def build_stages(settings: Settings) -> StageRunner:
+    """Where fetch -> compress -> store runs: IMAGE_PROCESSES worker processes sharing the
+    downloads and compressions between them, or threads in this process when it is 0."""
+    processes = settings.image_processes
+    config = stage_config(settings)
+    if processes == 0:
+        warm_up()
+        # A decoder crash here takes this process down: the note outlives it.
+        note = open_note(decoding_notes_folder(settings), config.compress_slots)
+        return ImageStages.from_config(config, decoding_slots=note)
+    return ImageProcesses(config, processes=processes, threads=config.downloads)
+
+
+@dataclass
+class Services:
+    """The parts a process of the service works with; close() releases them."""
+
+    settings: Settings
+    engine: Engine
+    reader_sessions: sessionmaker[Session]
+    writer_sessions: sessionmaker[Session]
+    storage: ImageStorage
+    output_urls: OutputUrls
+    ledger: ImageLedger
+    deliverer: WebhookDeliverer
+    stages: StageRunner | None = None  # only in a process that runs images
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        # In-flight images had the runner's grace period; what is left was handed back.
+        if self.stages is not None:
+            self.stages.close()
+        for close in self.closers:
+            close()
+        self.engine.dispose()
+
+
+def build_services(settings: Settings, *, runs_images: bool, stages: StageRunner | None = None) -> Services:
+    """The parts of one process. With runs_images, also the stages (`stages` replaces
+    those build_stages would make), after charging the images a dead predecessor of this
+    process was decoding."""
+    engine = build_engine(settings.database_url)
+    writer_sessions = writer_sessionmaker(engine)
+    # Its own allowlist: a host allowed as an image source must not become a target any
+    # client can POST to and read the reply of (the delivery log keeps an excerpt).
+    webhook_http = guarded_session(
+        AddressPolicy(parse_allowlist(settings.webhook_allow_private_hosts)), pool_size=PARALLEL_DELIVERIES
+    )
+    ledger = ImageLedger(
+        sessions=writer_sessions,
+        lease_seconds=settings.lease_seconds,
+        public_base_url=settings.base_url,
+        retry_base_seconds=settings.transient_retry_base_seconds,
+        retry_max_seconds=settings.transient_retry_max_seconds,
+    )
+    services = Services(
+        settings=settings,
+        engine=engine,
+        reader_sessions=reader_sessionmaker(engine),
+        writer_sessions=writer_sessions,
+        storage=build_storage(storage_config(settings)),
+        output_urls=OutputUrls(settings.output_url_base),
+        ledger=ledger,
+        deliverer=WebhookDeliverer(
+            sessions=writer_sessions,
+            http=webhook_http,
+            secret=settings.webhook_secret,
+            timeout_seconds=settings.webhook_timeout_seconds,
+            max_attempts=settings.webhook_max_attempts,
+            retry_base_seconds=settings.webhook_retry_base_seconds,
+        ),
+        closers=[webhook_http.close],
+    )
+    if runs_images:
+        if settings.storage_backend == "local":
+            LocalFileStorage(settings.media_root).remove_stale_temp_files()
+        services.stages = stages or build_stages(settings)
+        charge_dead_notes(decoding_notes_folder(settings), ledger.charge_crashes)
+    return services
