@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 POSTGRES_TEST_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run migrate test test-postgres test-all lint format bench clean
+.PHONY: help install install-dev run worker migrate test test-postgres test-all lint format bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ install-dev: $(VENV)/.dev-installed ## Add the test and lint tools
 
 run: install ## Apply migrations and serve on HOST:PORT (settings from the environment or .env)
 	$(PY) -m app
+
+worker: install ## Start a Celery worker (TASK_BACKEND=celery; same settings as `make run`)
+	$(PY) -m celery --app app.workers.celery_worker worker --loglevel INFO --without-gossip --without-mingle
 
 migrate: install ## Apply Alembic migrations to DATABASE_URL
 	$(PY) -m alembic upgrade head

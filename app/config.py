@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     public_base_url: str = ""
     task_backend: Literal["inprocess", "celery"] = "inprocess"
     celery_broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    celery_queue: str = Field("image_service", min_length=1)
     storage_backend: Literal["local", "s3"] = "local"
     media_public_base_url: str = ""
     s3_bucket: str = ""

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, case, or_, select, update
+from sqlalchemy import and_, bindparam, case, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
@@ -122,6 +122,13 @@ class ImageLedger:
         with self.sessions() as session:
             session.connection(execution_options={"sqlite_begin_immediate": False})
             return seconds_until_next_retry(session)
+
+    def has_claimable_work(self) -> bool:
+        """Whether some image could be claimed now (pending and due, or claimed by a
+        process that stopped renewing its lease)."""
+        with self.sessions() as session:
+            session.connection(execution_options={"sqlite_begin_immediate": False})
+            return bool(session.scalar(select(exists().where(self.claimable()))))
 
     def claim_images(self, image_ids: Sequence[int]) -> list[WorkUnit]:
         if not image_ids:

@@ -1,0 +1,174 @@
+"""The Celery worker: `make worker` runs `celery --app app.workers.celery_worker worker`.
+
+Each worker process builds the same parts as the web process (app/composition.py), with
+its own image worker processes, and runs the same task bodies (app/tasks.py):
+
+    process_images    claim the next images fairly, run them, record them; a worker that
+                      claimed a full batch first publishes another hint, so idle workers
+                      join in and a big batch spreads over every worker
+    deliver_webhooks  one attempt for each due webhook event
+
+Alongside, threads of its own: a heartbeat renews the leases of the images it holds, and
+a sweep (one worker at a time, under a database lock) publishes a hint when claimable
+work exists and no hint waits in the queue (a lost message, a flushed or restarted
+broker, expired claims of a dead worker, images whose retry time came) and when webhook
+events are due. A deployment runs the API and any number of workers; nothing else.
+"""
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from amqp.exceptions import ChannelError
+from celery import signals
+from sqlalchemy import text
+
+from app.composition import PARALLEL_DELIVERIES, Services, build_services
+from app.config import get_settings
+from app.tasks import HeldClaims, deliver_due_webhooks, process_next_images
+from app.workers.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
+from app.workers.celery_app import publish as publish_hint
+
+log = logging.getLogger(__name__)
+
+# Any constant will do: it names the sweep's lock among PostgreSQL advisory locks.
+SWEEP_LOCK_KEY = 0x1A6E5E3B
+
+settings = get_settings()
+app = make_celery(settings)
+
+
+class WorkerRuntime:
+    """What one Celery worker process holds between tasks."""
+
+    def __init__(self, services: Services):
+        self.services = services
+        self.settings = services.settings
+        self.held = HeldClaims()
+        self.image_pool = ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="image")
+        self.webhook_pool = ThreadPoolExecutor(PARALLEL_DELIVERIES, thread_name_prefix="webhook")
+        self.claim_batch = max(8, self.settings.worker_concurrency * 2)
+        self.last_request_served = 0  # this worker's place in the requests' turns
+        self.stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._heartbeat_loop, name="lease-heartbeat", daemon=True),
+            threading.Thread(target=self._sweep_loop, name="sweep", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.image_pool.shutdown(wait=True, cancel_futures=True)
+        self.webhook_pool.shutdown(wait=False, cancel_futures=True)
+        self.held.hand_back(self.services.ledger, self.held.units())
+        self.services.close()
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def process_images(self) -> None:
+        def on_claimed(count: int) -> None:
+            if count >= self.claim_batch:  # there may be more: let another worker join in
+                publish(PROCESS_IMAGES)
+
+        assert self.services.stages is not None
+        result = process_next_images(
+            self.services.ledger,
+            self.services.stages,
+            self.held,
+            self.image_pool,
+            limit=self.claim_batch,
+            after_request_pk=self.last_request_served,
+            stopping=self.stopping,
+            on_claimed=on_claimed,
+        )
+        self.last_request_served = result.last_request_served
+        if result.transient_failure:
+            log.warning("images wait to be retried after a transient failure: %s", result.transient_failure)
+        if result.events:
+            publish(DELIVER_WEBHOOKS)
+
+    def deliver_webhooks(self) -> None:
+        deliver_due_webhooks(self.services.deliverer, self.webhook_pool)
+
+    # -- threads ------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping.wait(self.settings.lease_seconds / 3):
+            try:
+                self.held.renew(self.services.ledger)
+            except Exception:
+                log.exception("renewing leases failed; trying again")
+
+    def _sweep_loop(self) -> None:
+        while not self.stopping.wait(self.settings.recovery_interval_seconds):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("the sweep failed; trying again")
+
+    def sweep(self) -> None:
+        with self.services.writer_sessions.begin() as session:
+            if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK_KEY}):
+                return  # another worker sweeps now
+            work_waiting = self.services.ledger.has_claimable_work()
+            webhooks_due = bool(self.services.deliverer.due_event_ids(limit=1))
+            if work_waiting and waiting_hints() == 0:
+                log.info("claimable images and no message announcing them: publishing one")
+                publish(PROCESS_IMAGES)
+            if webhooks_due:
+                publish(DELIVER_WEBHOOKS)
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("the worker runtime starts with the Celery worker (worker_init)")
+    return _runtime
+
+
+def publish(task_name: str) -> None:
+    publish_hint(app, task_name)
+
+
+def waiting_hints() -> int:
+    """Messages waiting in the queue. Declaring first also re-creates a queue the broker
+    lost (a flushed Redis loses the queue's binding, and messages published without it
+    would go nowhere)."""
+    with app.connection_for_write() as connection:
+        queue = app.amqp.queues[settings.celery_queue].bind(connection.default_channel)
+        queue.declare()
+        try:
+            return queue.queue_declare(passive=True).message_count
+        except ChannelError:  # Redis keeps no empty queue: nothing waits
+            return 0
+
+
+@signals.worker_init.connect
+def _start_runtime(**_) -> None:
+    global _runtime
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _runtime = WorkerRuntime(build_services(settings, runs_images=True))
+    _runtime.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_runtime(**_) -> None:
+    if _runtime is not None:
+        _runtime.close()
+
+
+@app.task(name=PROCESS_IMAGES)
+def process_images() -> None:
+    runtime().process_images()
+
+
+@app.task(name=DELIVER_WEBHOOKS)
+def deliver_webhooks() -> None:
+    runtime().deliver_webhooks()
