@@ -9,11 +9,17 @@ Figures (medians of BENCH_RUNS runs where it says so):
 2. tiny images (64x64) through the service, images per second;
 3. a 100,000-row CSV (3 URLs a row): time to the 202, then GET /status?limit=100
    latency (p50, p95) while that batch is being processed;
-4. the peak RSS of the service and its worker processes over all of it, added up.
+4. the peak RSS of the service and its worker processes over all of it, added up;
+5. on PostgreSQL, the in-process runner beside the Celery runner (the API and one
+   `make worker` process, RabbitMQ): photos and tiny images, and the cost of the broker
+   hop per image.
 
 Environment: BENCH_CORPUS=dir (real images instead of generated ones), BENCH_RUNS (3),
 BENCH_PHOTOS (40), BENCH_TINY (3000), BENCH_ROWS (100000), BENCH_DATABASE_URL (a
-PostgreSQL URL to run on it instead of a temporary SQLite file; its tables are emptied).
+PostgreSQL URL to run on it instead of a temporary SQLite file; its tables are emptied),
+BENCH_CELERY_DATABASE_URL (PostgreSQL for part 5; default the image_bench database on
+127.0.0.1, created if missing; "" skips part 5), BENCH_CELERY_BROKER_URL (RabbitMQ on
+127.0.0.1).
 """
 
 import csv
@@ -21,7 +27,9 @@ import io
 import json
 import os
 import random
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -179,6 +187,106 @@ def empty_postgres(url: str) -> None:
     engine.dispose()
 
 
+def ensure_postgres_database(url: str) -> bool:
+    """Create the URL's database if it is missing; False when PostgreSQL does not answer."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+    try:
+        admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            exists = connection.scalar(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": target.database}
+            )
+            if not exists:
+                connection.execute(text(f'CREATE DATABASE "{target.database}"'))
+        admin.dispose()
+    except Exception as exc:
+        print(f"PostgreSQL at {target.host}:{target.port} does not answer ({exc.__class__.__name__})")
+        return False
+    return True
+
+
+class CeleryWorkerProcess:
+    """One `make worker` process, as a deployment runs it."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "CeleryWorkerProcess":
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        command = [sys.executable, "-m", "celery", "--app", "app.workers.celery_worker", "worker"]
+        command += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while b" ready." not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Celery worker did not start; see {self.log_path}")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def runner_comparison(
+    database_url: str,
+    broker_url: str,
+    service_env: dict,
+    work: Path,
+    receiver,
+    corpus,
+    photo_urls,
+    tiny_urls,
+    runs,
+) -> dict:
+    """Photos and tiny images through each runner on the same PostgreSQL database."""
+    results = {}
+    for runner in ("inprocess", "celery"):
+        empty_postgres(database_url)
+        env = {**service_env, "DATABASE_URL": database_url, "TASK_BACKEND": runner}
+        env |= {"CELERY_BROKER_URL": broker_url, "CELERY_QUEUE": f"bench-{os.getpid()}"}
+        service = ServiceProcess(env, work / f"{runner}.log").start()
+        worker = CeleryWorkerProcess(env, work / "worker.log").start() if runner == "celery" else None
+        try:
+            print(f"== {runner} runner on PostgreSQL", flush=True)
+            photos = photo_runs(service, receiver, corpus, photo_urls, runs)
+            rates = []
+            for run in range(runs):
+                elapsed, body = run_batch(service, csv_bytes(tiny_urls, 3), receiver)
+                assert body["status"] == "completed", body
+                rates.append(len(tiny_urls) / elapsed)
+                print(f"tiny run {run + 1}: {rates[-1]:.0f} images/s", flush=True)
+            results[runner] = {
+                "photos": photos,
+                "tiny_per_second": round(statistics.median(rates)),
+                "tiny_runs": rates,
+            }
+        finally:
+            if worker is not None:
+                worker.stop()
+            service.stop()
+    inprocess, celery = results["inprocess"], results["celery"]
+    results["celery_vs_inprocess"] = {
+        "photos": round(inprocess["photos"]["service_s"] / celery["photos"]["service_s"], 3),
+        "tiny": round(celery["tiny_per_second"] / inprocess["tiny_per_second"], 3),
+        # What the broker adds to each image, from the tiny images' throughput.
+        "broker_hop_ms_per_image": round(
+            (1000 / celery["tiny_per_second"]) - (1000 / inprocess["tiny_per_second"]), 3
+        ),
+    }
+    return results
+
+
 def main() -> int:
     runs = env_int("BENCH_RUNS", 3)
     corpus_dir = os.environ.get("BENCH_CORPUS")
@@ -279,6 +387,15 @@ def main() -> int:
         finally:
             service.stop()
 
+        celery_database = os.environ.get(
+            "BENCH_CELERY_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/image_bench"
+        )
+        if celery_database and ensure_postgres_database(celery_database):
+            broker = os.environ.get("BENCH_CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+            results["runners"] = runner_comparison(
+                celery_database, broker, service_env, work, receiver, corpus, photo_urls, tiny_urls, runs
+            )
+
     print_table(results)
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"bench-{results['database']}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
@@ -307,10 +424,22 @@ def print_table(results: dict) -> None:
         ("images of that batch done while sampling", f"{big['images_done_while_sampling']:,}", ""),
         ("peak RSS over all, service + workers", f"{results['peak_rss_mb']:.0f} MB", "<= 500 MB"),
     ]
+    runners = results.get("runners")
+    if runners:
+        inprocess, celery, compared = runners["inprocess"], runners["celery"], runners["celery_vs_inprocess"]
+        rows += [
+            ("PostgreSQL, in-process: photos ceiling/service", f"{inprocess['photos']['ratio']:.3f}", ""),
+            ("PostgreSQL, Celery: photos ceiling/service", f"{celery['photos']['ratio']:.3f}", ""),
+            ("Celery / in-process, photos", f"{compared['photos']:.3f}", ">= 0.9"),
+            ("PostgreSQL, in-process: tiny images", f"{inprocess['tiny_per_second']} /s", ""),
+            ("PostgreSQL, Celery: tiny images", f"{celery['tiny_per_second']} /s", ""),
+            ("Celery / in-process, tiny images", f"{compared['tiny']:.3f}", ">= 0.9"),
+            ("broker hop, per image", f"{compared['broker_hop_ms_per_image']:.3f} ms", ""),
+        ]
     print(f"\nresults on {results['database']}, {results['cpus']} CPUs (medians of runs)")
-    print(f"{'figure':<44} {'value':>12}  target")
+    print(f"{'figure':<46} {'value':>12}  target")
     for name, value, target in rows:
-        print(f"{name:<44} {value:>12}  {target}")
+        print(f"{name:<46} {value:>12}  {target}")
 
 
 if __name__ == "__main__":
