@@ -4,13 +4,13 @@ import logging
 
 import uvicorn
 
-from app.config import get_settings
+from app.config import settings_or_exit
 from app.db.migrate import upgrade_to_head
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = get_settings()
+    settings = settings_or_exit()
     upgrade_to_head(settings.database_url)
     uvicorn.run(
         "app.main:create_app",

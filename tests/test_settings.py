@@ -51,3 +51,23 @@ def test_a_malformed_webhook_secret_is_refused_at_start_up_naming_the_setting(mo
 def test_a_secret_of_24_random_bytes_is_accepted():
     secret = "whsec_" + base64.b64encode(b"\xfb\xff" * 12).decode()
     assert Settings(_env_file=None, webhook_secret=secret).webhook_secret == secret
+
+
+def test_celery_on_sqlite_stops_the_service_at_start_up_saying_why(tmp_path):
+    import subprocess
+    import sys
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TASK_BACKEND": "celery",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'images.db'}",
+        "MEDIA_ROOT": str(tmp_path / "media"),
+    }
+    for command in (["-m", "app"], ["-m", "celery", "--app", "app.workers.celery_worker", "worker"]):
+        done = subprocess.run(
+            [sys.executable, *command], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode != 0
+        assert "TASK_BACKEND=celery needs a database every worker can reach" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert not (tmp_path / "images.db").exists()

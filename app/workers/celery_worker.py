@@ -24,7 +24,7 @@ from celery import signals
 from sqlalchemy import text
 
 from app.composition import PARALLEL_DELIVERIES, Services, build_services
-from app.config import get_settings
+from app.config import settings_or_exit
 from app.tasks import HeldClaims, deliver_due_webhooks, process_next_images
 from app.workers.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
 from app.workers.celery_app import publish as publish_hint
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # Any constant will do: it names the sweep's lock among PostgreSQL advisory locks.
 SWEEP_LOCK_KEY = 0x1A6E5E3B
 
-settings = get_settings()
+settings = settings_or_exit()
 app = make_celery(settings)
 
 
