@@ -148,6 +148,17 @@ def photo_runs(
     }
 
 
+def tiny_runs(service: ServiceProcess, receiver: WebhookReceiver, urls: list[str], runs: int) -> dict:
+    """Images per second through the service, median of `runs` batches of tiny images."""
+    rates = []
+    for run in range(runs):
+        elapsed, body = run_batch(service, csv_bytes(urls, 3), receiver)
+        assert body["status"] == "completed", body
+        rates.append(len(urls) / elapsed)
+        print(f"tiny run {run + 1}: {rates[-1]:.0f} images/s", flush=True)
+    return {"images": len(urls), "per_second": round(statistics.median(rates)), "runs": rates}
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of the service and its worker processes, added up."""
     total_kb = 0
@@ -260,16 +271,11 @@ def runner_comparison(
         try:
             print(f"== {runner} runner on PostgreSQL", flush=True)
             photos = photo_runs(service, receiver, corpus, photo_urls, runs)
-            rates = []
-            for run in range(runs):
-                elapsed, body = run_batch(service, csv_bytes(tiny_urls, 3), receiver)
-                assert body["status"] == "completed", body
-                rates.append(len(tiny_urls) / elapsed)
-                print(f"tiny run {run + 1}: {rates[-1]:.0f} images/s", flush=True)
+            tiny = tiny_runs(service, receiver, tiny_urls, runs)
             results[runner] = {
                 "photos": photos,
-                "tiny_per_second": round(statistics.median(rates)),
-                "tiny_runs": rates,
+                "tiny_per_second": tiny["per_second"],
+                "tiny_runs": tiny["runs"],
             }
         finally:
             if worker is not None:
@@ -345,17 +351,7 @@ def main() -> int:
             results["photos"] = photo_runs(service, receiver, corpus, photo_urls, runs)
             results["photos"]["peak_rss_mb"] = round(peak_rss_mb(service.process.pid), 1)
 
-            rates = []
-            for run in range(runs):
-                elapsed, body = run_batch(service, csv_bytes(tiny_urls, 3), receiver)
-                assert body["status"] == "completed", body
-                rates.append(len(tiny_urls) / elapsed)
-                print(f"tiny run {run + 1}: {rates[-1]:.0f} images/s", flush=True)
-            results["tiny"] = {
-                "images": len(tiny_urls),
-                "per_second": round(statistics.median(rates)),
-                "runs": rates,
-            }
+            results["tiny"] = tiny_runs(service, receiver, tiny_urls, runs)
 
             rows = env_int("BENCH_ROWS", 100_000)
             big = csv_bytes([tiny_urls[n % len(tiny_urls)] + f"?n={n}" for n in range(rows * 3)], 3)
