@@ -15,7 +15,7 @@ IMAGE_ERROR_SENTENCES: dict[str, str] = {
     "too_many_redirects": "the URL redirects too many times: use the image's final address",
     "too_large": "the image is larger than this service accepts",
     "fetch_failed": "the image could not be downloaded",
-    "not_an_image": "the URL returned something else than an image (a web page?): check the URL",
+    "not_an_image": "the URL returned something other than an image (a web page?): check the URL",
     "corrupt_image": "the image file is damaged and cannot be read",
     "decompression_bomb": "the image has more pixels than this service accepts",
     "over_memory_budget": "the image is too large to decode within this service's memory limit",
