@@ -9,10 +9,12 @@ pipeline/stages.py (fetch.py, compress.py, then storage/) -> queue/ledger.py (ou
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.api.errors import install_error_handlers
+from app.api.html import STATIC_DIR
 from app.api.middleware import MULTIPART_OVERHEAD_BYTES, UploadSizeLimit
-from app.api.routes import download, health, status, upload
+from app.api.routes import download, health, pages, status, thumbnails, upload
 from app.api.routes.media import mount_processed_images
 from app.composition import build_services, storage_config
 from app.config import Settings, get_settings
@@ -56,8 +58,12 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
         UploadSizeLimit,
         max_body_bytes=settings.max_csv_bytes + MULTIPART_OVERHEAD_BYTES,
     )
-    for module in (upload, status, download, health):
+    # Pages first: their routes match only browsers and let JSON clients through.
+    app.include_router(pages.router)
+    for module in (upload, status, download, health, thumbnails):
         app.include_router(module.router)
+    app.include_router(pages.request_pages)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     storage = build_storage(storage_config(settings))
     app.state.storage = storage
     app.state.output_urls = OutputUrls(settings.output_url_base)

@@ -25,6 +25,9 @@ class ImageStorage(Protocol):
     def save(self, key: str, data: bytes, content_type: str = JPEG_CONTENT_TYPE) -> None:
         """Store data under key, whole or not at all; raises StoreFailure."""
 
+    def open(self, key: str) -> bytes:
+        """The bytes stored under key; FileNotFoundError when there are none."""
+
     def delete_prefix(self, key_prefix: str) -> int:
         """Remove every output under key_prefix (e.g. "{request_id}/"); returns how many."""
 

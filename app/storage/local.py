@@ -59,14 +59,23 @@ class LocalFileStorage:
     def path_for(self, key: str) -> Path:
         return self.root / key
 
+    def open(self, key: str) -> bytes:
+        with open(self.path_for(key), "rb") as stored:
+            return stored.read()
+
     def delete_prefix(self, key_prefix: str) -> int:
         folder = self.root / key_prefix
         if not key_prefix.strip("/") or not folder.is_dir():
             return 0
         removed = 0
-        for path in folder.glob("*"):
-            path.unlink(missing_ok=True)
-            removed += 1
+        # Deepest first, so the thumbs/ folder is empty by the time it is reached.
+        for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+                removed += 1
         with contextlib.suppress(OSError):
             folder.rmdir()
         return removed

@@ -1,7 +1,7 @@
 from typing import Annotated, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from sqlalchemy import select
 
@@ -13,7 +13,7 @@ from app.api.deps import (
     SettingsDep,
     WriterSessionDep,
 )
-from app.api.html import status_page
+from app.api.html import accepts_html, render_page
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import (
     ProductResult,
@@ -69,12 +69,27 @@ def get_status(
         products=[ProductResult.of(item, http_request.app.state.output_urls) for item in page],
         next_cursor=encode_cursor(next_id) if next_id is not None else None,
     )
-    wants_html = format == "html" or (
-        format is None and "text/html" in http_request.headers.get("accept", "")
-    )
+    wants_html = format == "html" or (format is None and accepts_html(http_request.headers.get("accept", "")))
     if wants_html:
-        return HTMLResponse(status_page(body, limit, cursor))
+        return _status_snapshot(http_request, body, limit, cursor)
     return json_response(body)
+
+
+def _status_snapshot(request: Request, body: RequestStatusOut, limit: int, cursor: str | None) -> Response:
+    """The status as it is now, for a browser sent to status_url; the request's page
+    (/requests/{id}) is the one that follows progress."""
+    query = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+    next_query = urlencode({"limit": limit, "cursor": body.next_cursor}) if body.next_cursor else None
+    return render_page(
+        request,
+        "status_snapshot.html",
+        {
+            "page": "status",
+            "body": body,
+            "json_query": urlencode({**query, "format": "json"}),
+            "next_query": next_query,
+        },
+    )
 
 
 def json_response(body: BaseModel) -> Response:
