@@ -90,7 +90,9 @@ class Image(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_pk: Mapped[int] = mapped_column(ForeignKey("processing_requests.id", ondelete="CASCADE"))
+    # No foreign key of its own: product_id -> products.request_pk already ties the image
+    # to its request (and deletes it with it); a second key cost a check per inserted row.
+    request_pk: Mapped[int] = mapped_column(Integer)
     product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     input_url: Mapped[str] = mapped_column(Text)
