@@ -82,6 +82,27 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
     }
 
 
+def _log_recorded(outcomes: Sequence[ImageOutcome]) -> None:
+    """A line for each image that failed or will be retried (INFO) and, at DEBUG, each
+    that succeeded; the check first, so the hot path pays nothing for skipped lines."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    debug = log.isEnabledFor(logging.DEBUG)
+    for outcome in outcomes:
+        if outcome.error_code is not None:
+            log.info(
+                "image %s %s: %s: %s",
+                outcome.unit.image_id,
+                "waits for a retry" if outcome.retry_later else "failed",
+                outcome.error_code,
+                outcome.error_message,
+                extra=outcome.unit.log_fields,
+            )
+        elif debug:
+            state = "cancelled" if outcome.cancelled else "succeeded"
+            log.debug("image %s %s", outcome.unit.image_id, state, extra=outcome.unit.log_fields)
+
+
 def _claims(units: Sequence[WorkUnit]) -> list[tuple[int, int]]:
     return [(unit.image_id, unit.attempt) for unit in units]
 
@@ -308,6 +329,7 @@ class ImageLedger:
                     events.append(event_id)
         if self.on_recorded is not None and current:
             self.on_recorded(current)
+        _log_recorded(current)
         return events
 
     def cancel(self, request_pk: int) -> Cancellation:
