@@ -9,8 +9,9 @@ from app.logs import configure_logging, secrets_of
 
 def main() -> None:
     settings = get_settings()
-    configure_logging(settings.log_format, settings.log_level, secrets=secrets_of(settings))
     upgrade_to_head(settings.database_url)
+    # After the migrations: Alembic's env.py installs logging of its own (alembic.ini).
+    configure_logging(settings.log_format, settings.log_level, secrets=secrets_of(settings))
     uvicorn.run(
         "app.main:create_app",
         factory=True,
