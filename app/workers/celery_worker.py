@@ -55,6 +55,7 @@ class WorkerRuntime:
         self.last_request_served = 0  # this worker's place in the requests' turns
         self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
         self.stopping = threading.Event()
+        self.metrics_server = None  # METRICS_PORT's server, when set
         self._threads = [
             threading.Thread(target=self._heartbeat_loop, name="lease-heartbeat", daemon=True),
             threading.Thread(target=self._sweep_loop, name="sweep", daemon=True),
@@ -71,6 +72,9 @@ class WorkerRuntime:
         self.image_pool.shutdown(wait=True, cancel_futures=True)
         self.webhook_pool.shutdown(wait=False, cancel_futures=True)
         self.held.hand_back(self.services.ledger, self.held.units())
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.services.close()
 
     # -- tasks --------------------------------------------------------------------------
@@ -175,11 +179,13 @@ def _start_runtime(**_) -> None:
     global _runtime
     configure_logging(settings.log_format, settings.log_level, secrets=secrets_of(settings))
     services = build_services(settings, runs_images=True)
+    _runtime = WorkerRuntime(services)
     if settings.metrics_port:
         # Each worker its own port: scrape every worker (README, Metrics).
-        start_http_server(settings.metrics_port, addr=settings.host, registry=services.metrics.registry)
+        _runtime.metrics_server, _ = start_http_server(
+            settings.metrics_port, addr=settings.host, registry=services.metrics.registry
+        )
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
-    _runtime = WorkerRuntime(services)
     _runtime.start()
 
 
