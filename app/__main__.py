@@ -1,23 +1,26 @@
 """`python -m app`: apply migrations, then serve on HOST:PORT (what `make run` does)."""
 
-import logging
-
 import uvicorn
 
 from app.config import settings_or_exit
 from app.db.migrate import upgrade_to_head
+from app.logs import configure_logging, secrets_of
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_or_exit()
     upgrade_to_head(settings.database_url)
+    # After the migrations: Alembic's env.py installs logging of its own (alembic.ini).
+    configure_logging(settings.log_format, settings.log_level, secrets=secrets_of(settings))
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
         proxy_headers=False,
+        # Our own access line (app/api/middleware.py) names the route, not the raw path.
+        access_log=False,
+        log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
     )
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.guarded_http import AddressPolicy, guarded_session, parse_allowlist
+from app.metrics import ServiceMetrics
 from app.pipeline.compress import warm_up
 from app.pipeline.decoding import NOTES_DIR_NAME, charge_dead_notes, open_note
 from app.pipeline.memory import MIB
@@ -54,6 +55,8 @@ def stage_config(settings: Settings) -> StageConfig:
         downloads=math.ceil(settings.worker_concurrency / max(processes, 1)),
         compress_slots=math.ceil(settings.compress_concurrency / max(processes, 1)),
         memory_budget_bytes=settings.worker_memory_mb * MIB,
+        log_format=settings.log_format,
+        log_level=settings.log_level,
     )
 
 
@@ -87,6 +90,7 @@ class Services:
     output_urls: OutputUrls
     ledger: ImageLedger
     deliverer: WebhookDeliverer
+    metrics: ServiceMetrics
     stages: StageRunner | None = None  # only in a process that runs images
     closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -99,10 +103,18 @@ class Services:
         self.engine.dispose()
 
 
-def build_services(settings: Settings, *, runs_images: bool, stages: StageRunner | None = None) -> Services:
+def build_services(
+    settings: Settings,
+    *,
+    runs_images: bool,
+    stages: StageRunner | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> Services:
     """The parts of one process. With runs_images, also the stages (`stages` replaces
     those build_stages would make), after charging the images a dead predecessor of this
-    process was decoding."""
+    process was decoding. Image outcomes and webhook attempts are counted in `metrics`
+    (the process's own registry when not given)."""
+    metrics = metrics or ServiceMetrics()
     engine = build_engine(settings.database_url)
     writer_sessions = writer_sessionmaker(engine)
     # Its own allowlist: a host allowed as an image source must not become a target any
@@ -116,6 +128,7 @@ def build_services(settings: Settings, *, runs_images: bool, stages: StageRunner
         public_base_url=settings.base_url,
         retry_base_seconds=settings.transient_retry_base_seconds,
         retry_max_seconds=settings.transient_retry_max_seconds,
+        on_recorded=metrics.count_outcomes,
     )
     services = Services(
         settings=settings,
@@ -132,7 +145,9 @@ def build_services(settings: Settings, *, runs_images: bool, stages: StageRunner
             timeout_seconds=settings.webhook_timeout_seconds,
             max_attempts=settings.webhook_max_attempts,
             retry_base_seconds=settings.webhook_retry_base_seconds,
+            on_attempt=metrics.count_webhook_attempt,
         ),
+        metrics=metrics,
         closers=[webhook_http.close],
     )
     if runs_images:

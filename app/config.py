@@ -73,6 +73,19 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_retry_base_seconds: float = Field(60.0, gt=0)
 
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    metrics_token: str = ""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    # Days a finished request is kept (fractions allowed); 0 keeps everything.
+    retention_days: float = Field(30.0, ge=0)
+    retention_interval_seconds: float = Field(3600.0, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_capitals(cls, value):
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("webhook_secret")
     @classmethod
     def _secret_is_standard_webhooks(cls, value: str) -> str:

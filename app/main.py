@@ -13,11 +13,12 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api.errors import install_error_handlers
 from app.api.html import STATIC_DIR
-from app.api.middleware import MULTIPART_OVERHEAD_BYTES, UploadSizeLimit
-from app.api.routes import download, health, pages, status, thumbnails, upload
+from app.api.middleware import MULTIPART_OVERHEAD_BYTES, AccessLog, UploadSizeLimit
+from app.api.routes import download, health, lifecycle, metrics, pages, status, thumbnails, upload
 from app.api.routes.media import mount_processed_images
 from app.composition import build_services, storage_config
 from app.config import Settings, get_settings
+from app.metrics import ServiceMetrics
 from app.pipeline.stages import StageRunner
 from app.storage import OutputUrls, build_storage
 from app.workers import build_runner
@@ -28,22 +29,26 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
     closes them on shutdown."""
     settings = settings or get_settings()
     settings.media_root.mkdir(parents=True, exist_ok=True)
+    service_metrics = ServiceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runs_images = settings.task_backend == "inprocess"
-        services = build_services(settings, runs_images=runs_images, stages=stages)
+        services = build_services(settings, runs_images=runs_images, stages=stages, metrics=service_metrics)
+        pending = service_metrics.watch_pending_images(services.reader_sessions)
         runner = build_runner(services)
         app.state.settings = settings
         app.state.engine = services.engine
         app.state.sessions = services.reader_sessions
         app.state.writer_sessions = services.writer_sessions
+        app.state.ledger = services.ledger
         app.state.runner = runner
         runner.start()
         try:
             yield
         finally:
             runner.stop()
+            service_metrics.registry.unregister(pending)
             services.close()
 
     app = FastAPI(
@@ -53,14 +58,17 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = service_metrics
     install_error_handlers(app)
     app.add_middleware(
         UploadSizeLimit,
         max_body_bytes=settings.max_csv_bytes + MULTIPART_OVERHEAD_BYTES,
     )
+    # Added last, so outermost: it times and logs every answer, the 413s above included.
+    app.add_middleware(AccessLog, metrics=service_metrics)
     # Pages first: their routes match only browsers and let JSON clients through.
     app.include_router(pages.router)
-    for module in (upload, status, download, health, thumbnails):
+    for module in (upload, status, lifecycle, download, health, metrics, thumbnails):
         app.include_router(module.router)
     app.include_router(pages.request_pages)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -77,7 +77,11 @@ class HeldClaims:
         try:
             ledger.charge_crashes([(unit.image_id, unit.attempt)])
         except Exception:
-            log.exception("could not charge image %s a crash; its lease will expire", unit.image_id)
+            log.exception(
+                "could not charge image %s a crash; its lease will expire",
+                unit.image_id,
+                extra=unit.log_fields,
+            )
         self.forget([unit])
 
 
@@ -102,13 +106,17 @@ def process_claimed(
     try:
         return process_unit(stages, unit)
     except WorkerCrashed:
-        log.warning("image %s was being decoded when its worker process died", unit.image_id)
+        log.warning(
+            "image %s was being decoded when its worker process died", unit.image_id, extra=unit.log_fields
+        )
         held.charge_crash(ledger, unit)
     except WorkerLost:
-        log.warning("image %s lost with its worker process; handing it back", unit.image_id)
+        log.warning(
+            "image %s lost with its worker process; handing it back", unit.image_id, extra=unit.log_fields
+        )
         held.hand_back(ledger, [unit])
     except Exception:
-        log.exception("running image %s failed; handing it back", unit.image_id)
+        log.exception("running image %s failed; handing it back", unit.image_id, extra=unit.log_fields)
         held.hand_back(ledger, [unit])
     return None
 

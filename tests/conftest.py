@@ -20,7 +20,7 @@ from app.db.session import build_engine
 from app.main import create_app
 from tests.servers import LocalServer, WebhookReceiver
 
-FINISHED = {"completed", "completed_with_errors", "failed"}
+FINISHED = {"completed", "completed_with_errors", "failed", "cancelled"}
 
 
 def _reset_postgres(url: str) -> None:

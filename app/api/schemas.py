@@ -5,7 +5,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Row
 
-from app.db.models import ProcessingRequest, WebhookDelivery, WebhookEvent
+from app.db.models import ImageStatus, ProcessingRequest, RequestStatus, WebhookDelivery, WebhookEvent
 from app.services.batches import ProductWithImages
 from app.storage import OutputUrls
 
@@ -38,7 +38,8 @@ class Progress(BaseModel):
     total_images: int
     processed_images: int = Field(description="images that succeeded")
     failed_images: int
-    percent: float = Field(description="share of images finished, succeeded or failed")
+    cancelled_images: int = Field(0, description="images a cancel stopped before they started")
+    percent: float = Field(description="share of images finished: succeeded, failed or cancelled")
 
 
 class ImageError(BaseModel):
@@ -49,7 +50,7 @@ class ImageError(BaseModel):
 class ImageResult(BaseModel):
     input_url: str
     output_url: str | None
-    status: str = Field(examples=["succeeded"])
+    status: ImageStatus = Field(examples=["succeeded"])
     error: ImageError | None
     input_bytes: int | None
     output_bytes: int | None
@@ -141,7 +142,13 @@ class WebhookStatus(BaseModel):
 
 class RequestSummary(BaseModel):
     request_id: str
-    status: str = Field(examples=["completed"])
+    status: RequestStatus = Field(
+        examples=["completed"],
+        description="pending, processing, or finished: completed, completed_with_errors, failed, cancelled",
+    )
+    cancel_requested_at: datetime | None = Field(
+        None, description="when a cancel came; the request ends `cancelled` once nothing of it is in flight"
+    )
     created_at: datetime
     completed_at: datetime | None
     callback_url: str | None
@@ -152,10 +159,11 @@ class RequestSummary(BaseModel):
 
     @classmethod
     def of(cls, request: ProcessingRequest, base_url: str, **extra) -> "RequestSummary":
-        finished = request.processed_images + request.failed_images
+        finished = request.processed_images + request.failed_images + request.cancelled_images
         return cls(
             request_id=request.request_id,
             status=request.status,
+            cancel_requested_at=request.cancelled_at,
             created_at=request.created_at,
             completed_at=request.completed_at,
             callback_url=request.callback_url,
@@ -164,6 +172,7 @@ class RequestSummary(BaseModel):
                 total_images=request.total_images,
                 processed_images=request.processed_images,
                 failed_images=request.failed_images,
+                cancelled_images=request.cancelled_images,
                 percent=round(100 * finished / request.total_images, 2) if request.total_images else 100.0,
             ),
             status_url=f"{base_url}/status/{request.request_id}",

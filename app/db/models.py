@@ -15,12 +15,14 @@ class RequestStatus(StrEnum):
     COMPLETED = "completed"
     COMPLETED_WITH_ERRORS = "completed_with_errors"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # POST /requests/{id}/cancel: what was not started never will be
 
 
 FINISHED_REQUEST_STATUSES = (
     RequestStatus.COMPLETED,
     RequestStatus.COMPLETED_WITH_ERRORS,
     RequestStatus.FAILED,
+    RequestStatus.CANCELLED,
 )
 
 
@@ -29,6 +31,7 @@ class ImageStatus(StrEnum):
     PROCESSING = "processing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its request was cancelled before it started; never fetched
 
 
 class WebhookState(StrEnum):
@@ -51,9 +54,12 @@ class ProcessingRequest(Base):
     total_images: Mapped[int] = mapped_column(Integer, default=0)
     processed_images: Mapped[int] = mapped_column(Integer, default=0)
     failed_images: Mapped[int] = mapped_column(Integer, default=0)
+    cancelled_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set by a cancel: the request ends `cancelled` once its images in flight are recorded.
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)  # retention
 
 
 class Product(Base):

@@ -34,6 +34,11 @@ class WorkUnit:
     input_url: str
     crashes: int = 0  # worker crashes charged to this image before this claim
 
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """`extra` for a log line about this image (app/logs.py shows them)."""
+        return {"request_id": self.request_id, "image_id": self.image_id}
+
 
 @dataclass(frozen=True)
 class ImageOutcome:
@@ -46,13 +51,25 @@ class ImageOutcome:
     width: int | None = None
     height: int | None = None
     source_format: str | None = None
-    fetch_ms: int | None = None
-    compress_ms: int | None = None
+    # Each stage's time, in seconds (compress leaves out the wait for memory and a slot).
+    fetch_seconds: float | None = None
+    compress_seconds: float | None = None
+    store_seconds: float | None = None
     retry_later: bool = False  # failed transiently: back to pending with backoff, not final
+    # Claimed, then found cancelled before it started: never fetched, recorded as cancelled.
+    cancelled: bool = False
 
     @property
     def succeeded(self) -> bool:
-        return self.error_code is None
+        return self.error_code is None and not self.cancelled
+
+    @property
+    def fetch_ms(self) -> int | None:
+        return None if self.fetch_seconds is None else round(self.fetch_seconds * 1000)
+
+    @property
+    def compress_ms(self) -> int | None:
+        return None if self.compress_seconds is None else round(self.compress_seconds * 1000)
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,8 @@ class StageConfig:
     downloads: int  # connections kept for downloads
     compress_slots: int  # images decoded/encoded at once
     memory_budget_bytes: int  # estimated peak memory of the decodes at once
+    log_format: str = "text"  # worker processes log as the web process does (app/logs.py)
+    log_level: str = "INFO"
 
 
 class StageRunner(Protocol):
@@ -79,8 +98,8 @@ class StageRunner(Protocol):
     def close(self) -> None: ...
 
 
-def _ms_since(start: float) -> int:
-    return round((time.perf_counter() - start) * 1000)
+def _seconds_since(start: float) -> float:
+    return time.perf_counter() - start
 
 
 class ImageStages:
@@ -133,10 +152,10 @@ class ImageStages:
 
     def run(self, unit: WorkUnit) -> ImageOutcome:
         start = time.perf_counter()
-        fetch_ms = compress_ms = None
+        fetch_seconds = compress_seconds = None
         try:
             fetched = self.fetcher.fetch(unit.input_url)
-            fetch_ms = _ms_since(start)
+            fetch_seconds = _seconds_since(start)
             admitted_at: list[float] = []
 
             @contextmanager
@@ -149,20 +168,22 @@ class ImageStages:
             compressed = compress_to_jpeg(
                 fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels, admission=admitted
             )
-            compress_ms = _ms_since(admitted_at[0])
+            compress_seconds = _seconds_since(admitted_at[0])
             key = output_key(unit.request_id, unit.image_id)
+            stored_from = time.perf_counter()
             self.storage.save(key, compressed.data)
+            store_seconds = _seconds_since(stored_from)
         except ImageFailure as failure:
             return ImageOutcome(
                 unit,
                 error_code=failure.code,
                 error_message=failure.message,
                 retry_later=failure.transient,
-                fetch_ms=fetch_ms if fetch_ms is not None else _ms_since(start),
-                compress_ms=compress_ms,
+                fetch_seconds=fetch_seconds if fetch_seconds is not None else _seconds_since(start),
+                compress_seconds=compress_seconds,
             )
         except Exception as exc:  # a bug must fail one image, never the batch
-            log.exception("unexpected error processing image %s", unit.image_id)
+            log.exception("unexpected error processing image %s", unit.image_id, extra=unit.log_fields)
             return ImageOutcome(
                 unit,
                 error_code="internal_error",
@@ -176,6 +197,7 @@ class ImageStages:
             width=compressed.width,
             height=compressed.height,
             source_format=compressed.source_format,
-            fetch_ms=fetch_ms,
-            compress_ms=compress_ms,
+            fetch_seconds=fetch_seconds,
+            compress_seconds=compress_seconds,
+            store_seconds=store_seconds,
         )

@@ -4,10 +4,14 @@
                                             (app/queue/turns.py), plus expired claims
     claim_images(ids)        -> WorkUnits   guarded pending -> processing, with a lease
     renew_leases / release / charge_crashes  guarded by the claim they name
-    record_outcomes(outcomes)               guarded processing -> succeeded/failed, request
-                                            counters, and the request finished exactly
-                                            once; or, after a transient failure, back to
-                                            pending, not claimable before retry_at
+    record_outcomes(outcomes)               guarded processing -> succeeded/failed/cancelled,
+                                            request counters, and the request finished
+                                            exactly once; or, after a transient failure,
+                                            back to pending, not claimable before retry_at
+    cancel(request_pk)                      guarded pending -> cancelled for its images; the
+                                            request ends `cancelled` when nothing of it is
+                                            in flight any more (at once, or when the last
+                                            outcome is recorded)
 
 What happens between a claim and its outcome (fetch -> compress -> store) is the
 stages' business (app/pipeline/), and which process does it is the runner's
@@ -21,10 +25,11 @@ are not the image's fault and charge nothing.
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, case, exists, or_, select, update
+from sqlalchemy import and_, bindparam, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
@@ -53,11 +58,17 @@ def retry_delay_seconds(transient_failures: int, base_seconds: float, max_second
     return min(max_seconds, base_seconds * 2 ** min(transient_failures, 32))
 
 
+def _final_status(outcome: ImageOutcome) -> ImageStatus:
+    if outcome.cancelled:
+        return ImageStatus.CANCELLED
+    return ImageStatus.SUCCEEDED if outcome.succeeded else ImageStatus.FAILED
+
+
 def _outcome_params(outcome: "ImageOutcome") -> dict:
     return {
         "image_id": outcome.unit.image_id,
         "attempt": outcome.unit.attempt,
-        "new_status": ImageStatus.SUCCEEDED if outcome.succeeded else ImageStatus.FAILED,
+        "new_status": _final_status(outcome),
         "new_output_key": outcome.output_key,
         "new_error_code": outcome.error_code,
         "new_error_message": outcome.error_message,
@@ -71,8 +82,40 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
     }
 
 
+def _log_recorded(outcomes: Sequence[ImageOutcome]) -> None:
+    """A line for each image that failed or will be retried (INFO) and, at DEBUG, each
+    that succeeded; the check first, so the hot path pays nothing for skipped lines."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    debug = log.isEnabledFor(logging.DEBUG)
+    for outcome in outcomes:
+        if outcome.error_code is not None:
+            log.info(
+                "image %s %s: %s: %s",
+                outcome.unit.image_id,
+                "waits for a retry" if outcome.retry_later else "failed",
+                outcome.error_code,
+                outcome.error_message,
+                extra=outcome.unit.log_fields,
+            )
+        elif debug:
+            state = "cancelled" if outcome.cancelled else "succeeded"
+            log.debug("image %s %s", outcome.unit.image_id, state, extra=outcome.unit.log_fields)
+
+
 def _claims(units: Sequence[WorkUnit]) -> list[tuple[int, int]]:
     return [(unit.image_id, unit.attempt) for unit in units]
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    """What a cancel did: the request's status after it, how many images it cancelled, and
+    the webhook event it created when it finished the request."""
+
+    status: str
+    cancelled_images: int
+    event_id: int | None = None
+    finished_before: bool = False  # the request had already finished (not by a cancel)
 
 
 class ImageLedger:
@@ -84,7 +127,11 @@ class ImageLedger:
         public_base_url: str,
         retry_base_seconds: float,
         retry_max_seconds: float,
+        on_recorded: Callable[[Sequence[ImageOutcome]], None] | None = None,
     ):
+        """`on_recorded` is told, after each commit, the outcomes that commit recorded
+        (never one ignored as stale), e.g. to count them (app/metrics.py)."""
+        self.on_recorded = on_recorded
         self.sessions = sessions
         self.lease = timedelta(seconds=lease_seconds)
         self.public_base_url = public_base_url
@@ -218,6 +265,7 @@ class ImageLedger:
         now = utcnow()
         succeeded: dict[int, int] = {}
         failed: dict[int, int] = {}
+        cancelled: dict[int, int] = {}
         with self.sessions.begin() as session:
             # One guarded read picks the outcomes whose claim is still current (rows
             # locked on PostgreSQL; SQLite's write lock is already held), then one
@@ -265,20 +313,58 @@ class ImageLedger:
                     [_outcome_params(o) for o in fresh],
                 )
             for outcome in fresh:
-                tally = succeeded if outcome.succeeded else failed
+                tally = cancelled if outcome.cancelled else succeeded if outcome.succeeded else failed
                 tally[outcome.unit.request_pk] = tally.get(outcome.unit.request_pk, 0) + 1
             events = []
-            for request_pk in sorted(succeeded.keys() | failed.keys()):
+            for request_pk in sorted(succeeded.keys() | failed.keys() | cancelled.keys()):
                 event_id = self._count_and_maybe_finish(
                     session,
                     request_pk,
-                    succeeded.get(request_pk, 0),
-                    failed.get(request_pk, 0),
                     now,
+                    succeeded=succeeded.get(request_pk, 0),
+                    failed=failed.get(request_pk, 0),
+                    cancelled=cancelled.get(request_pk, 0),
                 )
                 if event_id is not None:
                     events.append(event_id)
+        if self.on_recorded is not None and current:
+            self.on_recorded(current)
+        _log_recorded(current)
         return events
+
+    def cancel(self, request_pk: int) -> Cancellation:
+        """Cancel a request: its pending images (waiting for a retry too) become cancelled,
+        guarded like a claim, so none is claimed afterwards; images in flight finish. The
+        request finishes `cancelled` here if nothing of it is in flight, else when the last
+        outcome is recorded (_count_and_maybe_finish decides, in both cases). Cancelling a
+        cancelled request changes nothing."""
+        now = utcnow()
+        with self.sessions.begin() as session:
+            connection = session.connection()
+            # Images first, then the request row: the order claims and recording lock them in.
+            cancelled = connection.execute(
+                update(Image.__table__)
+                .where(Image.request_pk == request_pk, Image.status == ImageStatus.PENDING)
+                .values(status=ImageStatus.CANCELLED, retry_at=None, finished_at=now)
+            ).rowcount
+            marked = connection.execute(
+                update(ProcessingRequest.__table__)
+                .where(
+                    ProcessingRequest.id == request_pk,
+                    ProcessingRequest.status.not_in(FINISHED_REQUEST_STATUSES),
+                )
+                .values(cancelled_at=func.coalesce(ProcessingRequest.cancelled_at, now))
+            ).rowcount
+            if not marked:  # finished already: then no image was pending either
+                status = connection.scalar(
+                    select(ProcessingRequest.status).where(ProcessingRequest.id == request_pk)
+                )
+                return Cancellation(status, 0, finished_before=status != RequestStatus.CANCELLED)
+            event_id = self._count_and_maybe_finish(session, request_pk, now, cancelled=cancelled)
+            status = connection.scalar(
+                select(ProcessingRequest.status).where(ProcessingRequest.id == request_pk)
+            )
+        return Cancellation(status, cancelled, event_id)
 
     def _put_back_to_wait(
         self,
@@ -318,8 +404,18 @@ class ImageLedger:
         )
 
     def _count_and_maybe_finish(
-        self, session: Session, request_pk: int, succeeded: int, failed: int, now
+        self,
+        session: Session,
+        request_pk: int,
+        now,
+        *,
+        succeeded: int = 0,
+        failed: int = 0,
+        cancelled: int = 0,
     ) -> int | None:
+        """Add to the request's counters; the transaction that brings them to the total
+        finishes the request and creates its webhook event. The one place that decides
+        a request's final status, for outcomes and cancels alike."""
         # The counter update locks the request row (PostgreSQL) or the database (SQLite),
         # so whichever transaction brings the count to the total sees it, exactly once.
         row = session.execute(
@@ -328,16 +424,19 @@ class ImageLedger:
             .values(
                 processed_images=ProcessingRequest.processed_images + succeeded,
                 failed_images=ProcessingRequest.failed_images + failed,
+                cancelled_images=ProcessingRequest.cancelled_images + cancelled,
             )
             .returning(
                 ProcessingRequest.processed_images,
                 ProcessingRequest.failed_images,
+                ProcessingRequest.cancelled_images,
                 ProcessingRequest.total_images,
             )
         ).one()
-        if row.processed_images + row.failed_images < row.total_images:
+        if row.processed_images + row.failed_images + row.cancelled_images < row.total_images:
             return None
         final_status = case(
+            (ProcessingRequest.cancelled_at.is_not(None), RequestStatus.CANCELLED),
             (ProcessingRequest.failed_images == 0, RequestStatus.COMPLETED),
             (ProcessingRequest.processed_images == 0, RequestStatus.FAILED),
             else_=RequestStatus.COMPLETED_WITH_ERRORS,

@@ -8,6 +8,7 @@ import email.utils
 import logging
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import requests
@@ -52,7 +53,11 @@ class WebhookDeliverer:
         timeout_seconds: float,
         max_attempts: int,
         retry_base_seconds: float,
+        on_attempt: Callable[[str], None] | None = None,
     ):
+        """`on_attempt` is told how each attempt ended: delivered, failed (to be retried)
+        or exhausted (it was the last of the budget)."""
+        self.on_attempt = on_attempt
         self.sessions = sessions
         self.http = http
         self.secret = secret
@@ -134,9 +139,12 @@ class WebhookDeliverer:
         attempts_in_budget = claimed.attempts - claimed.attempts_before_redelivery
         if delivered:
             values = {"state": WebhookState.DELIVERED, "delivered_at": finished_at}
+            outcome = "delivered"
         elif attempts_in_budget >= self.max_attempts:
             values = {"state": WebhookState.FAILED}
+            outcome = "exhausted"
         else:
+            outcome = "failed"
             wait = max(self.backoff(attempts_in_budget), retry_after or timedelta(0))
             values = {"next_attempt_at": finished_at + wait}
         with self.sessions.begin() as session:
@@ -167,6 +175,8 @@ class WebhookDeliverer:
                     **values,
                 )
             )
+        if self.on_attempt is not None:
+            self.on_attempt(outcome)
         if not delivered:
             log.info(
                 "webhook %s attempt %d failed: %s",

@@ -21,6 +21,7 @@ def finished_payload(request: ProcessingRequest, public_base_url: str) -> dict:
         "total_images": request.total_images,
         "processed_images": request.processed_images,
         "failed_images": request.failed_images,
+        "cancelled_images": request.cancelled_images,
         "download_url": f"{public_base_url}/download/{request.request_id}",
     }
 

@@ -22,6 +22,11 @@ class Runner(Protocol):
 
     def notify_webhooks(self) -> None: ...
 
+    def cancel(self, request_pk: int) -> None:
+        """The request was cancelled: images of it this runner has claimed but not
+        started are recorded as cancelled instead of being run (the ledger already
+        cancelled those it had not handed out)."""
+
     def transient_failure(self) -> str | None:
         """What made the latest image wait for a retry (storage full or away), until an
         image succeeds again; None when the stages work."""

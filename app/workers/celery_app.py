@@ -71,6 +71,10 @@ class CeleryDispatcher:
     def notify_webhooks(self) -> None:
         self._publish(DELIVER_WEBHOOKS)
 
+    def cancel(self, request_pk: int) -> None:
+        """Nothing to tell: the workers claim batches of at most twice their concurrency
+        and run what they claimed; the ledger gives them no more of a cancelled request."""
+
     def transient_failure(self) -> str | None:
         """The workers report nothing to the API, so the API asks the storage itself."""
         if time.monotonic() - self._storage_checked_at > STORAGE_CHECK_SECONDS:

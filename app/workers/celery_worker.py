@@ -17,14 +17,18 @@ events are due. A deployment runs the API and any number of workers; nothing els
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from amqp.exceptions import ChannelError
 from celery import signals
+from prometheus_client import start_http_server
 from sqlalchemy import text
 
 from app.composition import PARALLEL_DELIVERIES, Services, build_services
 from app.config import settings_or_exit
+from app.logs import configure_logging, secrets_of
+from app.services.lifecycle import purge_expired
 from app.tasks import HeldClaims, deliver_due_webhooks, process_next_images
 from app.workers.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
 from app.workers.celery_app import publish as publish_hint
@@ -49,7 +53,9 @@ class WorkerRuntime:
         self.webhook_pool = ThreadPoolExecutor(PARALLEL_DELIVERIES, thread_name_prefix="webhook")
         self.claim_batch = max(8, self.settings.worker_concurrency * 2)
         self.last_request_served = 0  # this worker's place in the requests' turns
+        self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
         self.stopping = threading.Event()
+        self.metrics_server = None  # METRICS_PORT's server, when set
         self._threads = [
             threading.Thread(target=self._heartbeat_loop, name="lease-heartbeat", daemon=True),
             threading.Thread(target=self._sweep_loop, name="sweep", daemon=True),
@@ -66,6 +72,9 @@ class WorkerRuntime:
         self.image_pool.shutdown(wait=True, cancel_futures=True)
         self.webhook_pool.shutdown(wait=False, cancel_futures=True)
         self.held.hand_back(self.services.ledger, self.held.units())
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.services.close()
 
     # -- tasks --------------------------------------------------------------------------
@@ -122,6 +131,21 @@ class WorkerRuntime:
                 publish(PROCESS_IMAGES)
             if webhooks_due:
                 publish(DELIVER_WEBHOOKS)
+            # Under the same lock, so one worker at a time deletes; its own short
+            # transactions, so uploads and image work go on meanwhile.
+            if time.monotonic() >= self.next_retention_sweep:
+                self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
+                purged = purge_expired(
+                    self.services.writer_sessions,
+                    self.services.storage,
+                    retention_days=self.settings.retention_days,
+                )
+                if purged.requests or purged.idempotency_keys:
+                    log.info(
+                        "retention: deleted %d requests and %d expired idempotency keys",
+                        purged.requests,
+                        purged.idempotency_keys,
+                    )
 
 
 _runtime: WorkerRuntime | None = None
@@ -153,8 +177,15 @@ def waiting_hints() -> int:
 @signals.worker_init.connect
 def _start_runtime(**_) -> None:
     global _runtime
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _runtime = WorkerRuntime(build_services(settings, runs_images=True))
+    configure_logging(settings.log_format, settings.log_level, secrets=secrets_of(settings))
+    services = build_services(settings, runs_images=True)
+    _runtime = WorkerRuntime(services)
+    if settings.metrics_port:
+        # Each worker its own port: scrape every worker (README, Metrics).
+        _runtime.metrics_server, _ = start_http_server(
+            settings.metrics_port, addr=settings.host, registry=services.metrics.registry
+        )
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     _runtime.start()
 
 

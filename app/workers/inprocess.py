@@ -15,11 +15,13 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from app.composition import PARALLEL_DELIVERIES, Services
 from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
 from app.queue import ImageLedger
+from app.services.lifecycle import Purged, purge_expired
 from app.tasks import (
     DB_RETRY_SECONDS,
     RECORD_BATCH_MAX,
@@ -48,6 +50,8 @@ class InProcessRunner:
         lease_seconds: float,
         recovery_interval_seconds: float,
         shutdown_grace_seconds: float,
+        purge: Callable[[], Purged] | None = None,
+        retention_interval_seconds: float = 3600.0,
     ):
         self.ledger = ledger
         self.stages = stages
@@ -57,6 +61,10 @@ class InProcessRunner:
         self.heartbeat_seconds = lease_seconds / 3
         self.recovery_interval_seconds = recovery_interval_seconds
         self.shutdown_grace_seconds = shutdown_grace_seconds
+        self.purge = purge
+        self.retention_interval_seconds = retention_interval_seconds
+        # Requests cancelled while this runner held claimed, unstarted images of theirs.
+        self._cancelled_requests: set[int] = set()
 
         self._units: queue.Queue[WorkUnit | None] = queue.Queue(maxsize=self.claim_batch)
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
@@ -83,6 +91,10 @@ class InProcessRunner:
             lease_seconds=settings.lease_seconds,
             recovery_interval_seconds=settings.recovery_interval_seconds,
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
+            purge=lambda: purge_expired(
+                services.writer_sessions, services.storage, retention_days=settings.retention_days
+            ),
+            retention_interval_seconds=settings.retention_interval_seconds,
         )
 
     # -- the runner interface ---------------------------------------------------------
@@ -92,6 +104,8 @@ class InProcessRunner:
         self._recorder = self._thread(self._record_loop, "image-recorder")
         self._webhooks = self._thread(self._webhook_loop, "webhook-delivery")
         self._thread(self._heartbeat_loop, "lease-heartbeat")
+        if self.purge is not None:
+            self._thread(self._retention_loop, "retention")
         self._workers = [self._thread(self._work_loop, f"image-worker-{n}") for n in range(self.concurrency)]
 
     def dispatch(self, request_pk: int) -> None:
@@ -100,6 +114,9 @@ class InProcessRunner:
 
     def notify_webhooks(self) -> None:
         self._wake_webhooks.set()
+
+    def cancel(self, request_pk: int) -> None:
+        self._cancelled_requests.add(request_pk)
 
     def transient_failure(self) -> str | None:
         """What made the latest image wait for a retry (e.g. a full disk), while no image
@@ -189,7 +206,10 @@ class InProcessRunner:
             unit = self._units.get()
             if unit is None:
                 return
-            outcome = process_claimed(self.ledger, self.stages, self._held, unit)
+            if unit.request_pk in self._cancelled_requests:
+                outcome = ImageOutcome(unit, cancelled=True)
+            else:
+                outcome = process_claimed(self.ledger, self.stages, self._held, unit)
             if outcome is None:  # handed back: another claim may take it
                 self._wake_feeder.set()
                 continue
@@ -266,6 +286,25 @@ class InProcessRunner:
                 self._wake_webhooks.clear()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- retention ----------------------------------------------------------------------
+
+    def _retention_loop(self) -> None:
+        """Delete what RETENTION_DAYS no longer keeps, a bounded amount per round, in
+        short transactions of its own: uploads and image work go on meanwhile."""
+        assert self.purge is not None
+        while not self._stopping.wait(self.retention_interval_seconds):
+            try:
+                purged = self.purge()
+            except Exception:
+                log.exception("the retention sweep failed; trying again next round")
+                continue
+            if purged.requests or purged.idempotency_keys:
+                log.info(
+                    "retention: deleted %d requests and %d expired idempotency keys",
+                    purged.requests,
+                    purged.idempotency_keys,
+                )
 
     # -- leases -----------------------------------------------------------------------
 

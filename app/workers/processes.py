@@ -37,6 +37,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from app.logs import configure_logging
 from app.pipeline.compress import warm_up
 from app.pipeline.decoding import SLOT_BYTES, DecodingSlots, claims_in
 from app.pipeline.stages import ImageOutcome, ImageStages, StageConfig, WorkUnit
@@ -119,7 +120,10 @@ class ImageProcesses:
             return answer.result(timeout=self._time_limit)
         except TimeoutError:
             log.error(
-                "image %s unanswered after %.0f s; stopping its worker", unit.image_id, self._time_limit
+                "image %s unanswered after %.0f s; stopping its worker",
+                unit.image_id,
+                self._time_limit,
+                extra=unit.log_fields,
             )
             with contextlib.suppress(ProcessLookupError):
                 worker.process.kill()
@@ -131,7 +135,11 @@ class ImageProcesses:
                 worker.units.discard(key)
             if unanswered is None:  # answered just now
                 return answer.result()
-            log.error("image %s: no answer from the collector; handing it back", unit.image_id)
+            log.error(
+                "image %s: no answer from the collector; handing it back",
+                unit.image_id,
+                extra=unit.log_fields,
+            )
             if key in claims_in(worker.decoding_slots):
                 raise WorkerCrashed(f"image worker {worker.process.pid} stopped decoding it") from None
             raise WorkerLost(f"image worker {worker.process.pid} was stopped") from None
@@ -334,7 +342,7 @@ def _worker_main(config: StageConfig, tasks, results, decoding_slots, threads: i
     # Ctrl-C reaches the whole process group; the web process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _keep_image_memory_for_reuse()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_format, config.log_level)
     stages = ImageStages.from_config(config, decoding_slots=DecodingSlots(decoding_slots))
     warm_up()
     results.send(READY)

@@ -1,0 +1,134 @@
+"""Prometheus metrics of one process, in a registry of its own.
+
+Image work is counted where its outcome is recorded (the ledger's caller, see
+ImageLedger.record_outcomes), not where it ran: outcomes already cross back from the image
+worker processes with their sizes and stage times, so no multiprocess mode is needed, and
+an outcome ignored as stale (its claim expired) is not counted. The API serves its
+registry at GET /metrics; a Celery worker serves its own on METRICS_PORT.
+
+No label carries a request id, a URL or a product name: `code` is a failure code (a small
+fixed set), `route` the route's template (`/status/{request_id}`).
+"""
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Image, ImageStatus
+from app.pipeline.stages import ImageOutcome
+
+# The *_created series double every family and nobody graphs them.
+disable_created_metrics()
+
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+UNMATCHED_ROUTE = "unmatched"
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.images = Counter(
+            "image_service_images",
+            "Images finished, by outcome and error code (empty on success)",
+            ["outcome", "code"],
+            registry=registry,
+        )
+        self.stage_seconds = Histogram(
+            "image_service_stage_seconds",
+            "Time spent in each stage of an image (compress leaves out waits for memory and a slot)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "image_service_bytes",
+            "Image bytes downloaded (in) and stored (out)",
+            ["direction"],
+            registry=registry,
+        )
+        self.webhook_deliveries = Counter(
+            "image_service_webhook_deliveries",
+            "Webhook delivery attempts: delivered, failed (to be retried) or exhausted (the last one)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "image_service_http_request_seconds",
+            "HTTP requests served, by method, route template and status",
+            ["method", "route", "status"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
+        # Children resolved once: .labels() costs more than the increment it leads to.
+        self._fetch = self.stage_seconds.labels("fetch")
+        self._compress = self.stage_seconds.labels("compress")
+        self._store = self.stage_seconds.labels("store")
+        self._bytes_in = self.bytes.labels("in")
+        self._bytes_out = self.bytes.labels("out")
+        self._succeeded = self.images.labels("succeeded", "")
+        self._failed: dict[str, Counter] = {}
+
+    def count_outcomes(self, outcomes: Sequence[ImageOutcome]) -> None:
+        """Outcomes the ledger has just recorded (each once): final ones are counted as
+        images; every one that ran a stage has its time observed."""
+        for outcome in outcomes:
+            if outcome.cancelled:
+                continue
+            if outcome.fetch_seconds is not None:
+                self._fetch.observe(outcome.fetch_seconds)
+            if outcome.compress_seconds is not None:
+                self._compress.observe(outcome.compress_seconds)
+            if outcome.store_seconds is not None:
+                self._store.observe(outcome.store_seconds)
+            if outcome.retry_later:
+                continue
+            if outcome.error_code is None:
+                self._succeeded.inc()
+                if outcome.input_bytes:
+                    self._bytes_in.inc(outcome.input_bytes)
+                if outcome.output_bytes:
+                    self._bytes_out.inc(outcome.output_bytes)
+            else:
+                counter = self._failed.get(outcome.error_code)
+                if counter is None:
+                    counter = self._failed[outcome.error_code] = self.images.labels(
+                        "failed", outcome.error_code
+                    )
+                counter.inc()
+
+    def count_webhook_attempt(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_seconds.labels(method, route, str(status)).observe(seconds)
+
+    def watch_pending_images(self, sessions: sessionmaker[Session]) -> "PendingImages":
+        collector = PendingImages(sessions)
+        self.registry.register(collector)
+        return collector
+
+
+class PendingImages:
+    """`image_service_images_pending`, counted when scraped: one count on the
+    (status, id) index, instead of a gauge every uploader, claimer and canceller keeps."""
+
+    NAME = "image_service_images_pending"
+    HELP = "Images waiting in the ledger to be claimed (pending, including those waiting for a retry)"
+
+    def __init__(self, sessions: sessionmaker[Session]):
+        self.sessions = sessions
+
+    def describe(self):
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self):
+        with self.sessions() as session:
+            pending = session.scalar(
+                select(func.count()).select_from(Image).where(Image.status == ImageStatus.PENDING)
+            )
+        yield GaugeMetricFamily(self.NAME, self.HELP, value=pending or 0)
