@@ -11,6 +11,7 @@ process it started, by PID, and the image worker processes they started.
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -143,19 +144,22 @@ class WorkerProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """SIGTERM, Celery's warm shutdown: running tasks finish, claims are handed back."""
+        if self.running:
+            self._children = sorted({*self._children, *_descendants(self.process.pid)})
+            self.process.send_signal(signal.SIGTERM)
+
+    def finish_stop(self) -> None:
         if self.process is None:
             return
-        children = _descendants(self.process.pid) if self.running else []
-        if self.running:
-            self.process.send_signal(signal.SIGTERM)  # Celery's warm shutdown
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         # Image worker processes outlive a killed parent only until they see its pipe close.
-        _kill_pids([pid for pid in {*self._children, *children} if _alive_child_of_ours(pid)])
+        _kill_pids([pid for pid in self._children if _alive_child_of_ours(pid)])
 
 
 def _alive_child_of_ours(pid: int) -> bool:
@@ -244,11 +248,13 @@ class Deployment:
         return worker
 
     def stop(self) -> None:
-        for worker in self.workers:
-            worker.stop()
+        for worker in self.workers:  # all at once: each waits for its running tasks
+            worker.begin_stop()
         api_children = _descendants(self.api.process.pid) if self.api.process else []
         self.api.stop()
         _kill_pids([pid for pid in api_children if _alive_child_of_ours(pid)])
+        for worker in self.workers:
+            worker.finish_stop()
         if self.celery:
             self._delete_queue()
         self._engine.dispose()
@@ -276,8 +282,16 @@ class Deployment:
 
     def _delete_queue(self) -> None:
         if self.runner == "celery-redis":
+            # The queue, its bindings, and the messages a killed worker left unacknowledged
+            # (kombu would put them back in an hour, into a queue nobody reads).
             client = redis.Redis.from_url(self.broker_url)
-            client.delete(self.queue, f"_kombu.binding.{self.queue}")
+            for key in client.scan_iter(match=f"*{self.queue}*"):
+                client.delete(key)
+            for tag, value in client.hscan_iter("unacked"):
+                _message, exchange, routing_key = json.loads(value)
+                if self.queue in (exchange, routing_key):
+                    client.hdel("unacked", tag)
+                    client.zrem("unacked_index", tag)
             return
         with kombu.Connection(self.broker_url) as connection, contextlib.suppress(NotFound):
             connection.default_channel.queue_delete(self.queue)
