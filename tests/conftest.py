@@ -1,11 +1,13 @@
 """Shared fixtures: a migrated database (SQLite, or PostgreSQL via TEST_DATABASE_URL),
-real local HTTP servers for images and webhooks, and the app with its real runner."""
+real local HTTP servers for images and webhooks, the app with its real runner, whole
+deployments as real processes (tests/deployment.py), and a real S3 endpoint (moto)."""
 
 import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +20,11 @@ from app.db.base import Base
 from app.db.migrate import upgrade_to_head
 from app.db.session import build_engine
 from app.main import create_app
+from tests.s3_server import TEST_CREDENTIALS, TEST_REGION, MotoServer, PausableTcpProxy
 from tests.servers import LocalServer, WebhookReceiver
+
+if TYPE_CHECKING:  # tests/deployment.py imports this module
+    from tests.deployment import Deployment
 
 FINISHED = {"completed", "completed_with_errors", "failed", "cancelled"}
 
@@ -112,6 +118,116 @@ def client(settings) -> Iterator[TestClient]:
 @pytest.fixture
 def media_root(settings) -> Path:
     return settings.media_root
+
+
+# -- the service as real processes (tests/deployment.py) ------------------------------
+
+
+@pytest.fixture
+def deployment_env(database_url, tmp_path, image_server, webhook_receiver) -> dict[str, str]:
+    """Settings for every process of a deployment, chosen so that recovery is quick: short
+    leases and sweeps, quick retries, and one image worker process each on 2 cores."""
+    from tests.deployment import WEBHOOK_SECRET
+
+    hosts = f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}"
+    return {
+        "DATABASE_URL": database_url,
+        "MEDIA_ROOT": str(tmp_path / "media"),
+        "ALLOW_PRIVATE_HOSTS": hosts,
+        "WEBHOOK_ALLOW_PRIVATE_HOSTS": hosts,
+        "LEASE_SECONDS": "3",
+        "RECOVERY_INTERVAL_SECONDS": "0.5",
+        "WORKER_CONCURRENCY": "8",
+        "IMAGE_PROCESSES": "1",
+        "DOWNLOAD_TIMEOUT_SECONDS": "10",
+        "TRANSIENT_RETRY_BASE_SECONDS": "0.2",
+        "TRANSIENT_RETRY_MAX_SECONDS": "1",
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+        "SHUTDOWN_GRACE_SECONDS": "5",
+    }
+
+
+@pytest.fixture
+def deploy(deployment_env, tmp_path) -> Iterator[Callable[..., "Deployment"]]:
+    """deploy(runner, workers=2, **settings): a started Deployment, stopped after the test."""
+    from tests.deployment import Deployment
+
+    started: list[Deployment] = []
+
+    def start(runner: str, *, workers: int = 2, **settings: str) -> Deployment:
+        deployment = Deployment(runner, {**deployment_env, **settings}, tmp_path, workers=workers)
+        started.append(deployment)
+        return deployment.start()
+
+    yield start
+    for deployment in started:
+        deployment.stop()
+
+
+# -- a real S3 endpoint (moto), started once when a test asks for it --------------
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory) -> Iterator[MotoServer]:
+    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_proxy(moto_server) -> Iterator[PausableTcpProxy]:
+    with PausableTcpProxy(moto_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def running_s3_proxy(s3_proxy) -> Iterator[PausableTcpProxy]:
+    """The proxy, running at the start and again at the end of the test, whatever it did."""
+    s3_proxy.resume()
+    yield s3_proxy
+    s3_proxy.resume()
+
+
+@pytest.fixture
+def aws_environment(monkeypatch, tmp_path) -> None:
+    """Dummy credentials for boto3's standard chain, and nothing else it could pick up:
+    no profile files, no instance metadata, no proxy for 127.0.0.1."""
+    for name, value in TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture(scope="session")
+def s3_admin(moto_server):
+    """A plain boto3 client straight to moto, for setting up and inspecting buckets."""
+    import boto3  # loaded only by the tests that use S3
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=moto_server.endpoint_url,
+        region_name=TEST_REGION,
+        aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+@pytest.fixture
+def bucket(s3_admin) -> str:
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    s3_admin.create_bucket(Bucket=name)
+    return name
+
+
+def stored_keys(s3_admin, bucket: str) -> list[str]:
+    pages = s3_admin.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
 
 def unique_path(suffix: str = "") -> str:

@@ -52,6 +52,10 @@ class ServiceProcess:
             time.sleep(0.1)
         raise RuntimeError(f"service did not become ready; see {self.log_path}")
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash."""
         assert self.process is not None

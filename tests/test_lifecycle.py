@@ -23,7 +23,6 @@ from app.main import create_app
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
 from tests.servers import send
-from tests.test_storage_s3 import aws_environment, bucket, moto_server, s3_admin  # noqa: F401
 
 
 def gated_image(gate: threading.Event, body: bytes):
@@ -244,10 +243,10 @@ def test_only_the_owning_key_deletes(make_settings, image_server):
 def test_delete_removes_the_objects_with_the_s3_backend(
     make_settings,
     image_server,
-    aws_environment,  # noqa: F811
-    moto_server,  # noqa: F811
-    bucket,  # noqa: F811
-    s3_admin,  # noqa: F811
+    aws_environment,
+    moto_server,
+    bucket,
+    s3_admin,
 ):
     settings = make_settings(
         storage_backend="s3",

@@ -10,21 +10,14 @@ from PIL import Image
 
 from app.main import create_app
 from tests import images
-from tests.conftest import csv_of, upload, wait_finished
+from tests.conftest import csv_of, stored_keys, upload, wait_finished
 from tests.s3_server import TEST_REGION
-from tests.test_storage_s3 import (  # noqa: F401 - fixtures
-    aws_environment,
-    bucket,
-    moto_server,
-    s3_admin,
-    stored_keys,
-)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def s3_settings(make_settings, aws_environment, moto_server, bucket):  # noqa: F811
+def s3_settings(make_settings, aws_environment, moto_server, bucket):
     def make(**overrides):
         return make_settings(
             storage_backend="s3",
@@ -41,9 +34,9 @@ def s3_settings(make_settings, aws_environment, moto_server, bucket):  # noqa: F
 def test_a_batch_stores_its_outputs_as_objects_served_through_presigned_redirects(
     s3_settings,
     image_server,
-    s3_admin,  # noqa: F811
-    bucket,  # noqa: F811
-    moto_server,  # noqa: F811
+    s3_admin,
+    bucket,
+    moto_server,
 ):
     sources = [images.jpeg((320, 240)), images.png_rgba((200, 100)), images.cmyk_jpeg((64, 48))]
     with TestClient(create_app(s3_settings())) as client:

@@ -2,76 +2,20 @@
 
 import socket
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import boto3
 import pytest
 import requests
 
 import app.storage.s3
 from app.pipeline.failures import StoreFailure
 from app.storage.s3 import CACHE_CONTROL, S3Storage, normalise_prefix
-from tests.s3_server import TEST_CREDENTIALS, TEST_REGION, MotoServer, PausableTcpProxy
+from tests.conftest import stored_keys
+from tests.s3_server import TEST_REGION
 
 pytestmark = pytest.mark.slow
 
 JPEG_BYTES = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9"
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory) -> Iterator[MotoServer]:
-    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def s3_proxy(moto_server) -> Iterator[PausableTcpProxy]:
-    with PausableTcpProxy(moto_server.port) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def running_s3_proxy(s3_proxy) -> Iterator[PausableTcpProxy]:
-    """The proxy, running at the start and again at the end of the test, whatever it did."""
-    s3_proxy.resume()
-    yield s3_proxy
-    s3_proxy.resume()
-
-
-@pytest.fixture
-def aws_environment(monkeypatch, tmp_path) -> None:
-    """Dummy credentials for boto3's standard chain, and nothing else it could pick up:
-    no profile files, no instance metadata, no proxy for 127.0.0.1."""
-    for name, value in TEST_CREDENTIALS.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
-@pytest.fixture(scope="session")
-def s3_admin(moto_server):
-    """A plain boto3 client straight to moto, for setting up and inspecting buckets."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=moto_server.endpoint_url,
-        region_name=TEST_REGION,
-        aws_access_key_id=TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-    )
-
-
-@pytest.fixture
-def bucket(s3_admin) -> str:
-    name = f"test-{uuid.uuid4().hex[:16]}"
-    s3_admin.create_bucket(Bucket=name)
-    return name
 
 
 @pytest.fixture
@@ -84,11 +28,6 @@ def make_storage(aws_environment, moto_server, bucket) -> Callable[..., S3Storag
         return S3Storage(**{**options, **overrides})
 
     return make
-
-
-def stored_keys(s3_admin, bucket: str) -> list[str]:
-    pages = s3_admin.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
 
 def test_saved_bytes_read_back(make_storage):
