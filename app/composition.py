@@ -54,6 +54,8 @@ def stage_config(settings: Settings) -> StageConfig:
         downloads=math.ceil(settings.worker_concurrency / max(processes, 1)),
         compress_slots=math.ceil(settings.compress_concurrency / max(processes, 1)),
         memory_budget_bytes=settings.worker_memory_mb * MIB,
+        jpeg_optimize=settings.jpeg_optimize,
+        jpeg_progressive=settings.jpeg_progressive,
     )
 
 
