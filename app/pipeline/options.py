@@ -73,6 +73,11 @@ def options_from_json(text: str | None) -> OutputOptions | None:
     return OutputOptions(**json.loads(text))
 
 
+def stored_options(text: str | None, *, default_quality: int, default_progressive: bool) -> OutputOptions:
+    """A request's options; for one stored before options existed, the settings'."""
+    return options_from_json(text) or OutputOptions(quality=default_quality, progressive=default_progressive)
+
+
 def _whole_number(field: str, raw: str, low: int, high: int, problems: list[dict]) -> int | None:
     value = raw.strip()
     if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:

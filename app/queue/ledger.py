@@ -35,7 +35,9 @@ from app.db.models import (
     ProcessingRequest,
     RequestStatus,
 )
+from app.pipeline.options import options_from_json
 from app.pipeline.stages import ImageOutcome, WorkUnit
+from app.queue.copies import record_copies
 from app.queue.turns import (
     expired_claim_ids,
     next_claimable_ids,
@@ -68,6 +70,7 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
         "new_source_format": outcome.source_format,
         "new_fetch_ms": outcome.fetch_ms,
         "new_compress_ms": outcome.compress_ms,
+        "new_kept_original": outcome.kept_original,
     }
 
 
@@ -146,7 +149,14 @@ class ImageLedger:
                     claimed_at=now,
                     attempts=Image.attempts + 1,
                 )
-                .returning(Image.id, Image.attempts, Image.request_pk, Image.input_url, Image.crash_count)
+                .returning(
+                    Image.id,
+                    Image.attempts,
+                    Image.request_pk,
+                    Image.input_url,
+                    Image.crash_count,
+                    Image.copies,
+                )
             ).all()
             if not claimed:
                 return []
@@ -159,21 +169,24 @@ class ImageLedger:
                 )
                 .values(status=RequestStatus.PROCESSING, started_at=now)
             )
-            public_ids = dict(
-                connection.execute(
-                    select(ProcessingRequest.id, ProcessingRequest.request_id).where(
-                        ProcessingRequest.id.in_(request_pks)
-                    )
-                ).all()
-            )
+            requests = {
+                pk: (request_id, options_from_json(options))
+                for pk, request_id, options in connection.execute(
+                    select(
+                        ProcessingRequest.id, ProcessingRequest.request_id, ProcessingRequest.options
+                    ).where(ProcessingRequest.id.in_(request_pks))
+                )
+            }
         units = [
             WorkUnit(
                 row.id,
                 row.attempts,
                 row.request_pk,
-                public_ids[row.request_pk],
+                requests[row.request_pk][0],
                 row.input_url,
                 row.crash_count,
+                options=requests[row.request_pk][1],
+                copies=row.copies,
             )
             for row in claimed
         ]
@@ -260,6 +273,7 @@ class ImageLedger:
                         source_format=bindparam("new_source_format"),
                         fetch_ms=bindparam("new_fetch_ms"),
                         compress_ms=bindparam("new_compress_ms"),
+                        kept_original=bindparam("new_kept_original"),
                         finished_at=now,
                     ),
                     [_outcome_params(o) for o in fresh],
@@ -267,6 +281,8 @@ class ImageLedger:
             for outcome in fresh:
                 tally = succeeded if outcome.succeeded else failed
                 tally[outcome.unit.request_pk] = tally.get(outcome.unit.request_pk, 0) + 1
+            # Rows naming the same URL take the result with it, and count as rows.
+            record_copies(session, [o for o in fresh if o.unit.copies], succeeded, failed)
             events = []
             for request_pk in sorted(succeeded.keys() | failed.keys()):
                 event_id = self._count_and_maybe_finish(

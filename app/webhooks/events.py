@@ -22,6 +22,8 @@ def finished_payload(request: ProcessingRequest, public_base_url: str) -> dict:
         "processed_images": request.processed_images,
         "failed_images": request.failed_images,
         "download_url": f"{public_base_url}/download/{request.request_id}",
+        # None for a request stored before options existed (it used the settings).
+        "options": json.loads(request.options) if request.options else None,
     }
 
 
