@@ -104,6 +104,7 @@ class ImageStages:
     ):
         self.fetcher = fetcher
         self.jpeg_optimize = jpeg_optimize
+        self._encodings: dict[OutputOptions, Encoding] = {}  # a few per batch running
         self.default_encoding = Encoding(jpeg_quality, optimize=jpeg_optimize, progressive=jpeg_progressive)
         self.storage = storage
         self.jpeg_quality = jpeg_quality
@@ -142,6 +143,12 @@ class ImageStages:
     def encoding(self, options: OutputOptions | None) -> Encoding:
         if options is None:
             return self.default_encoding
+        encoding = self._encodings.get(options)
+        if encoding is None:
+            encoding = self._encodings[options] = self._encoding(options)
+        return encoding
+
+    def _encoding(self, options: OutputOptions) -> Encoding:
         return Encoding(
             options.quality,
             output_format=options.pillow_format,
