@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 POSTGRES_TEST_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run worker migrate test test-postgres test-all lint format bench clean
+.PHONY: help install install-dev run worker migrate test test-postgres test-all lint format bench postman clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ format: install-dev ## Apply ruff fixes and formatting
 
 bench: install-dev ## Benchmark the service against local servers; prints a table, saves JSON
 	$(PY) -m bench $(BENCH_ARGS)
+
+postman: install ## Run docs/postman's collection with newman (pinned, into .ci/node) against the service
+	PY=$(PY) bash tests/postman/run.sh
 
 clean: ## Remove the venv, caches, the default SQLite database and processed images
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis data

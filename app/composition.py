@@ -57,6 +57,8 @@ def stage_config(settings: Settings) -> StageConfig:
         memory_budget_bytes=settings.worker_memory_mb * MIB,
         log_format=settings.log_format,
         log_level=settings.log_level,
+        jpeg_optimize=settings.jpeg_optimize,
+        jpeg_progressive=settings.jpeg_progressive,
     )
 
 

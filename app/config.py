@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     s3_presign_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
 
     jpeg_quality: int = Field(50, ge=1, le=95)
+    jpeg_optimize: bool = True
+    jpeg_progressive: bool = False
     worker_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
     compress_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     image_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)

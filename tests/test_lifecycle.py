@@ -130,6 +130,28 @@ def test_cancel_during_a_slow_batch_fetches_nothing_more(make_settings, image_se
         assert len(webhook_receiver.received(hook)) == 1
 
 
+def test_cancel_with_urls_shared_between_rows_still_finishes_the_request(make_settings, image_server):
+    """Rows naming the same URL take their source's result; cancelling must end them too,
+    whether their source was in flight (it finishes, they are cancelled) or pending."""
+    settings = make_settings(worker_concurrency=1)
+    gate = threading.Event()
+    body = images.jpeg((64, 48))
+    in_flight, waiting = (image_server.add_handler(gated_image(gate, body), ".jpg") for _ in range(2))
+    rows = [(n + 1, f"P{n}", [in_flight, waiting]) for n in range(5)]
+    with TestClient(create_app(settings)) as client:
+        request_id = upload(client, csv_of(rows)).json()["request_id"]
+        wait_until(lambda: image_server.hits_for(in_flight) == 1)
+        try:
+            assert client.post(f"/requests/{request_id}/cancel").status_code == 202
+        finally:
+            gate.set()
+        status = wait_finished(client, request_id)
+    assert status["status"] == "cancelled"
+    assert status["progress"]["processed_images"] == 1  # the source in flight finished
+    assert status["progress"]["cancelled_images"] == 9  # its 4 copies, the other URL's 5 rows
+    assert image_server.hits_for(waiting) == 0
+
+
 def test_cancelling_a_request_nothing_of_which_is_in_flight_finishes_it_at_once(
     make_settings, image_server, database_url
 ):

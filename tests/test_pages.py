@@ -187,6 +187,19 @@ def test_thumbnails_are_small_public_and_kept_after_the_first_request(make_setti
     assert not (settings.media_root / request_id).exists()
 
 
+def test_a_webp_output_has_a_jpeg_thumbnail(client, image_server):
+    url = image_server.add(images.jpeg((1000, 600)))
+    response = client.post(
+        "/upload", files={"file": ("p.csv", csv_of([(1, "A", [url])]), "text/csv")}, data={"format": "webp"}
+    )
+    request_id = response.json()["request_id"]
+    output_url = wait_finished(client, request_id)["products"][0]["output_image_urls"][0]
+    assert output_url.endswith(".webp")
+    thumbnail = client.get(f"/thumbnails/{request_id}/{output_url.rsplit('/', 1)[1]}")
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumbnail.content)).size == (240, 144)
+
+
 @pytest.mark.parametrize(
     "path",
     [

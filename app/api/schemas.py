@@ -56,13 +56,18 @@ class ImageResult(BaseModel):
     output_bytes: int | None
     width: int | None
     height: int | None
+    kept_original: bool = Field(
+        False, description="keep_smaller: the input was smaller than its re-encoding, so it is the output"
+    )
 
     @classmethod
     def of(cls, image: Row, urls: OutputUrls) -> "ImageResult":
         return cls(
             input_url=image.input_url,
             output_url=urls.url(image.output_key),
-            status=image.status,
+            # A copy waits for the row of the same URL that is processed.
+            status=ImageStatus.PENDING if image.status == ImageStatus.COPY else image.status,
+            kept_original=bool(image.kept_original),
             error=ImageError(code=image.error_code, message=image.error_message or "")
             if image.error_code
             else None,
@@ -181,7 +186,17 @@ class RequestSummary(BaseModel):
         )
 
 
+class OutputOptionsOut(BaseModel):
+    quality: int = Field(examples=[50])
+    format: str = Field(examples=["jpeg"], description="jpeg, webp or avif")
+    max_width: int | None = None
+    max_height: int | None = None
+    keep_smaller: bool = False
+    progressive: bool = False
+
+
 class RequestStatusOut(RequestSummary):
+    options: OutputOptionsOut = Field(description="the output options the request was uploaded with")
     webhook: WebhookStatus | None
     products: list[ProductResult]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")

@@ -3,7 +3,7 @@
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, UTCDateTime, utcnow
@@ -32,6 +32,9 @@ class ImageStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"  # its request was cancelled before it started; never fetched
+    # Another row of the same request names the same URL and is processed instead; this
+    # one takes that one's result in the same transaction (shown as pending until then).
+    COPY = "copy"
 
 
 class WebhookState(StrEnum):
@@ -60,6 +63,8 @@ class ProcessingRequest(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)  # retention
+    # app.pipeline.options.OutputOptions as JSON; NULL (requests from before) means the settings.
+    options: Mapped[str | None] = mapped_column(Text)
 
 
 class Product(Base):
@@ -93,6 +98,13 @@ class Image(Base):
             sqlite_where=text("retry_at IS NOT NULL"),
             postgresql_where=text("retry_at IS NOT NULL"),
         ),
+        # The copies of a source image, found when its outcome is recorded.
+        Index(
+            "ix_images_source_image_id",
+            "source_image_id",
+            sqlite_where=text("source_image_id IS NOT NULL"),
+            postgresql_where=text("source_image_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -121,6 +133,11 @@ class Image(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     fetch_ms: Mapped[int | None] = mapped_column(Integer)
     compress_ms: Mapped[int | None] = mapped_column(Integer)
+    kept_original: Mapped[bool | None] = mapped_column(Boolean)  # keep_smaller kept the input
+    # Same URL, same request: a COPY row names the image processed for it (no foreign key:
+    # both rows go with their request), and that image counts its copies.
+    source_image_id: Mapped[int | None] = mapped_column(Integer)
+    copies: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class WebhookEvent(Base):

@@ -1,4 +1,6 @@
-"""Compress stage: decode untrusted bytes, normalise, encode as a JPEG at the set quality.
+"""Compress stage: decode untrusted bytes, normalise, encode as a JPEG (or the WebP or
+AVIF a batch asks for, app/pipeline/options.py) at the set quality, fitted inside the
+batch's largest size if it has one.
 
 Limits come before work: the format is decided from the bytes (not the Content-Type or
 extension), and the pixel count is checked from the header before any pixel is decoded.
@@ -50,6 +52,40 @@ class CompressedImage:
     width: int
     height: int
     source_format: str
+    kept_original: bool = False  # keep_smaller: the input was smaller, so it is the output
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How to encode: Pillow's format name and quality; for JPEG, optimized Huffman tables
+    (lossless: same pixels, same quantisation tables, smaller file) and progressive
+    scans; a box the output must fit in; and whether a smaller input of the same format
+    is kept instead."""
+
+    quality: int
+    output_format: str = "JPEG"
+    optimize: bool = False
+    progressive: bool = False
+    max_size: tuple[int, int] | None = None
+    keep_smaller: bool = False
+
+    def save_params(self) -> dict:
+        if self.output_format == "JPEG":
+            params = {"quality": self.quality, "comment": b""}
+            if self.optimize:
+                params["optimize"] = True
+            if self.progressive:
+                params["progressive"] = True
+            return params
+        return {"quality": self.quality}
+
+
+def fitted_size(width: int, height: int, box: tuple[int, int] | None) -> tuple[int, int]:
+    """The size inside box keeping the aspect ratio, never larger than the image."""
+    if box is None or (width <= box[0] and height <= box[1]):
+        return width, height
+    scale = min(box[0] / width, box[1] / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 Admission = Callable[[int], AbstractContextManager[object]]
@@ -58,9 +94,17 @@ Admission = Callable[[int], AbstractContextManager[object]]
 def compress_to_jpeg(
     data: bytes | bytearray, *, quality: int, max_pixels: int, admission: Admission | None = None
 ) -> CompressedImage:
+    """A baseline JPEG with Pillow's default Huffman tables (see compress_image)."""
+    return compress_image(data, Encoding(quality), max_pixels=max_pixels, admission=admission)
+
+
+def compress_image(
+    data: bytes | bytearray, encoding: Encoding, *, max_pixels: int, admission: Admission | None = None
+) -> CompressedImage:
     """Decode, normalise and encode one image. `admission(cost_bytes)`, if given, is entered
     with the estimated peak memory once the header is read, and held while pixels exist:
     it may wait for memory, or refuse the image by raising an ImageFailure."""
+    quality = encoding.quality
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -76,7 +120,7 @@ def compress_to_jpeg(
     # download threads running that wait is what keeps threads from using both cores.
     image.decodermaxblock = max(image.decodermaxblock, len(data))
     source_format = image.format or "unknown"
-    width, height = image.size
+    width, height = image_size = image.size
     if width <= 0 or height <= 0:
         raise CorruptImage("the image has no pixels")
     if width * height > max_pixels:
@@ -87,18 +131,36 @@ def compress_to_jpeg(
         orientation = _header_orientation(image)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise CorruptImage(f"the image metadata cannot be read: {exc}") from exc
-    cost = peak_memory_bytes(image, orientation=orientation, input_bytes=len(data), quality=quality)
+    # The box in the stored (not yet rotated) orientation: resizing comes before the
+    # transpose, so the transpose copies the smaller image.
+    box = encoding.max_size
+    if box is not None and orientation in (5, 6, 7, 8):
+        box = (box[1], box[0])
+    resized = fitted_size(width, height, box)
+    cost = peak_memory_bytes(
+        image,
+        orientation=orientation,
+        input_bytes=len(data),
+        quality=quality,
+        resized=resized != (width, height),
+        output_format=encoding.output_format,
+    )
     with admission(cost) if admission is not None else nullcontext():
         try:
             image.load()  # first frame of an animation
             image, icc_profile = _jpeg_compatible(image)
+            if resized != image.size:
+                image = image.resize(resized, Image.Resampling.LANCZOS, reducing_gap=3.0)
             # Transposed after the conversion, which leaves at most as many bytes a pixel
             # (e.g. 16-bit or alpha images): a smaller copy, and the source is gone by then.
             if orientation in TRANSPOSE_FOR_ORIENTATION:
                 image = image.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
             width, height = image.size
-            encoded = _encode_jpeg(image, quality=quality, icc_profile=icc_profile, comment=b"")
-            del image  # the pixels go before the JPEG is copied out, so it can reuse them
+            params = encoding.save_params()
+            if icc_profile:
+                params["icc_profile"] = icc_profile
+            encoded = _encode(image, encoding.output_format, **params)
+            del image  # the pixels go before the output is copied out, so it can reuse them
             output = encoded()
         except (
             OSError,
@@ -108,6 +170,13 @@ def compress_to_jpeg(
             Image.DecompressionBombError,
         ) as exc:
             raise CorruptImage(f"the image cannot be decoded: {exc}") from exc
+    if (
+        encoding.keep_smaller
+        and source_format == encoding.output_format
+        and resized == image_size
+        and len(data) <= len(output)
+    ):
+        return CompressedImage(bytes(data), width, height, source_format, kept_original=True)
     return CompressedImage(output, width, height, source_format)
 
 
@@ -120,7 +189,7 @@ def _header_orientation(image: Image.Image) -> int | None:
     return image.getexif().get(EXIF_ORIENTATION)
 
 
-def _encode_jpeg(image: Image.Image, **params) -> Callable[[], bytes]:
+def _encode(image: Image.Image, output_format: str, **params) -> Callable[[], bytes]:
     """Encode into a file descriptor, not a BytesIO: Pillow releases the GIL while it
     encodes to a real file but holds it while encoding to a Python buffer, which would
     let only one thread encode at a time. An in-memory file (memfd) gives us both. Small
@@ -130,14 +199,14 @@ def _encode_jpeg(image: Image.Image, **params) -> Callable[[], bytes]:
     first."""
     if not hasattr(os, "memfd_create") or image.width * image.height < SMALL_IMAGE_PIXELS:
         buffer = io.BytesIO()
-        image.save(buffer, "JPEG", **params)
+        image.save(buffer, output_format, **params)
         return buffer.getvalue
     sink = getattr(_thread_sink, "file", None)
     if sink is None:  # one per thread, reused: creating a memfd costs more than using one
         sink = _thread_sink.file = os.fdopen(os.memfd_create("jpeg", os.MFD_CLOEXEC), "w+b")
     sink.seek(0)
     sink.truncate()
-    image.save(sink, "JPEG", **params)
+    image.save(sink, output_format, **params)
 
     def read_out() -> bytes:
         size = sink.tell()
@@ -259,22 +328,37 @@ def jpeg_bytes_bound(pixels: int, quality: int) -> int:
     return pixels * (quality + 12) // 75
 
 
-def peak_memory_bytes(image: Image.Image, *, orientation: int | None, input_bytes: int, quality: int) -> int:
-    """Upper bound of the memory compress_to_jpeg takes at its peak for this opened (not
+# Beyond the image, what the WebP and AVIF encoders hold a pixel (their YUV planes and
+# working buffers; libjpeg works in strips). Estimates, not yet measured like the above.
+ENCODER_BYTES_PER_PIXEL = {"WEBP": 6, "AVIF": 8}
+
+
+def peak_memory_bytes(
+    image: Image.Image,
+    *,
+    orientation: int | None,
+    input_bytes: int,
+    quality: int,
+    resized: bool = False,
+    output_format: str = "JPEG",
+) -> int:
+    """Upper bound of the memory compress_image takes at its peak for this opened (not
     yet decoded) image, beyond the input itself: a copy some decoders read it into, the decoded
     image and the decoder's buffers, each conversion's output while its input lives, the
-    transposed copy, and the JPEG."""
+    resized and transposed copies, the encoder's buffers, and the output."""
     pixels = image.width * image.height
     decoded = _stored_bytes_per_pixel(image.mode)
     decoding, decoder_kept = _decoder_bytes_per_pixel(image)
     converting, final = _conversion_bytes_per_pixel(image)
     per_pixel = max(decoded + decoding, decoded + decoder_kept + converting)
-    if orientation in TRANSPOSE_FOR_ORIENTATION:
+    if orientation in TRANSPOSE_FOR_ORIENTATION or resized:
+        # A resized copy is at most as large as its source, made the same way.
         # Without a conversion the source is still alive when copied, and with one heap
         # arena the copy may not fit where the decoder's freed buffers were (measured:
         # a rotated WebP 17.2 bytes a pixel, not 16).
         source = decoded + decoding if converting == 0 else final
         per_pixel = max(per_pixel, source + final)
+    per_pixel += ENCODER_BYTES_PER_PIXEL.get(output_format, 0)
     return round(per_pixel * pixels) + input_bytes + jpeg_bytes_bound(pixels, quality)
 
 

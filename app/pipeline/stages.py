@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from app.guarded_http import AddressPolicy, guarded_pool, parse_allowlist
-from app.pipeline.compress import compress_to_jpeg
+from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.decoding import DecodingSlots
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import HttpFetcher
 from app.pipeline.memory import MemoryBudget
-from app.storage import ImageStorage, StorageConfig, build_storage, output_key
+from app.pipeline.options import OutputOptions
+from app.storage import JPEG_CONTENT_TYPE, ImageStorage, StorageConfig, build_storage, output_key
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class WorkUnit:
     request_id: str
     input_url: str
     crashes: int = 0  # worker crashes charged to this image before this claim
+    options: OutputOptions | None = None  # the request's; None: the settings' defaults
+    copies: int = 0  # rows of the same request naming the same URL, recorded with this one
 
     @property
     def log_fields(self) -> dict[str, object]:
@@ -58,6 +61,7 @@ class ImageOutcome:
     retry_later: bool = False  # failed transiently: back to pending with backoff, not final
     # Claimed, then found cancelled before it started: never fetched, recorded as cancelled.
     cancelled: bool = False
+    kept_original: bool | None = None  # keep_smaller kept the input bytes
 
     @property
     def succeeded(self) -> bool:
@@ -87,6 +91,8 @@ class StageConfig:
     memory_budget_bytes: int  # estimated peak memory of the decodes at once
     log_format: str = "text"  # worker processes log as the web process does (app/logs.py)
     log_level: str = "INFO"
+    jpeg_optimize: bool = False  # optimized Huffman tables (JPEG_OPTIMIZE)
+    jpeg_progressive: bool = False  # progressive JPEGs unless a batch says (JPEG_PROGRESSIVE)
 
 
 class StageRunner(Protocol):
@@ -112,8 +118,13 @@ class ImageStages:
         max_image_pixels: int,
         memory_budget_bytes: int,
         decoding_slots: DecodingSlots,
+        jpeg_optimize: bool = False,
+        jpeg_progressive: bool = False,
     ):
         self.fetcher = fetcher
+        self.jpeg_optimize = jpeg_optimize
+        self._encodings: dict[OutputOptions, Encoding] = {}  # a few per batch running
+        self.default_encoding = Encoding(jpeg_quality, optimize=jpeg_optimize, progressive=jpeg_progressive)
         self.storage = storage
         self.jpeg_quality = jpeg_quality
         self.max_image_pixels = max_image_pixels
@@ -144,6 +155,26 @@ class ImageStages:
             max_image_pixels=config.max_image_pixels,
             memory_budget_bytes=config.memory_budget_bytes,
             decoding_slots=decoding_slots or DecodingSlots.in_memory(config.compress_slots),
+            jpeg_optimize=config.jpeg_optimize,
+            jpeg_progressive=config.jpeg_progressive,
+        )
+
+    def encoding(self, options: OutputOptions | None) -> Encoding:
+        if options is None:
+            return self.default_encoding
+        encoding = self._encodings.get(options)
+        if encoding is None:
+            encoding = self._encodings[options] = self._encoding(options)
+        return encoding
+
+    def _encoding(self, options: OutputOptions) -> Encoding:
+        return Encoding(
+            options.quality,
+            output_format=options.pillow_format,
+            optimize=self.jpeg_optimize,
+            progressive=options.progressive,
+            max_size=options.max_size,
+            keep_smaller=options.keep_smaller,
         )
 
     def close(self) -> None:
@@ -165,13 +196,21 @@ class ImageStages:
                     admitted_at.append(time.perf_counter())  # compress_ms leaves out the wait
                     yield
 
-            compressed = compress_to_jpeg(
-                fetched.data, quality=self.jpeg_quality, max_pixels=self.max_image_pixels, admission=admitted
+            compressed = compress_image(
+                fetched.data,
+                self.encoding(unit.options),
+                max_pixels=self.max_image_pixels,
+                admission=admitted,
             )
             compress_seconds = _seconds_since(admitted_at[0])
-            key = output_key(unit.request_id, unit.image_id)
+            extension, content_type = (
+                ("jpg", JPEG_CONTENT_TYPE)
+                if unit.options is None
+                else (unit.options.extension, unit.options.content_type)
+            )
+            key = output_key(unit.request_id, unit.image_id, extension)
             stored_from = time.perf_counter()
-            self.storage.save(key, compressed.data)
+            self.storage.save(key, compressed.data, content_type)
             store_seconds = _seconds_since(stored_from)
         except ImageFailure as failure:
             return ImageOutcome(
@@ -200,4 +239,5 @@ class ImageStages:
             fetch_seconds=fetch_seconds,
             compress_seconds=compress_seconds,
             store_seconds=store_seconds,
+            kept_original=compressed.kept_original,
         )

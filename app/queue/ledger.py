@@ -40,7 +40,9 @@ from app.db.models import (
     ProcessingRequest,
     RequestStatus,
 )
+from app.pipeline.options import options_from_json
 from app.pipeline.stages import ImageOutcome, WorkUnit
+from app.queue.copies import record_copies
 from app.queue.turns import (
     expired_claim_ids,
     next_claimable_ids,
@@ -79,6 +81,7 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
         "new_source_format": outcome.source_format,
         "new_fetch_ms": outcome.fetch_ms,
         "new_compress_ms": outcome.compress_ms,
+        "new_kept_original": outcome.kept_original,
     }
 
 
@@ -193,7 +196,14 @@ class ImageLedger:
                     claimed_at=now,
                     attempts=Image.attempts + 1,
                 )
-                .returning(Image.id, Image.attempts, Image.request_pk, Image.input_url, Image.crash_count)
+                .returning(
+                    Image.id,
+                    Image.attempts,
+                    Image.request_pk,
+                    Image.input_url,
+                    Image.crash_count,
+                    Image.copies,
+                )
             ).all()
             if not claimed:
                 return []
@@ -206,21 +216,24 @@ class ImageLedger:
                 )
                 .values(status=RequestStatus.PROCESSING, started_at=now)
             )
-            public_ids = dict(
-                connection.execute(
-                    select(ProcessingRequest.id, ProcessingRequest.request_id).where(
-                        ProcessingRequest.id.in_(request_pks)
-                    )
-                ).all()
-            )
+            requests = {
+                pk: (request_id, options_from_json(options))
+                for pk, request_id, options in connection.execute(
+                    select(
+                        ProcessingRequest.id, ProcessingRequest.request_id, ProcessingRequest.options
+                    ).where(ProcessingRequest.id.in_(request_pks))
+                )
+            }
         units = [
             WorkUnit(
                 row.id,
                 row.attempts,
                 row.request_pk,
-                public_ids[row.request_pk],
+                requests[row.request_pk][0],
                 row.input_url,
                 row.crash_count,
+                options=requests[row.request_pk][1],
+                copies=row.copies,
             )
             for row in claimed
         ]
@@ -308,6 +321,7 @@ class ImageLedger:
                         source_format=bindparam("new_source_format"),
                         fetch_ms=bindparam("new_fetch_ms"),
                         compress_ms=bindparam("new_compress_ms"),
+                        kept_original=bindparam("new_kept_original"),
                         finished_at=now,
                     ),
                     [_outcome_params(o) for o in fresh],
@@ -315,6 +329,8 @@ class ImageLedger:
             for outcome in fresh:
                 tally = cancelled if outcome.cancelled else succeeded if outcome.succeeded else failed
                 tally[outcome.unit.request_pk] = tally.get(outcome.unit.request_pk, 0) + 1
+            # Rows naming the same URL take the result with it, and count as rows.
+            record_copies(session, [o for o in fresh if o.unit.copies and not o.cancelled], succeeded, failed)
             events = []
             for request_pk in sorted(succeeded.keys() | failed.keys() | cancelled.keys()):
                 event_id = self._count_and_maybe_finish(
@@ -344,7 +360,12 @@ class ImageLedger:
             # Images first, then the request row: the order claims and recording lock them in.
             cancelled = connection.execute(
                 update(Image.__table__)
-                .where(Image.request_pk == request_pk, Image.status == ImageStatus.PENDING)
+                # Copies too: their source may be cancelled with them, and a copy of a
+                # source in flight takes nothing from it once cancelled (record_copies).
+                .where(
+                    Image.request_pk == request_pk,
+                    Image.status.in_((ImageStatus.PENDING, ImageStatus.COPY)),
+                )
                 .values(status=ImageStatus.CANCELLED, retry_at=None, finished_at=now)
             ).rowcount
             marked = connection.execute(

@@ -7,17 +7,19 @@ import base64
 import csv
 import io
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
 
-from sqlalchemy import Connection, Row, Table, insert, select
+from sqlalchemy import Connection, Row, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
 from app.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
 from app.guarded_http import url_problem
+from app.pipeline.options import OutputOptions
 from app.services.csv_input import (
     OUTPUT_COLUMNS,
     CsvErrors,
@@ -65,6 +67,7 @@ IMAGE_COLUMNS = (
     Image.output_bytes,
     Image.width,
     Image.height,
+    Image.kept_original,
 )
 
 
@@ -151,8 +154,11 @@ def create_batch(
     webhook_url: str | None,
     owner: str | None,
     on_request_created: Callable[[ProcessingRequest], None] | None = None,
+    options: OutputOptions | None = None,
 ) -> ProcessingRequest:
-    """Store a request, its products and images (all pending), and return the request."""
+    """Store a request, its products and images, and return the request. Images are
+    pending, except later rows naming a URL an earlier row of the request names: those
+    are copies of the first (app/queue/copies.py), which alone is fetched."""
     request = ProcessingRequest(
         request_id=str(uuid.uuid4()),
         status=RequestStatus.PENDING,
@@ -160,17 +166,60 @@ def create_batch(
         callback_url=webhook_url,
         total_products=len(parsed.rows),
         total_images=parsed.total_images,
+        options=options.to_json() if options is not None else None,
     )
     session.add(request)
     session.flush()
     if on_request_created is not None:
         on_request_created(request)
+    copies = _repeated_urls(parsed.rows)
+    first_seen: set[str] = set()
     for start in range(0, len(parsed.rows), INSERT_CHUNK_ROWS):
-        _insert_rows(session, request.id, parsed.rows[start : start + INSERT_CHUNK_ROWS])
+        chunk = parsed.rows[start : start + INSERT_CHUNK_ROWS]
+        _insert_rows(session, request.id, chunk, copies, first_seen)
+    if copies:
+        _link_copies(session, request.id)
     return request
 
 
-def _insert_rows(session: Session, request_pk: int, rows: list[tuple[int, str, str]]) -> None:
+def _repeated_urls(rows: list[tuple[int, str, str]]) -> dict[str, int]:
+    """How many more times than once each repeated URL appears."""
+    # One join and split: about half the time of splitting row by row (100,000 rows).
+    counts = Counter(URL_SEPARATOR.join(urls for _, _, urls in rows).split(URL_SEPARATOR))
+    return {url: count - 1 for url, count in counts.items() if count > 1}
+
+
+def _link_copies(session: Session, request_pk: int) -> None:
+    """Point each copy at the image of its URL that will be processed."""
+    connection = session.connection()
+    sources = dict(
+        connection.execute(
+            select(Image.input_url, Image.id).where(Image.request_pk == request_pk, Image.copies > 0)
+        ).all()
+    )
+    links = [
+        {"copy_id": copy_id, "new_source_image_id": sources[url]}
+        for copy_id, url in connection.execute(
+            select(Image.id, Image.input_url).where(
+                Image.request_pk == request_pk, Image.status == ImageStatus.COPY
+            )
+        )
+    ]
+    connection.execute(
+        update(Image.__table__)
+        .where(Image.id == bindparam("copy_id"))
+        .values(source_image_id=bindparam("new_source_image_id")),
+        links,
+    )
+
+
+def _insert_rows(
+    session: Session,
+    request_pk: int,
+    rows: list[tuple[int, str, str]],
+    copies: dict[str, int] | None = None,
+    first_seen: set[str] | None = None,
+) -> None:
     connection = session.connection()
     _bulk_insert(
         connection,
@@ -187,17 +236,28 @@ def _insert_rows(session: Session, request_pk: int, rows: list[tuple[int, str, s
         ).all()
     )
     pending = ImageStatus.PENDING.value
-    images = [
-        (request_pk, product_ids[serial_number], position, url, pending, 0)
-        for serial_number, _, urls in rows
-        for position, url in enumerate(urls.split(URL_SEPARATOR))
-    ]
-    _bulk_insert(
-        connection,
-        Image.__table__,
-        ("request_pk", "product_id", "position", "input_url", "status", "attempts"),
-        images,
-    )
+    columns = ("request_pk", "product_id", "position", "input_url", "status", "attempts")
+    if not copies:
+        images = [
+            (request_pk, product_ids[serial_number], position, url, pending, 0)
+            for serial_number, _, urls in rows
+            for position, url in enumerate(urls.split(URL_SEPARATOR))
+        ]
+    else:
+        assert first_seen is not None
+        columns += ("copies",)
+        images = []
+        for serial_number, _, urls in rows:
+            for position, url in enumerate(urls.split(URL_SEPARATOR)):
+                status, count = pending, 0
+                if url in copies:
+                    if url in first_seen:
+                        status = ImageStatus.COPY.value
+                    else:
+                        first_seen.add(url)
+                        count = copies[url]
+                images.append((request_pk, product_ids[serial_number], position, url, status, 0, count))
+    _bulk_insert(connection, Image.__table__, columns, images)
 
 
 def _bulk_insert(connection: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple]) -> None:

@@ -6,6 +6,7 @@ are collected in `errors` (bounded) and the caller refuses the upload if any wer
 
 import csv
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -18,6 +19,10 @@ MAX_REPORTED_ERRORS = 50
 MAX_PRODUCT_NAME_CHARS = 1000
 READ_BLOCK_BYTES = 64 * 1024
 _LINE_BREAKS = (b"\n", b"\r")
+# Inside the URL cell, URLs may be separated by commas, semicolons or any whitespace
+# (newlines too). A URL holding a raw comma or semicolon must percent-encode it.
+_URL_SEPARATORS = re.compile(r"[\s,;]+")
+_LOOKS_LIKE_URL = re.compile(r"\s*https?://", re.IGNORECASE)
 
 
 def _header_key(name: str) -> str:
@@ -185,13 +190,36 @@ def read_products(
             errors.add(line, None, f"the file has more than {max_rows} product rows")
             return
         if len(cells) != len(COLUMNS):
-            errors.add(line, None, f"expected {len(COLUMNS)} columns, found {len(cells)}")
-            continue
+            cells = _unquoted_url_list(line, cells, index, errors)
+            if cells is None:
+                continue
         row = _parse_row(line, cells, index, max_urls_per_row, serials, errors)
         if row is not None:
             yield row
     if rows == 0 and not errors:
         errors.add(None, None, "the file has a header but no product rows")
+
+
+def _unquoted_url_list(line: int, cells: list[str], index: dict, errors: CsvErrors) -> list[str] | None:
+    """A row with more cells than columns, as spreadsheets export an unquoted URL list
+    (`1,SKU1,https://a.jpg,https://b.jpg`): when the URL column is the last one and every
+    extra cell is a URL (or empty), they are more URLs of that cell. None, with the
+    problem recorded, for anything else."""
+    urls_last = index["Input Image Urls"] == len(COLUMNS) - 1
+    if len(cells) < len(COLUMNS) or not urls_last:
+        errors.add(line, None, f"expected {len(COLUMNS)} columns, found {len(cells)}")
+        return None
+    for position in range(len(COLUMNS), len(cells)):
+        cell = cells[position]
+        if cell.strip() and not _LOOKS_LIKE_URL.match(cell):
+            errors.add(
+                line,
+                f"column {position + 1}",
+                f"expected {len(COLUMNS)} columns, found {len(cells)}; an extra column is "
+                f"accepted only as more image URLs, and {cell.strip()[:60]!r} is not a URL",
+            )
+            return None
+    return [*cells[: len(COLUMNS) - 1], ",".join(cells[len(COLUMNS) - 1 :])]
 
 
 def _parse_row(line, cells, index, max_urls_per_row, serials, errors) -> CsvRow | None:
@@ -215,8 +243,7 @@ def _parse_row(line, cells, index, max_urls_per_row, serials, errors) -> CsvRow 
         errors.add(line, "Product Name", f"longer than {MAX_PRODUCT_NAME_CHARS} characters")
         ok = False
 
-    urls = [url.strip() for url in cells[index["Input Image Urls"]].split(",")]
-    urls = [url for url in urls if url]
+    urls = [url for url in _URL_SEPARATORS.split(cells[index["Input Image Urls"]]) if url]
     if not urls:
         errors.add(line, "Input Image Urls", "no image URLs")
         ok = False

@@ -21,12 +21,16 @@ MAX_KEY_LENGTH = 255
 HASH_BLOCK_BYTES = 1024 * 1024
 
 
-def payload_fingerprint(csv_file: BinaryIO, webhook_url: str | None) -> str:
+def payload_fingerprint(csv_file: BinaryIO, webhook_url: str | None, options: str | None = None) -> str:
+    """options: the output options as given (None when none were), so that a key reused
+    with other options is a different payload."""
     digest = hashlib.sha256()
     while block := csv_file.read(HASH_BLOCK_BYTES):
         digest.update(block)
     csv_file.seek(0)
     digest.update(b"\0webhook_url\0" + (webhook_url or "").encode())
+    if options is not None:
+        digest.update(b"\0options\0" + options.encode())
     return digest.hexdigest()
 
 

@@ -23,9 +23,9 @@ def thumbnail_key(request_id: str, image_id: int) -> str:
     return f"{request_id}/thumbs/{image_id}.jpg"
 
 
-def make_thumbnail(jpeg: bytes, long_side: int = THUMBNAIL_LONG_SIDE) -> bytes:
+def make_thumbnail(output: bytes, long_side: int = THUMBNAIL_LONG_SIDE) -> bytes:
     """A JPEG at most long_side pixels on its long side; the output's own when smaller."""
-    with Image.open(io.BytesIO(jpeg)) as image:
+    with Image.open(io.BytesIO(output)) as image:
         # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, so a
         # large output costs a fraction of a full decode.
         image.draft("RGB", (long_side, long_side))
@@ -37,7 +37,7 @@ def make_thumbnail(jpeg: bytes, long_side: int = THUMBNAIL_LONG_SIDE) -> bytes:
         return buffer.getvalue()
 
 
-def output_thumbnail(storage: ImageStorage, request_id: str, image_id: int) -> bytes:
+def output_thumbnail(storage: ImageStorage, request_id: str, image_id: int, extension: str = "jpg") -> bytes:
     """The thumbnail of an output, made and stored the first time it is asked for;
     FileNotFoundError when the output does not exist."""
     key = thumbnail_key(request_id, image_id)
@@ -45,7 +45,7 @@ def output_thumbnail(storage: ImageStorage, request_id: str, image_id: int) -> b
         return storage.open(key)
     except FileNotFoundError:
         pass
-    thumbnail = make_thumbnail(storage.open(output_key(request_id, image_id)))
+    thumbnail = make_thumbnail(storage.open(output_key(request_id, image_id, extension)))
     try:
         storage.save(key, thumbnail)
     except StoreFailure as exc:

@@ -199,7 +199,7 @@ function setUpRequestPage() {
   // Output keys are "{request_id}/{image_id}.jpg", so the URL's last part names the image.
   function thumbnailUrl(outputUrl) {
     const file = new URL(outputUrl, window.location.href).pathname.split("/").pop();
-    return /^\d+\.jpg$/.test(file) ? `/thumbnails/${encodeURIComponent(requestId)}/${file}` : null;
+    return /^\d+\.(jpg|webp|avif)$/.test(file) ? `/thumbnails/${encodeURIComponent(requestId)}/${file}` : null;
   }
 
   function imageEntry(image, position, productName) {

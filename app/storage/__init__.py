@@ -3,7 +3,8 @@
     local.py   files under MEDIA_ROOT, served by this service at /processed_images/
     s3.py      an S3-compatible bucket (AWS, MinIO, Ceph, R2)
 
-The database stores each output's key (`{request_id}/{image_id}.jpg`), never a URL: URLs
+The database stores each output's key (`{request_id}/{image_id}.jpg`, or `.webp`/`.avif`
+for a batch that asks for that format), never a URL: URLs
 are built when read (OutputUrls), so a new PUBLIC_BASE_URL, MEDIA_PUBLIC_BASE_URL or
 storage backend changes every link at once. Keys come from database ids only, and the
 same image always gets the same key, so processing it twice overwrites rather than adds.
@@ -17,8 +18,8 @@ from typing import Literal, Protocol
 JPEG_CONTENT_TYPE = "image/jpeg"
 
 
-def output_key(request_id: str, image_id: int) -> str:
-    return f"{request_id}/{image_id}.jpg"
+def output_key(request_id: str, image_id: int, extension: str = "jpg") -> str:
+    return f"{request_id}/{image_id}.{extension}"
 
 
 class ImageStorage(Protocol):

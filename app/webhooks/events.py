@@ -23,6 +23,8 @@ def finished_payload(request: ProcessingRequest, public_base_url: str) -> dict:
         "failed_images": request.failed_images,
         "cancelled_images": request.cancelled_images,
         "download_url": f"{public_base_url}/download/{request.request_id}",
+        # None for a request stored before options existed (it used the settings).
+        "options": json.loads(request.options) if request.options else None,
     }
 
 

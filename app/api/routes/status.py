@@ -26,6 +26,7 @@ from app.api.schemas import (
 )
 from app.db.models import ProcessingRequest, WebhookDelivery, WebhookEvent
 from app.errors import Conflict
+from app.pipeline.options import stored_options
 from app.services.batches import (
     decode_cursor,
     encode_cursor,
@@ -65,6 +66,11 @@ def get_status(
     body = RequestStatusOut.of(
         request,
         settings.base_url,
+        options=stored_options(
+            request.options,
+            default_quality=settings.jpeg_quality,
+            default_progressive=settings.jpeg_progressive,
+        ).as_dict(),
         webhook=_webhook_status(session, request),
         products=[ProductResult.of(item, http_request.app.state.output_urls) for item in page],
         next_cursor=encode_cursor(next_id) if next_id is not None else None,

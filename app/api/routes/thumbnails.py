@@ -1,5 +1,5 @@
-"""GET /thumbnails/{request_id}/{image_id}.jpg: a small JPEG of an output, public like the
-outputs themselves (an <img> cannot send an API key)."""
+"""GET /thumbnails/{request_id}/{output file}: a small JPEG of an output (JPEG, WebP or
+AVIF), public like the outputs themselves (an <img> cannot send an API key)."""
 
 import re
 from typing import Annotated
@@ -13,7 +13,7 @@ from app.services.thumbnails import output_thumbnail
 router = APIRouter(tags=["outputs"])
 
 _REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_IMAGE_FILE = re.compile(r"([0-9]{1,18})\.jpg")
+_IMAGE_FILE = re.compile(r"([0-9]{1,18})\.(jpg|webp|avif)")
 # Outputs never change under their key, so neither do their thumbnails.
 THUMBNAIL_CACHE_CONTROL = "public, max-age=31536000, immutable"
 
@@ -26,14 +26,16 @@ THUMBNAIL_CACHE_CONTROL = "public, max-age=31536000, immutable"
 )
 def get_thumbnail(
     request_id: str,
-    image_file: Annotated[str, Path(description="{image_id}.jpg")],
+    image_file: Annotated[str, Path(description="the output's file name: {image_id}.jpg, .webp or .avif")],
     request: Request,
 ) -> Response:
     image_name = _IMAGE_FILE.fullmatch(image_file)
     if not _REQUEST_ID.fullmatch(request_id) or image_name is None:
         raise NotFound("no such output image")
     try:
-        thumbnail = output_thumbnail(request.app.state.storage, request_id, int(image_name.group(1)))
+        thumbnail = output_thumbnail(
+            request.app.state.storage, request_id, int(image_name.group(1)), image_name.group(2)
+        )
     except FileNotFoundError:
         raise NotFound("no such output image") from None
     return Response(thumbnail, media_type="image/jpeg", headers={"Cache-Control": THUMBNAIL_CACHE_CONTROL})

@@ -8,6 +8,7 @@ from app.api.schemas import UploadAccepted
 from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest
 from app.errors import InvalidInput
+from app.pipeline.options import MAX_DIMENSION, options_from_form
 from app.services.batches import CsvLimits, checked_webhook_url, create_batch, parse_csv
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
 
@@ -22,9 +23,13 @@ router = APIRouter(tags=["batches"])
     summary="Upload a products CSV",
     description=(
         "Multipart form with `file` (the CSV: `S. No.,Product Name,Input Image Urls`, "
-        "the last column a quoted, comma-separated list of image URLs) and an optional "
-        "`webhook_url` to POST to when the batch finishes. Answers at once with a "
-        "request id; the images are processed in the background."
+        "the last column a list of image URLs separated by commas, semicolons or "
+        "whitespace; an unquoted list spilling into extra columns is accepted), an optional "
+        "`webhook_url` to POST to when the batch finishes, and optional output options "
+        "(`quality`, `max_width`, `max_height`, `format`, `keep_smaller`, `progressive`; "
+        "an invalid one is a 422 naming it). Answers at once with a request id; the images "
+        "are processed in the background. A URL named by several rows is fetched and "
+        "compressed once, and every such row gets its output URL."
     ),
 )
 def upload_csv(
@@ -37,6 +42,36 @@ def upload_csv(
     owner: OwnerDep,
     file: Annotated[UploadFile | None, File(description="the products CSV")] = None,
     webhook_url: Annotated[str | None, Form(description="http(s) URL notified when done")] = None,
+    quality: Annotated[
+        str | None, Form(description="output quality, 1-95; default JPEG_QUALITY", examples=["50"])
+    ] = None,
+    max_width: Annotated[
+        str | None,
+        Form(
+            description=f"largest output width, 1-{MAX_DIMENSION}; the aspect ratio is kept, never enlarged"
+        ),
+    ] = None,
+    max_height: Annotated[
+        str | None,
+        Form(
+            description=f"largest output height, 1-{MAX_DIMENSION}; the aspect ratio is kept, never enlarged"
+        ),
+    ] = None,
+    output_format: Annotated[
+        str | None,
+        Form(
+            alias="format",
+            description="jpeg (default), webp, or avif when this server's Pillow can write it",
+            examples=["jpeg"],
+        ),
+    ] = None,
+    keep_smaller: Annotated[
+        str | None,
+        Form(description="true: an input smaller than its re-encoding in the same format is kept as it is"),
+    ] = None,
+    progressive: Annotated[
+        str | None, Form(description="true: progressive JPEGs; default JPEG_PROGRESSIVE")
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         Header(description="retrying with the same key and file returns the first answer"),
@@ -45,10 +80,23 @@ def upload_csv(
     if file is None:
         raise InvalidInput("the form needs a 'file' field holding the CSV")
     webhook_url = checked_webhook_url(webhook_url)
+    given = (quality, max_width, max_height, output_format, keep_smaller, progressive)
+    options = options_from_form(
+        quality=quality,
+        max_width=max_width,
+        max_height=max_height,
+        output_format=output_format,
+        keep_smaller=keep_smaller,
+        progressive=progressive,
+        default_quality=settings.jpeg_quality,
+        default_progressive=settings.jpeg_progressive,
+    )
     remember_key = None
     if idempotency_key is not None:
         key = check_key(idempotency_key)
-        fingerprint = payload_fingerprint(file.file, webhook_url)
+        fingerprint = payload_fingerprint(
+            file.file, webhook_url, options.to_json() if any(v is not None for v in given) else None
+        )
         original = find_original(read_session, owner, key, fingerprint)
         if original is not None:
             response.headers["Idempotent-Replayed"] = "true"
@@ -67,7 +115,12 @@ def upload_csv(
         ),
     )
     request = create_batch(
-        session, parsed, webhook_url=webhook_url, owner=owner, on_request_created=remember_key
+        session,
+        parsed,
+        webhook_url=webhook_url,
+        owner=owner,
+        on_request_created=remember_key,
+        options=options,
     )
     # Work leaves only after the commit: a runner must never see ids it cannot read.
     session.commit()

@@ -1,0 +1,77 @@
+"""A URL named by several rows of one request is fetched and compressed once; every row
+gets its output URL and counts as a row; the request still finishes exactly once."""
+
+from sqlalchemy import select
+
+from app.db.models import Image
+from app.db.session import writer_sessionmaker
+from app.tasks import process_image
+from tests import images
+from tests.conftest import csv_of, unique_path, upload, wait_finished
+from tests.test_process import event_count, make_batch, request_row, services  # noqa: F401
+
+
+def test_a_url_in_40_rows_is_fetched_once_and_every_row_gets_its_output(client, image_server, media_root):
+    shared = image_server.add(images.jpeg())
+    own = [image_server.add(images.jpeg()) for _ in range(40)]
+    rows = [(n + 1, f"SKU{n + 1}", [own[n], shared]) for n in range(40)]
+    response = upload(client, csv_of(rows))
+    assert response.json()["total_images"] == 80
+    status = wait_finished(client, response.json()["request_id"], timeout=60)
+    while status["next_cursor"]:
+        more = client.get(f"/status/{status['request_id']}", params={"cursor": status["next_cursor"]}).json()
+        status["products"] += more["products"]
+        status["next_cursor"] = more["next_cursor"]
+    assert image_server.hits_for(shared) == 1
+    assert all(image_server.hits_for(url) == 1 for url in own)
+    assert status["status"] == "completed"
+    assert status["progress"]["processed_images"] == 80 and status["progress"]["failed_images"] == 0
+    shared_outputs = {product["output_image_urls"][1] for product in status["products"]}
+    assert len(status["products"]) == 40 and len(shared_outputs) == 1 and "" not in shared_outputs
+    assert all(product["images"][1]["status"] == "succeeded" for product in status["products"])
+    assert len(list(media_root.rglob("*.jpg"))) == 41
+    result_csv = client.get(f"/download/{status['request_id']}").text
+    assert result_csv.count(shared_outputs.pop()) == 40
+
+
+def test_a_failing_shared_url_fails_every_row_naming_it(client, image_server):
+    missing = image_server.base_url + unique_path(".jpg")  # answers 404, counted for this test only
+    good = image_server.add(images.jpeg())
+    response = upload(client, csv_of([(1, "A", [missing, good]), (2, "B", [missing]), (3, "C", [missing])]))
+    status = wait_finished(client, response.json()["request_id"])
+    assert image_server.hits_for(missing) == 1
+    assert status["status"] == "completed_with_errors"
+    assert status["progress"] == {
+        "total_images": 4,
+        "processed_images": 1,
+        "failed_images": 3,
+        "cancelled_images": 0,
+        "percent": 100.0,
+    }
+    errors = [product["images"][0]["error"]["code"] for product in status["products"]]
+    assert errors == ["http_404"] * 3
+
+
+def test_copies_are_never_claimed_and_the_source_records_them_exactly_once(
+    services,  # noqa: F811
+    image_server,
+):
+    shared = image_server.add(images.jpeg())
+    request_pk, ids = make_batch(
+        services.engine, [(1, "A", [shared]), (2, "B", [shared]), (3, "C", [shared])], "https://h.example/x"
+    )
+    source, *copies = ids
+    assert services.ledger.claim_images(copies) == []
+    (unit,) = services.ledger.claim_images([source])
+    assert unit.copies == 2
+    outcome = services.stages.run(unit)
+    first = services.ledger.record_outcomes([outcome])
+    again = services.ledger.record_outcomes([outcome])
+    assert len(first) == 1 and again == []
+    request = request_row(services.engine, request_pk)
+    assert (request.processed_images, request.failed_images, request.status) == (3, 0, "completed")
+    assert event_count(services.engine, request_pk) == 1
+    with writer_sessionmaker(services.engine)() as session:
+        rows = session.execute(select(Image.status, Image.output_key).where(Image.id.in_(ids))).all()
+    assert {row.status for row in rows} == {"succeeded"} and len({row.output_key for row in rows}) == 1
+    assert process_image(services.ledger, services.stages, copies[0]) == []
