@@ -4,6 +4,7 @@ why, and the batch completes once space returns."""
 import contextlib
 import errno
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from app.composition import stage_config
 from app.main import create_app
 from app.pipeline.stages import ImageStages
+from app.storage.local import LocalFileStorage
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
 from tests.storage import FillableStorage
@@ -146,3 +148,35 @@ def test_a_real_full_filesystem_delays_the_batch_until_space_returns(make_settin
             filler.unlink()
             assert_completed(client, request_id, 6)
         assert len(list(media_root.glob(f"{request_id}/*.jpg"))) == 6
+
+
+def test_a_starting_process_keeps_the_partial_files_of_live_writers(tmp_path):
+    storage = LocalFileStorage(tmp_path)
+    storage.save("r/1.jpg", b"x")  # makes the temporary folder
+    host = socket.gethostname()
+    dead_pid = 2**22 + 12345  # above pid_max's default: no such process
+    live = storage.temp_dir / f"{host}-{os.getpid()}-abcdef12-0.part"
+    dead = storage.temp_dir / f"{host}-{dead_pid}-abcdef12-0.part"
+    foreign = storage.temp_dir / "elsewhere-77-abcdef12-0.part"
+    for path in (live, dead, foreign):
+        path.write_bytes(b"half an image")
+    LocalFileStorage(tmp_path).remove_stale_temp_files()
+    assert live.exists() and foreign.exists() and not dead.exists()
+    old = time.time() - 2 * 3600
+    os.utime(foreign, (old, old))
+    LocalFileStorage(tmp_path).remove_stale_temp_files()
+    assert not foreign.exists()
+
+
+def test_an_unreachable_bucket_is_a_503_problem_not_a_500(make_settings, aws_environment):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings = make_settings(
+        storage_backend="s3", s3_bucket="outputs", s3_endpoint_url=f"http://127.0.0.1:{closed_port}"
+    )
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/thumbnails/0b6d3a52-3c57-4a5e-8a55-2f0a9f1e3d11/1.jpg")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "storage" in response.json()["detail"]

@@ -20,6 +20,7 @@ from app.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from app.pipeline.failures import StoreFailure
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,18 @@ def install_error_handlers(app: FastAPI) -> None:
             slug="invalid-input",
             instance=request.url.path,
             errors=errors,
+        )
+
+    @app.exception_handler(StoreFailure)
+    async def _storage(request: Request, exc: StoreFailure):
+        # The outputs' storage is away or full (thumbnails, deletes): try again later.
+        return problem_response(
+            503,
+            "Service unavailable",
+            f"the outputs' storage did not answer: {exc.message}",
+            slug="unavailable",
+            instance=request.url.path,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)

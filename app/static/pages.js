@@ -10,8 +10,9 @@ const STATUS_WORDS = {
   completed: "completed",
   completed_with_errors: "completed, with errors",
   failed: "failed",
+  cancelled: "cancelled",
 };
-const FINISHED = new Set(["completed", "completed_with_errors", "failed"]);
+const FINISHED = new Set(["completed", "completed_with_errors", "failed", "cancelled"]);
 const POLL_MILLISECONDS = 1000;
 const PRODUCTS_PER_PAGE = 50;
 const REQUESTS_PER_PAGE = 50;
@@ -231,7 +232,8 @@ function setUpRequestPage() {
         el("p", { className: "error" }, el("code", {}, image.error.code), " ", sentence(describeError(image.error.code))),
       );
     } else {
-      entry.append(el("p", {}, image.status === "processing" ? "Processing…" : "Waiting…"));
+      const words = { processing: "Processing…", cancelled: "Cancelled: never fetched." };
+      entry.append(el("p", {}, words[image.status] ?? "Waiting…"));
     }
     entry.append(el("p", { className: "url", title: "Input URL" }, image.input_url));
     return entry;
@@ -263,14 +265,15 @@ function setUpRequestPage() {
 
   function show(status) {
     const { progress } = status;
-    const finishedImages = progress.processed_images + progress.failed_images;
+    const finishedImages = progress.processed_images + progress.failed_images + progress.cancelled_images;
     const statusWord = document.getElementById("request-status");
     statusWord.textContent = STATUS_WORDS[status.status] ?? status.status;
     statusWord.className = `state-${status.status}`;
     setProgress(document.getElementById("progress"), progress.percent);
     document.getElementById("counts").textContent =
       `${finishedImages} of ${progress.total_images} images finished: ` +
-      `${progress.processed_images} succeeded, ${progress.failed_images} failed. ` +
+      `${progress.processed_images} succeeded, ${progress.failed_images} failed, ` +
+      `${progress.cancelled_images} cancelled. ` +
       `${status.total_products} products.`;
 
     syncList(productList, status.products, (product) => product.serial_number, productEntry);
@@ -377,7 +380,7 @@ function setUpRequestsPage() {
 
   function requestEntry(item) {
     const { progress } = item;
-    const finishedImages = progress.processed_images + progress.failed_images;
+    const finishedImages = progress.processed_images + progress.failed_images + progress.cancelled_images;
     return el(
       "li",
       { className: "request-item" },
@@ -397,7 +400,8 @@ function setUpRequestsPage() {
         "p",
         { className: "hint" },
         `${item.total_products} products; ${finishedImages} of ${progress.total_images} images finished ` +
-          `(${progress.processed_images} succeeded, ${progress.failed_images} failed)`,
+          `(${progress.processed_images} succeeded, ${progress.failed_images} failed, ` +
+          `${progress.cancelled_images} cancelled)`,
       ),
     );
   }

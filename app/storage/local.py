@@ -7,6 +7,8 @@ half-written file; the temporary folder is hidden from /processed_images/.
 import contextlib
 import itertools
 import os
+import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from app.pipeline.failures import StoreFailure
 from app.storage import JPEG_CONTENT_TYPE
 
 TEMP_DIR_NAME = ".incoming"
+# A partial file of a writer on another machine (a shared folder) is left this long.
+FOREIGN_PARTIAL_FILE_SECONDS = 3600
 
 
 class LocalFileStorage:
@@ -23,7 +27,7 @@ class LocalFileStorage:
         self._known_folders: set = set()
         # Temporary names only need to be unique among live writers; a counter is cheaper
         # than uuid4, whose urandom call showed up in profiles.
-        self._temp_prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._temp_prefix = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._temp_numbers = itertools.count()
 
     def save(self, key: str, data: bytes, content_type: str = JPEG_CONTENT_TYPE) -> None:
@@ -51,10 +55,22 @@ class LocalFileStorage:
             self._known_folders.add(folder)
 
     def remove_stale_temp_files(self) -> None:
-        """Drop partial files left by a crash; they were never visible under a real name."""
-        if self.temp_dir.is_dir():
-            for leftover in self.temp_dir.glob("*.part"):
-                leftover.unlink(missing_ok=True)
+        """Drop partial files left by a crash; they were never visible under a real name.
+        Files of live writers (other worker processes starting beside this one) stay: a
+        file is stale when its writer's process is gone from this machine, or, written on
+        another machine, when it is an hour old."""
+        if not self.temp_dir.is_dir():
+            return
+        host = socket.gethostname()
+        for leftover in self.temp_dir.glob("*.part"):
+            writer_host, pid = _writer_of(leftover.name)
+            with contextlib.suppress(OSError):
+                if writer_host == host and pid is not None:
+                    stale = not _process_exists(pid)
+                else:
+                    stale = time.time() - leftover.stat().st_mtime > FOREIGN_PARTIAL_FILE_SECONDS
+                if stale:
+                    leftover.unlink()
 
     def path_for(self, key: str) -> Path:
         return self.root / key
@@ -88,3 +104,20 @@ class LocalFileStorage:
         if not os.access(self.temp_dir, os.W_OK):
             return "the media folder cannot be written: permission denied"
         return None
+
+
+def _writer_of(partial_name: str) -> tuple[str, int | None]:
+    """The host and process id in a partial file's name, "{host}-{pid}-{random}-{n}.part"."""
+    host_and_pid = partial_name.removesuffix(".part").rsplit("-", 2)[0]
+    host, _, pid = host_and_pid.rpartition("-")
+    return host, int(pid) if pid.isdigit() else None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

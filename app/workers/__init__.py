@@ -22,7 +22,7 @@ class Runner(Protocol):
 
     def notify_webhooks(self) -> None: ...
 
-    def cancel(self, request_pk: int) -> None:
+    def cancel(self, request_id: str) -> None:
         """The request was cancelled: images of it this runner has claimed but not
         started are recorded as cancelled instead of being run (the ledger already
         cancelled those it had not handed out)."""

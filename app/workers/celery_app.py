@@ -71,7 +71,7 @@ class CeleryDispatcher:
     def notify_webhooks(self) -> None:
         self._publish(DELIVER_WEBHOOKS)
 
-    def cancel(self, request_pk: int) -> None:
+    def cancel(self, request_id: str) -> None:
         """Nothing to tell: the workers claim batches of at most twice their concurrency
         and run what they claimed; the ledger gives them no more of a cancelled request."""
 

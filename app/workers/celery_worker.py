@@ -54,6 +54,9 @@ class WorkerRuntime:
         self.claim_batch = max(8, self.settings.worker_concurrency * 2)
         self.last_request_served = 0  # this worker's place in the requests' turns
         self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
+        # Set when the worker starts its warm shutdown: running tasks stop waiting for an
+        # unreachable database then (their claims expire and are processed again).
+        self.shutting_down = threading.Event()
         self.stopping = threading.Event()
         self.metrics_server = None  # METRICS_PORT's server, when set
         self._threads = [
@@ -92,7 +95,7 @@ class WorkerRuntime:
             self.image_pool,
             limit=self.claim_batch,
             after_request_pk=self.last_request_served,
-            stopping=self.stopping,
+            stopping=self.shutting_down,
             on_claimed=on_claimed,
         )
         self.last_request_served = result.last_request_served
@@ -187,6 +190,12 @@ def _start_runtime(**_) -> None:
         )
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     _runtime.start()
+
+
+@signals.worker_shutting_down.connect
+def _stop_waiting(**_) -> None:
+    if _runtime is not None:
+        _runtime.shutting_down.set()
 
 
 @signals.worker_shutdown.connect

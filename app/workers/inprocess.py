@@ -64,7 +64,8 @@ class InProcessRunner:
         self.purge = purge
         self.retention_interval_seconds = retention_interval_seconds
         # Requests cancelled while this runner held claimed, unstarted images of theirs.
-        self._cancelled_requests: set[int] = set()
+        # By public id: an integer key can be reused by SQLite after a DELETE.
+        self._cancelled_requests: set[str] = set()
 
         self._units: queue.Queue[WorkUnit | None] = queue.Queue(maxsize=self.claim_batch)
         self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
@@ -115,8 +116,8 @@ class InProcessRunner:
     def notify_webhooks(self) -> None:
         self._wake_webhooks.set()
 
-    def cancel(self, request_pk: int) -> None:
-        self._cancelled_requests.add(request_pk)
+    def cancel(self, request_id: str) -> None:
+        self._cancelled_requests.add(request_id)
 
     def transient_failure(self) -> str | None:
         """What made the latest image wait for a retry (e.g. a full disk), while no image
@@ -206,7 +207,7 @@ class InProcessRunner:
             unit = self._units.get()
             if unit is None:
                 return
-            if unit.request_pk in self._cancelled_requests:
+            if unit.request_id in self._cancelled_requests:
                 outcome = ImageOutcome(unit, cancelled=True)
             else:
                 outcome = process_claimed(self.ledger, self.stages, self._held, unit)

@@ -34,7 +34,7 @@ def cancel(
 ) -> RequestSummary:
     state = http_request.app.state
     cancellation = cancel_request(state.ledger, request)
-    runner.cancel(request.id)
+    runner.cancel(request.request_id)
     if cancellation.event_id is not None:
         runner.notify_webhooks()
     with state.sessions() as session:
