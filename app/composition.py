@@ -20,7 +20,7 @@ from app.pipeline.decoding import NOTES_DIR_NAME, charge_dead_notes, open_note
 from app.pipeline.memory import MIB
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
 from app.queue import ImageLedger
-from app.storage import ImageStorage, OutputUrls, StorageConfig, build_storage
+from app.storage import ImageStorage, StorageConfig, build_storage
 from app.storage.local import LocalFileStorage
 from app.webhooks.delivery import WebhookDeliverer
 from app.workers.processes import ImageProcesses
@@ -89,7 +89,6 @@ class Services:
     reader_sessions: sessionmaker[Session]
     writer_sessions: sessionmaker[Session]
     storage: ImageStorage
-    output_urls: OutputUrls
     ledger: ImageLedger
     deliverer: WebhookDeliverer
     metrics: ServiceMetrics
@@ -111,11 +110,13 @@ def build_services(
     runs_images: bool,
     stages: StageRunner | None = None,
     metrics: ServiceMetrics | None = None,
+    storage: ImageStorage | None = None,
 ) -> Services:
     """The parts of one process. With runs_images, also the stages (`stages` replaces
     those build_stages would make), after charging the images a dead predecessor of this
     process was decoding. Image outcomes and webhook attempts are counted in `metrics`
-    (the process's own registry when not given)."""
+    (the process's own registry when not given); `storage` is the one the process already
+    has, if any."""
     metrics = metrics or ServiceMetrics()
     engine = build_engine(settings.database_url)
     writer_sessions = writer_sessionmaker(engine)
@@ -137,8 +138,7 @@ def build_services(
         engine=engine,
         reader_sessions=reader_sessionmaker(engine),
         writer_sessions=writer_sessions,
-        storage=build_storage(storage_config(settings)),
-        output_urls=OutputUrls(settings.output_url_base),
+        storage=storage or build_storage(storage_config(settings)),
         ledger=ledger,
         deliverer=WebhookDeliverer(
             sessions=writer_sessions,

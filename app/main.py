@@ -34,7 +34,9 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runs_images = settings.task_backend == "inprocess"
-        services = build_services(settings, runs_images=runs_images, stages=stages, metrics=service_metrics)
+        services = build_services(
+            settings, runs_images=runs_images, stages=stages, metrics=service_metrics, storage=storage
+        )
         pending = service_metrics.watch_pending_images(services.reader_sessions)
         runner = build_runner(services)
         app.state.settings = settings
@@ -54,7 +56,10 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
     app = FastAPI(
         title="Batch image service",
         version="1.0.0",
-        summary="Upload a CSV of products with image URLs; get 50%-quality JPEGs and a result CSV.",
+        summary=(
+            "Upload a CSV of products with image URLs; get re-compressed images "
+            "(50%-quality JPEGs by default) and a result CSV."
+        ),
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -15,6 +15,7 @@ web process) and app/workers/celery_worker.py (Celery workers on a broker).
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -85,6 +86,22 @@ class HeldClaims:
         self.forget([unit])
 
 
+def claim_batch_size(concurrency: int) -> int:
+    """Images one claim takes: enough to keep `concurrency` busy while the next is made."""
+    return max(8, concurrency * 2)
+
+
+def renew_leases_until(
+    stopping: threading.Event, held: HeldClaims, ledger: ImageLedger, every: float
+) -> None:
+    """The heartbeat: renew the leases of the held claims every `every` seconds."""
+    while not stopping.wait(every):
+        try:
+            held.renew(ledger)
+        except Exception:
+            log.exception("renewing leases failed; trying again")
+
+
 def process_unit(stages: StageRunner, unit: WorkUnit) -> ImageOutcome:
     """The unit's outcome: its stages' result, or `worker_crashed` without running them
     for an image that has taken down MAX_WORKER_CRASHES processes while being decoded."""
@@ -145,6 +162,7 @@ class ClaimRound:
 
     claimed: int = 0
     last_request_served: int = 0
+    more_waiting: bool = False
     events: list[int] = field(default_factory=list)
     transient_failure: str | None = None
 
@@ -159,30 +177,62 @@ def process_next_images(
     after_request_pk: int,
     stopping: threading.Event,
     on_claimed: Callable[[int], None] | None = None,
+    on_events: Callable[[list[int]], None] | None = None,
+    max_seconds: float = 0.0,
 ) -> ClaimRound:
     """Claim up to `limit` images fairly (requests take turns; expired claims too), run
-    them on `pool`, and record their outcomes in batches as they finish. `on_claimed` is
-    told how many were claimed before any is run (a Celery worker publishes the next
-    message then, so other workers join in while this batch runs)."""
-    units, last_served = ledger.claim_next(limit, after_request_pk, expired_too=True)
-    result = ClaimRound(claimed=len(units), last_request_served=last_served)
+    them on `pool`, and record their outcomes in batches as they finish. For up to
+    `max_seconds`, claim again whenever half of them are done, so the pool never drains
+    between claims (each claim takes turns again, so a new small batch still gets in at
+    once). `on_claimed` is told how many the first claim took, before any is run (a Celery
+    worker publishes the next message then, so other workers join in); `on_events` is
+    given the webhook events each recording created. The result's `more_waiting` says
+    whether the last claim was full: work may be left."""
+    deadline = time.monotonic() + max_seconds
+    result = ClaimRound(last_request_served=after_request_pk)
+    running: set[Future] = set()
+
+    def claim() -> int:
+        units, result.last_request_served = ledger.claim_next(
+            limit, result.last_request_served, expired_too=True
+        )
+        held.add(units)
+        running.update(pool.submit(process_claimed, ledger, stages, held, unit) for unit in units)
+        result.claimed += len(units)
+        result.more_waiting = len(units) >= limit
+        return len(units)
+
+    def claim_more_if_running_low() -> None:
+        if (
+            result.more_waiting
+            and len(running) <= limit
+            and time.monotonic() < deadline
+            and not stopping.is_set()
+        ):
+            claim()
+
+    first = claim()
     if on_claimed is not None:
-        on_claimed(len(units))
-    if not units:
-        return result
-    held.add(units)
-    running: set[Future] = {pool.submit(process_claimed, ledger, stages, held, unit) for unit in units}
+        on_claimed(first)
     while running:
         done, running = wait(running, return_when=FIRST_COMPLETED)
-        if running:  # let others finish within the linger and share the transaction
-            more, running = wait(running, timeout=RECORD_LINGER_SECONDS, return_when=FIRST_COMPLETED)
+        # Let others finish within the linger and share the transaction, and keep the
+        # pool fed meanwhile.
+        linger_until = time.monotonic() + RECORD_LINGER_SECONDS
+        while running and (remaining := linger_until - time.monotonic()) > 0:
+            claim_more_if_running_low()
+            more, running = wait(running, timeout=remaining, return_when=FIRST_COMPLETED)
             done |= more
+        claim_more_if_running_low()
         outcomes = [outcome for future in done if (outcome := future.result()) is not None]
         for outcome in outcomes:
             if outcome.retry_later:
                 result.transient_failure = f"{outcome.error_code}: {outcome.error_message}"
         if outcomes:
-            result.events += record_outcomes(ledger, held, outcomes, stopping)
+            events = record_outcomes(ledger, held, outcomes, stopping)
+            result.events += events
+            if events and on_events is not None:
+                on_events(events)
     return result
 
 

@@ -124,8 +124,24 @@ def purge_expired(
             )
             .execution_options(synchronize_session=False)
         ).rowcount
-    if retention_days <= 0:
-        return purged
+    if retention_days > 0:
+        _delete_expired_requests(sessions, storage, retention_days, max_requests, purged)
+    if purged.requests or purged.idempotency_keys:
+        log.info(
+            "retention: deleted %d requests and %d expired idempotency keys",
+            purged.requests,
+            purged.idempotency_keys,
+        )
+    return purged
+
+
+def _delete_expired_requests(
+    sessions: sessionmaker[Session],
+    storage: ImageStorage,
+    retention_days: float,
+    max_requests: int,
+    purged: Purged,
+) -> None:
     cutoff = utcnow() - timedelta(days=retention_days)
     with sessions() as session:
         expired = session.execute(
@@ -140,4 +156,3 @@ def purge_expired(
     for request_pk, request_id in expired:
         _delete(sessions, storage, request_pk, request_id)
         purged.requests += 1
-    return purged

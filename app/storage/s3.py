@@ -2,9 +2,10 @@
 
 Each object is written with one PutObject of the whole body, so readers see it whole or
 not at all, and the same key always holds the same content, which lets it be cached
-forever. Every failure of a write is retryable: an unreachable endpoint, a throttled or
-failing service, and also a refused or missing bucket, which an operator fixes in the
-configuration; none of them says anything about the customer's image.
+forever. Every failure of a write is transient (StoreFailure): an unreachable endpoint, a
+throttled or failing service, and also a refused or missing bucket, which an operator
+fixes in the configuration; none of them says anything about the customer's image, which
+waits and is tried again (the ledger's retry_at backoff).
 
 Credentials come from boto3's standard chain (environment, profiles, instance roles) and
 never appear in messages.
@@ -103,7 +104,7 @@ class S3Storage:
         options: dict = {
             "connect_timeout": connect_timeout,
             "read_timeout": read_timeout,
-            # The pipeline has its own backoff between attempts of an image; botocore only
+            # The ledger waits between attempts of an image (retry_at); botocore only
             # smooths over a blip, so a dead endpoint fails within seconds.
             "retries": {"mode": "standard", "total_max_attempts": max_attempts},
             "max_pool_connections": max_pool_connections,

@@ -29,12 +29,22 @@ from app.composition import PARALLEL_DELIVERIES, Services, build_services
 from app.config import settings_or_exit
 from app.logs import configure_logging, secrets_of
 from app.services.lifecycle import purge_expired
-from app.tasks import HeldClaims, deliver_due_webhooks, process_next_images
+from app.tasks import (
+    HeldClaims,
+    claim_batch_size,
+    deliver_due_webhooks,
+    process_next_images,
+    renew_leases_until,
+)
 from app.workers.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
 from app.workers.celery_app import publish as publish_hint
 
 log = logging.getLogger(__name__)
 
+# A task claims again as its images finish, for up to this long, then hands the rest on
+# with a message: a message per claim batch cost tiny images a fifth of their rate, and
+# bigger claims would let a big batch hold every worker while a small one waits.
+TASK_SECONDS = 10.0
 # Any constant will do: it names the sweep's lock among PostgreSQL advisory locks.
 SWEEP_LOCK_KEY = 0x1A6E5E3B
 
@@ -51,7 +61,7 @@ class WorkerRuntime:
         self.held = HeldClaims()
         self.image_pool = ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="image")
         self.webhook_pool = ThreadPoolExecutor(PARALLEL_DELIVERIES, thread_name_prefix="webhook")
-        self.claim_batch = max(8, self.settings.worker_concurrency * 2)
+        self.claim_batch = claim_batch_size(self.settings.worker_concurrency)
         self.last_request_served = 0  # this worker's place in the requests' turns
         self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
         # Set when the worker starts its warm shutdown: running tasks stop waiting for an
@@ -97,12 +107,15 @@ class WorkerRuntime:
             after_request_pk=self.last_request_served,
             stopping=self.shutting_down,
             on_claimed=on_claimed,
+            # Delivered from here at once, not through the queue behind this task.
+            on_events=lambda _events: self.webhook_pool.submit(self.deliver_webhooks),
+            max_seconds=TASK_SECONDS,
         )
         self.last_request_served = result.last_request_served
         if result.transient_failure:
             log.warning("images wait to be retried after a transient failure: %s", result.transient_failure)
-        if result.events:
-            publish(DELIVER_WEBHOOKS)
+        if result.more_waiting:  # stopped for time: the next message carries on
+            publish(PROCESS_IMAGES)
 
     def deliver_webhooks(self) -> None:
         deliver_due_webhooks(self.services.deliverer, self.webhook_pool)
@@ -110,11 +123,7 @@ class WorkerRuntime:
     # -- threads ------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        while not self.stopping.wait(self.settings.lease_seconds / 3):
-            try:
-                self.held.renew(self.services.ledger)
-            except Exception:
-                log.exception("renewing leases failed; trying again")
+        renew_leases_until(self.stopping, self.held, self.services.ledger, self.settings.lease_seconds / 3)
 
     def _sweep_loop(self) -> None:
         while not self.stopping.wait(self.settings.recovery_interval_seconds):
@@ -124,31 +133,35 @@ class WorkerRuntime:
                 log.exception("the sweep failed; trying again")
 
     def sweep(self) -> None:
-        with self.services.writer_sessions.begin() as session:
-            if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SWEEP_LOCK_KEY}):
+        # A session-level lock, not a transaction's: the sweep talks to the broker and
+        # deletes in short transactions of its own while it holds it.
+        with self.services.engine.connect() as connection:
+            if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": SWEEP_LOCK_KEY}):
                 return  # another worker sweeps now
-            work_waiting = self.services.ledger.has_claimable_work()
-            webhooks_due = bool(self.services.deliverer.due_event_ids(limit=1))
-            if work_waiting and waiting_hints() == 0:
-                log.info("claimable images and no message announcing them: publishing one")
-                publish(PROCESS_IMAGES)
-            if webhooks_due:
-                publish(DELIVER_WEBHOOKS)
-            # Under the same lock, so one worker at a time deletes; its own short
-            # transactions, so uploads and image work go on meanwhile.
-            if time.monotonic() >= self.next_retention_sweep:
-                self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
-                purged = purge_expired(
-                    self.services.writer_sessions,
-                    self.services.storage,
-                    retention_days=self.settings.retention_days,
-                )
-                if purged.requests or purged.idempotency_keys:
-                    log.info(
-                        "retention: deleted %d requests and %d expired idempotency keys",
-                        purged.requests,
-                        purged.idempotency_keys,
-                    )
+            connection.commit()
+            try:
+                self._sweep_holding_the_lock()
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SWEEP_LOCK_KEY})
+                connection.commit()
+
+    def _sweep_holding_the_lock(self) -> None:
+        work_waiting = self.services.ledger.has_claimable_work()
+        webhooks_due = bool(self.services.deliverer.due_event_ids(limit=1))
+        if work_waiting and waiting_hints() == 0:
+            log.info("claimable images and no message announcing them: publishing one")
+            publish(PROCESS_IMAGES)
+        if webhooks_due:
+            publish(DELIVER_WEBHOOKS)
+        # Under the lock, so one worker at a time deletes, in short transactions of its
+        # own, so uploads and image work go on meanwhile.
+        if time.monotonic() >= self.next_retention_sweep:
+            self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
+            purge_expired(
+                self.services.writer_sessions,
+                self.services.storage,
+                retention_days=self.settings.retention_days,
+            )
 
 
 _runtime: WorkerRuntime | None = None

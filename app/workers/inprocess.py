@@ -27,9 +27,11 @@ from app.tasks import (
     RECORD_BATCH_MAX,
     RECORD_LINGER_SECONDS,
     HeldClaims,
+    claim_batch_size,
     idle_wait_seconds,
     process_claimed,
     record_outcomes,
+    renew_leases_until,
 )
 from app.webhooks.delivery import WebhookDeliverer
 
@@ -57,7 +59,7 @@ class InProcessRunner:
         self.stages = stages
         self.deliverer = deliverer
         self.concurrency = concurrency
-        self.claim_batch = max(8, concurrency * 2)
+        self.claim_batch = claim_batch_size(concurrency)
         self.heartbeat_seconds = lease_seconds / 3
         self.recovery_interval_seconds = recovery_interval_seconds
         self.shutdown_grace_seconds = shutdown_grace_seconds
@@ -296,22 +298,11 @@ class InProcessRunner:
         assert self.purge is not None
         while not self._stopping.wait(self.retention_interval_seconds):
             try:
-                purged = self.purge()
+                self.purge()
             except Exception:
                 log.exception("the retention sweep failed; trying again next round")
-                continue
-            if purged.requests or purged.idempotency_keys:
-                log.info(
-                    "retention: deleted %d requests and %d expired idempotency keys",
-                    purged.requests,
-                    purged.idempotency_keys,
-                )
 
     # -- leases -----------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        while not self._stopping.wait(self.heartbeat_seconds):
-            self._heartbeat()
-
-    def _heartbeat(self) -> None:
-        self._held.renew(self.ledger)
+        renew_leases_until(self._stopping, self._held, self.ledger, self.heartbeat_seconds)
