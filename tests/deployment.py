@@ -34,7 +34,7 @@ from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine
 from tests import images
 from tests.conftest import csv_of
-from tests.servers import send
+from tests.servers import delayed
 from tests.service_process import ServiceProcess
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -371,14 +371,10 @@ class Deployment:
 def slow_batch(image_server, count: int, delay_seconds: float, per_row: int = 3) -> bytes:
     """A CSV of `count` distinct small JPEGs, each served after `delay_seconds`."""
 
-    def serving(data: bytes):
-        def handler(request):
-            time.sleep(delay_seconds)
-            send(request, 200, data, {"Content-Type": "image/jpeg"})
-
-        return handler
-
-    urls = [image_server.add_handler(serving(images.jpeg((48 + n % 64, 32 + n // 64)))) for n in range(count)]
+    urls = [
+        image_server.add_handler(delayed(images.jpeg((48 + n % 64, 32 + n // 64)), delay_seconds))
+        for n in range(count)
+    ]
     rows = [urls[start : start + per_row] for start in range(0, count, per_row)]
     return csv_of([(number + 1, f"P{number + 1}", row) for number, row in enumerate(rows)])
 

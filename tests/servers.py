@@ -80,6 +80,16 @@ def send(request: BaseHTTPRequestHandler, status: int, body: bytes = b"", header
         request.wfile.write(body)
 
 
+def delayed(body: bytes, seconds: float, content_type: str = "image/jpeg") -> Handler:
+    """Answers 200 with body after waiting `seconds` (a slow image server)."""
+
+    def handler(request: BaseHTTPRequestHandler) -> None:
+        time.sleep(seconds)
+        send(request, 200, body, {"Content-Type": content_type})
+
+    return handler
+
+
 class LocalServer(_BaseServer):
     """Serves registered bodies or custom handlers by path."""
 

@@ -10,7 +10,6 @@ import csv
 import io
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 
@@ -27,6 +26,7 @@ from app.pipeline import failures
 from app.storage.local import LocalFileStorage
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
+from tests.servers import Handler, delayed
 from tests.service_process import ServiceProcess
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
@@ -328,18 +328,8 @@ class BrowserPage:
         )
 
 
-def slow_image(size) -> callable:
-    data = images.jpeg(size)
-
-    def handler(request):
-        time.sleep(SLOW_IMAGE_SECONDS)
-        request.send_response(200)
-        request.send_header("Content-Type", "image/jpeg")
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)
-
-    return handler
+def slow_image(size) -> Handler:
+    return delayed(images.jpeg(size), SLOW_IMAGE_SECONDS)
 
 
 def write_csv(tmp_path, rows) -> str:

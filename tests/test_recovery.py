@@ -12,6 +12,7 @@ from app.db.session import build_engine
 from app.pipeline.decoding import NOTES_DIR_NAME, read_notes
 from tests import images
 from tests.conftest import FINISHED, csv_of
+from tests.servers import delayed
 from tests.service_process import ServiceProcess
 from tests.test_api import SECRET
 
@@ -38,18 +39,10 @@ def service_env(database_url, tmp_path, image_server, webhook_receiver):
 
 
 def slow_batch(image_server) -> bytes:
-    def make_handler(data):
-        def handler(request):
-            time.sleep(SERVE_DELAY_SECONDS)
-            request.send_response(200)
-            request.send_header("Content-Type", "image/jpeg")
-            request.send_header("Content-Length", str(len(data)))
-            request.end_headers()
-            request.wfile.write(data)
-
-        return handler
-
-    urls = [image_server.add_handler(make_handler(images.jpeg((64 + n, 48)))) for n in range(IMAGE_COUNT)]
+    urls = [
+        image_server.add_handler(delayed(images.jpeg((64 + n, 48)), SERVE_DELAY_SECONDS))
+        for n in range(IMAGE_COUNT)
+    ]
     return csv_of([(n // 3 + 1, f"P{n // 3 + 1}", urls[n : n + 3]) for n in range(0, IMAGE_COUNT, 3)])
 
 
