@@ -120,6 +120,7 @@ def build_services(
     metrics = metrics or ServiceMetrics()
     engine = build_engine(settings.database_url)
     writer_sessions = writer_sessionmaker(engine)
+    reader_sessions = reader_sessionmaker(engine)
     # Its own allowlist: a host allowed as an image source must not become a target any
     # client can POST to and read the reply of (the delivery log keeps an excerpt).
     webhook_http = guarded_session(
@@ -127,6 +128,7 @@ def build_services(
     )
     ledger = ImageLedger(
         sessions=writer_sessions,
+        reader_sessions=reader_sessions,
         lease_seconds=settings.lease_seconds,
         public_base_url=settings.base_url,
         retry_base_seconds=settings.transient_retry_base_seconds,
@@ -136,7 +138,7 @@ def build_services(
     services = Services(
         settings=settings,
         engine=engine,
-        reader_sessions=reader_sessionmaker(engine),
+        reader_sessions=reader_sessions,
         writer_sessions=writer_sessions,
         storage=storage or build_storage(storage_config(settings)),
         ledger=ledger,

@@ -126,16 +126,19 @@ class ImageLedger:
         self,
         *,
         sessions: sessionmaker[Session],
+        reader_sessions: sessionmaker[Session],
         lease_seconds: float,
         public_base_url: str,
         retry_base_seconds: float,
         retry_max_seconds: float,
         on_recorded: Callable[[Sequence[ImageOutcome]], None] | None = None,
     ):
-        """`on_recorded` is told, after each commit, the outcomes that commit recorded
-        (never one ignored as stale), e.g. to count them (app/metrics.py)."""
+        """`sessions` write (they take SQLite's write lock at BEGIN), `reader_sessions`
+        only read. `on_recorded` is told, after each commit, the outcomes that commit
+        recorded (never one ignored as stale), e.g. to count them (app/metrics.py)."""
         self.on_recorded = on_recorded
         self.sessions = sessions
+        self.reader_sessions = reader_sessions
         self.lease = timedelta(seconds=lease_seconds)
         self.public_base_url = public_base_url
         self.retry_base_seconds = retry_base_seconds
@@ -159,9 +162,7 @@ class ImageLedger:
         """Claim up to `limit` images, requests taking turns from after `after_request_pk`
         (plus, with expired_too, images whose claim expired because their process died);
         returns them and the last request served, to pass back next time."""
-        with self.sessions() as session:
-            # Only reads: no need for SQLite's write lock (see app.db.session).
-            session.connection(execution_options={"sqlite_begin_immediate": False})
+        with self.reader_sessions() as session:
             ids = expired_claim_ids(session, self.lease, limit) if expired_too else []
             pending, last_served = next_claimable_ids(session, limit, after_request_pk)
         return self.claim_images(ids + pending), last_served
@@ -169,15 +170,13 @@ class ImageLedger:
     def seconds_until_next_retry(self) -> float | None:
         """How long until the earliest image waiting for a retry may be claimed; None when
         no image waits."""
-        with self.sessions() as session:
-            session.connection(execution_options={"sqlite_begin_immediate": False})
+        with self.reader_sessions() as session:
             return seconds_until_next_retry(session)
 
     def has_claimable_work(self) -> bool:
         """Whether some image could be claimed now (pending and due, or claimed by a
         process that stopped renewing its lease)."""
-        with self.sessions() as session:
-            session.connection(execution_options={"sqlite_begin_immediate": False})
+        with self.reader_sessions() as session:
             return bool(session.scalar(select(exists().where(self.claimable()))))
 
     def claim_images(self, image_ids: Sequence[int]) -> list[WorkUnit]:
