@@ -24,7 +24,13 @@ _PRESIGNED = re.compile(
 )
 _WEBHOOK_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=]+")
 # Attributes every LogRecord has; anything else was given as `extra`.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# uvicorn adds `color_message`, the same message with terminal colour codes.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class Redactor:
