@@ -16,7 +16,12 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 def build_engine(database_url: str) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        options = {}
+        if url.get_driver_name() == "psycopg2":
+            # Guarded UPDATEs of many outcomes at once go in pages (psycopg2's
+            # execute_batch), not one round trip a row.
+            options["executemany_mode"] = "values_plus_batch"
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **options)
 
     if url.database and url.database != ":memory:":
         from pathlib import Path
