@@ -10,6 +10,7 @@ import csv
 import io
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 
@@ -328,6 +329,15 @@ class BrowserPage:
         )
 
 
+def wait_until_true(page, expression: str, timeout: float = 30) -> None:
+    """Poll a JavaScript expression from here: Playwright's wait_for_function polls inside
+    the page with eval, which the pages' Content-Security-Policy rightly forbids."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"never true: {expression}"
+        time.sleep(0.05)
+
+
 def slow_image(size) -> Handler:
     return delayed(images.jpeg(size), SLOW_IMAGE_SECONDS)
 
@@ -384,9 +394,10 @@ def test_a_good_csv_through_the_page_to_its_results(
     page.get_by_text("Hat").scroll_into_view_if_needed()
     thumbnails = page.locator("#products img")
     assert thumbnails.count() == 6
-    page.wait_for_function(
-        "[...document.querySelectorAll('#products img')].every(img => img.complete && img.naturalWidth > 0)"
+    all_loaded = (
+        "[...document.querySelectorAll('#products img')].every(i => i.complete && i.naturalWidth > 0)"
     )
+    wait_until_true(page, all_loaded)
     for index in range(6):
         thumbnail = thumbnails.nth(index)
         assert f"/thumbnails/{request_id}/" in thumbnail.get_attribute("src")
@@ -515,7 +526,7 @@ def test_every_page_fits_390_px_without_sideways_scrolling(chromium, start_servi
 
     page.goto(f"/requests/{accepted['request_id']}")
     page.get_by_text("completed, with errors").wait_for(timeout=60_000)
-    page.wait_for_function("document.querySelector('#products img')?.naturalWidth > 0")
+    wait_until_true(page, "document.querySelector('#products img')?.naturalWidth > 0")
     assert browser.has_no_sideways_scroll()
     for path in ("/", "/requests"):
         page.goto(path)
