@@ -7,7 +7,9 @@ transaction, and safe to run twice (every ledger change is guarded by its claim)
     process_next_images(...)  claim the next N fairly, run them, record them: the Celery
                               task; the in-process runner streams the same steps through
                               its feeder, worker threads and recorder
-    deliver_due_webhooks()    one attempt for each webhook event that is due
+    deliver_due_webhooks()    one attempt for each webhook event that is due (Celery; the
+                              in-process runner keeps a loop that starts each due attempt
+                              as it comes due, so a slow receiver delays only its own)
 
 Runners decide only where and when these run: app/workers/inprocess.py (threads in the
 web process) and app/workers/celery_worker.py (Celery workers on a broker).
