@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import Image, ImageStatus
+from app.db.models import UNFINISHED_REQUEST_STATUSES, Image, ImageStatus, ProcessingRequest
 from app.pipeline.stages import ImageOutcome
 
 # The *_created series double every family and nobody graphs them.
@@ -114,8 +114,9 @@ class ServiceMetrics:
 
 
 class PendingImages:
-    """`image_service_images_pending`, counted when scraped: one count on the
-    (status, id) index, instead of a gauge every uploader, claimer and canceller keeps."""
+    """`image_service_images_pending`, counted when scraped, instead of a gauge every
+    uploader, claimer and canceller keeps. Only unfinished requests have pending images:
+    the count reads their ranges of the fair-claim index (request_pk, status, ...)."""
 
     NAME = "image_service_images_pending"
     HELP = "Images waiting in the ledger to be claimed (pending, including those waiting for a retry)"
@@ -129,6 +130,12 @@ class PendingImages:
     def collect(self):
         with self.sessions() as session:
             pending = session.scalar(
-                select(func.count()).select_from(Image).where(Image.status == ImageStatus.PENDING)
+                select(func.count())
+                .select_from(ProcessingRequest)
+                .join(Image, Image.request_pk == ProcessingRequest.id)
+                .where(
+                    ProcessingRequest.status.in_(UNFINISHED_REQUEST_STATUSES),
+                    Image.status == ImageStatus.PENDING,
+                )
             )
         yield GaugeMetricFamily(self.NAME, self.HELP, value=pending or 0)

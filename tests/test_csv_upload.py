@@ -262,3 +262,21 @@ def test_an_upload_beside_a_large_one_being_parsed_answers_at_once(client, image
     assert answers["large"].json()["errors"][0]["line"] == 180_001
     assert max(seconds) < 5, [round(s, 2) for s in seconds]
     assert answered_during >= 3
+
+
+def test_names_and_urls_are_stored_exactly_whatever_characters_they_hold(client, image_server):
+    """Uploads go in by each database's bulk path (COPY's text format on PostgreSQL, where
+    backslashes, tabs and line breaks are escapes): every character comes back as sent."""
+    good = image_server.add(images.jpeg((40, 30)))
+    names = ["tab\there", "two\nlines", "back\\slash \\N \\.", "cr\rlf", 'quote " and , comma', "ünï ✓"]
+    rows = [
+        (n + 1, name, [f"{good}?k={n}&p=a\\b%5C", f"{good}?k={n}&q=\\t"]) for n, name in enumerate(names)
+    ]
+    accepted = upload(client, csv_of(rows))
+    assert accepted.status_code == 202, accepted.text
+    body = client.get(f"/status/{accepted.json()['request_id']}").json()
+    stored = [
+        (product["serial_number"], product["product_name"], [image["input_url"] for image in product["images"]])
+        for product in body["products"]
+    ]
+    assert stored == rows

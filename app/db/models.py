@@ -18,6 +18,7 @@ class RequestStatus(StrEnum):
     CANCELLED = "cancelled"  # POST /requests/{id}/cancel: what was not started never will be
 
 
+UNFINISHED_REQUEST_STATUSES = (RequestStatus.PENDING, RequestStatus.PROCESSING)
 FINISHED_REQUEST_STATUSES = (
     RequestStatus.COMPLETED,
     RequestStatus.COMPLETED_WITH_ERRORS,
@@ -77,7 +78,9 @@ class Product(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_pk: Mapped[int] = mapped_column(ForeignKey("processing_requests.id", ondelete="CASCADE"))
+    # No foreign keys on products and images: uploads insert them in bulk, where a key
+    # costs a lookup and a row lock per row (migration 0011); lifecycle.py deletes them.
+    request_pk: Mapped[int] = mapped_column(Integer)
     serial_number: Mapped[int] = mapped_column(Integer)
     product_name: Mapped[str] = mapped_column(Text)
 
@@ -88,7 +91,13 @@ class Image(Base):
     __tablename__ = "images"
     __table_args__ = (
         UniqueConstraint("product_id", "position"),
-        Index("ix_images_status_id", "status", "id"),  # expired claims
+        # Expired claims. Partial: uploads insert no entries into it.
+        Index(
+            "ix_images_processing_id",
+            "id",
+            sqlite_where=text("status = 'processing'"),
+            postgresql_where=text("status = 'processing'"),
+        ),
         # Fair claiming; retry_at last so skipping images that wait for a retry needs no row reads.
         Index("ix_images_request_pk_status_id_retry_at", "request_pk", "status", "id", "retry_at"),
         # When the next waiting image is due. Partial: uploads insert no entries into it.
@@ -108,10 +117,8 @@ class Image(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    # No foreign key of its own: product_id -> products.request_pk already ties the image
-    # to its request (and deletes it with it); a second key cost a check per inserted row.
     request_pk: Mapped[int] = mapped_column(Integer)
-    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    product_id: Mapped[int] = mapped_column(Integer)
     position: Mapped[int] = mapped_column(Integer)
     input_url: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16), default=ImageStatus.PENDING)

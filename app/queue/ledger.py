@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, bindparam, case, exists, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
@@ -176,8 +176,10 @@ class ImageLedger:
     def has_claimable_work(self) -> bool:
         """Whether some image could be claimed now (pending and due, or claimed by a
         process that stopped renewing its lease)."""
+        # The claim queries themselves, through their indexes: a plain EXISTS over the
+        # condition has no index that leads with the status and would scan finished images.
         with self.reader_sessions() as session:
-            return bool(session.scalar(select(exists().where(self.claimable()))))
+            return bool(expired_claim_ids(session, self.lease, 1) or next_claimable_ids(session, 1)[0])
 
     def claim_images(self, image_ids: Sequence[int]) -> list[WorkUnit]:
         if not image_ids:

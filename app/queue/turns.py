@@ -3,11 +3,11 @@ another, and images waiting for a retry hold up nobody."""
 
 from datetime import timedelta
 
-from sqlalchemy import bindparam, case, or_, select
+from sqlalchemy import bindparam, case, or_, select, text
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Image, ImageStatus, ProcessingRequest, RequestStatus
+from app.db.models import UNFINISHED_REQUEST_STATUSES, Image, ImageStatus, ProcessingRequest
 
 
 def not_waiting_for_retry(now):
@@ -18,7 +18,7 @@ def not_waiting_for_retry(now):
 # more Python than running it.
 _UNFINISHED_REQUESTS_IN_TURN = (
     select(ProcessingRequest.id)
-    .where(ProcessingRequest.status.in_((RequestStatus.PENDING, RequestStatus.PROCESSING)))
+    .where(ProcessingRequest.status.in_(UNFINISHED_REQUEST_STATUSES))
     .order_by(case((ProcessingRequest.id > bindparam("after"), 0), else_=1), ProcessingRequest.id)
     .limit(bindparam("turns"))
 )
@@ -37,9 +37,12 @@ _PENDING_OF_REQUEST = (
 _NEXT_RETRY = (
     select(Image.retry_at).where(Image.retry_at > bindparam("now")).order_by(Image.retry_at).limit(1)
 )
+# The status as a literal: SQLite uses a partial index (ix_images_processing_id) only when
+# the query's own terms imply its condition, and a bound parameter implies nothing.
+PROCESSING = text(f"images.status = '{ImageStatus.PROCESSING.value}'")
 _EXPIRED_CLAIMS = (
     select(Image.id)
-    .where(Image.status == ImageStatus.PROCESSING, Image.claimed_at < bindparam("cutoff"))
+    .where(PROCESSING, Image.claimed_at < bindparam("cutoff"))
     .order_by(Image.id)
     .limit(bindparam("limit"))
 )

@@ -4,16 +4,16 @@ Functions here only flush; the caller owns the transaction.
 """
 
 import base64
-import csv
 import io
+import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
 
-from sqlalchemy import Connection, Row, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Row, Table, bindparam, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
@@ -30,7 +30,8 @@ from app.services.csv_input import (
 )
 from app.storage import OutputUrls
 
-INSERT_CHUNK_ROWS = 2000
+# Products per statement: bounds the memory of the rows built for one.
+INSERT_CHUNK_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ParsedCsv:
 
     rows: list[tuple[int, str, str]]
     total_images: int
+    repeated_urls: dict[str, int]  # URL -> how many more times than once it appears
 
 
 PRODUCT_COLUMNS = (Product.id, Product.serial_number, Product.product_name)
@@ -144,7 +146,7 @@ def parse_csv(csv_file: BinaryIO, limits: CsvLimits) -> ParsedCsv:
             errors=errors.items,
             errors_not_shown=errors.not_shown,
         )
-    return ParsedCsv(rows, total_images)
+    return ParsedCsv(rows, total_images, _repeated_urls(rows))
 
 
 def create_batch(
@@ -172,14 +174,37 @@ def create_batch(
     session.flush()
     if on_request_created is not None:
         on_request_created(request)
-    copies = _repeated_urls(parsed.rows)
+    connection = session.connection()
+    product_ids = _reserve_ids(connection, Product.__table__, len(parsed.rows))
     first_seen: set[str] = set()
     for start in range(0, len(parsed.rows), INSERT_CHUNK_ROWS):
-        chunk = parsed.rows[start : start + INSERT_CHUNK_ROWS]
-        _insert_rows(session, request.id, chunk, copies, first_seen)
-    if copies:
+        _insert_rows(
+            connection,
+            request.id,
+            product_ids[start : start + INSERT_CHUNK_ROWS],
+            parsed.rows[start : start + INSERT_CHUNK_ROWS],
+            parsed.repeated_urls,
+            first_seen,
+        )
+    if parsed.repeated_urls:
         _link_copies(session, request.id)
     return request
+
+
+def _reserve_ids(connection: Connection, table: Table, count: int) -> Sequence[int]:
+    """Ids for `count` new rows, increasing: images name their product without reading
+    the products back."""
+    if connection.dialect.name == "postgresql":
+        return sorted(
+            connection.scalars(
+                text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :count)"),
+                {"table": table.name, "count": count},
+            )
+        )
+    # SQLite: the request row just inserted holds the database's write lock until the
+    # commit, so no one else takes ids meanwhile; max + 1 is what SQLite itself picks.
+    last = connection.scalar(select(func.max(table.c.id))) or 0
+    return range(last + 1, last + 1 + count)
 
 
 def _repeated_urls(rows: list[tuple[int, str, str]]) -> dict[str, int]:
@@ -213,72 +238,79 @@ def _link_copies(session: Session, request_pk: int) -> None:
     )
 
 
+PRODUCT_INSERT_COLUMNS = ("id", "request_pk", "serial_number", "product_name")
+IMAGE_INSERT_COLUMNS = ("request_pk", "product_id", "position", "input_url", "status", "attempts")
+
+
 def _insert_rows(
-    session: Session,
+    connection: Connection,
     request_pk: int,
+    product_ids: Sequence[int],
     rows: list[tuple[int, str, str]],
-    copies: dict[str, int] | None = None,
-    first_seen: set[str] | None = None,
+    repeated_urls: dict[str, int],
+    first_seen: set[str],
 ) -> None:
-    connection = session.connection()
-    _bulk_insert(
-        connection,
-        Product.__table__,
-        ("request_pk", "serial_number", "product_name"),
-        [(request_pk, serial_number, product_name) for serial_number, product_name, _ in rows],
-    )
-    product_ids = dict(
-        connection.execute(
-            select(Product.serial_number, Product.id).where(
-                Product.request_pk == request_pk,
-                Product.serial_number.in_([serial_number for serial_number, _, _ in rows]),
-            )
-        ).all()
-    )
+    copying = connection.dialect.name == "postgresql"
+    name_value = _copy_text_value if copying else str
+    urls_value = _copy_urls_value if copying else str
+    products = [
+        (product_id, request_pk, serial_number, name_value(name))
+        for product_id, (serial_number, name, _) in zip(product_ids, rows, strict=True)
+    ]
     pending = ImageStatus.PENDING.value
-    columns = ("request_pk", "product_id", "position", "input_url", "status", "attempts")
-    if not copies:
+    columns = IMAGE_INSERT_COLUMNS
+    if not repeated_urls:
         images = [
-            (request_pk, product_ids[serial_number], position, url, pending, 0)
-            for serial_number, _, urls in rows
-            for position, url in enumerate(urls.split(URL_SEPARATOR))
+            (request_pk, product_id, position, url, pending, 0)
+            for product_id, (_, _, urls) in zip(product_ids, rows, strict=True)
+            for position, url in enumerate(urls_value(urls).split(URL_SEPARATOR))
         ]
     else:
-        assert first_seen is not None
         columns += ("copies",)
         images = []
-        for serial_number, _, urls in rows:
+        for product_id, (_, _, urls) in zip(product_ids, rows, strict=True):
             for position, url in enumerate(urls.split(URL_SEPARATOR)):
                 status, count = pending, 0
-                if url in copies:
+                if url in repeated_urls:
                     if url in first_seen:
                         status = ImageStatus.COPY.value
                     else:
                         first_seen.add(url)
-                        count = copies[url]
-                images.append((request_pk, product_ids[serial_number], position, url, status, 0, count))
+                        count = repeated_urls[url]
+                images.append((request_pk, product_id, position, urls_value(url), status, 0, count))
+    _bulk_insert(connection, Product.__table__, PRODUCT_INSERT_COLUMNS, products)
     _bulk_insert(connection, Image.__table__, columns, images)
 
 
+_COPY_TEXT_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_TEXT_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text_value(value: str) -> str:
+    """value in COPY's text format."""
+    return value.translate(_COPY_TEXT_ESCAPES) if _COPY_TEXT_SPECIAL.search(value) else value
+
+
+def _copy_urls_value(urls: str) -> str:
+    """Checked URLs in COPY's text format: they hold no whitespace or control characters,
+    so only a backslash needs escaping (and URL_SEPARATOR stays a separator)."""
+    return urls.replace("\\", "\\\\")
+
+
 def _bulk_insert(connection: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple]) -> None:
-    """Many rows at once, by each driver's fastest path: the SQLite driver's executemany of
-    plain tuples (several times faster than SQLAlchemy's per-row parameter processing),
-    PostgreSQL's COPY, and SQLAlchemy's batched INSERT elsewhere."""
-    if connection.dialect.name == "sqlite":
+    """Many rows at once, by each driver's fastest path: PostgreSQL's COPY (text format;
+    the caller escapes text values with _copy_text_value) and the SQLite driver's
+    executemany of plain tuples (several times faster than SQLAlchemy's per-row parameter
+    processing)."""
+    if connection.dialect.name == "postgresql":
+        buffer = io.StringIO("".join(["\t".join(map(str, row)) + "\n" for row in rows]))
+        with connection.connection.dbapi_connection.cursor() as cursor:
+            cursor.copy_expert(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", buffer)
+    else:
         placeholders = ", ".join("?" for _ in columns)
         connection.exec_driver_sql(
             f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})", rows
         )
-    elif connection.dialect.driver == "psycopg2":
-        buffer = io.StringIO()
-        csv.writer(buffer).writerows(rows)
-        buffer.seek(0)
-        with connection.connection.dbapi_connection.cursor() as cursor:
-            cursor.copy_expert(
-                f"COPY {table.name} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)", buffer
-            )
-    else:
-        connection.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
 
 
 def get_request(session: Session, request_id: str, owner: str | None) -> ProcessingRequest:
