@@ -254,6 +254,26 @@ _HTTP_URL = re.compile(
 )
 
 
+# A list of URLs as a CSV cell holds them (separated by whitespace, commas or semicolons,
+# so none holds one), each of which url_problem accepts, with a port below 10000 if any:
+# one match for a whole row of URLs. Cells it refuses go through url_problem URL by URL.
+_URL_LIST_SEPARATOR = r"[\s,;]"
+_CHECKED_URL = (
+    r"https?://(?:[^\s\x00-\x1f\x7f/?#@,;]*@)?"
+    r"(?:\[[0-9a-f:.]+\]|[^\s\x00-\x1f\x7f/?#@:\[\],;]+)"
+    r"(?::(?=[0-9]{1,5}(?![0-9]))0*[1-9][0-9]{0,3})?(?:[/?#][^\s\x00-\x1f\x7f,;]*)?"
+)
+_CHECKED_URL_LIST = re.compile(
+    rf"(?i){_URL_LIST_SEPARATOR}*{_CHECKED_URL}(?:{_URL_LIST_SEPARATOR}+{_CHECKED_URL})*{_URL_LIST_SEPARATOR}*"
+)
+
+
+def url_list_is_fine(urls: list[str], cell: str) -> bool:
+    """True when every URL of `urls`, split from `cell`, is one url_problem accepts; False
+    means that some may not be, and url_problem says which."""
+    return max(map(len, urls), default=0) <= MAX_URL_LENGTH and _CHECKED_URL_LIST.fullmatch(cell) is not None
+
+
 def url_problem(url: str) -> str | None:
     """Why url cannot be an image source, or None if it can.
 

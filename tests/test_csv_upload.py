@@ -1,11 +1,13 @@
 """Uploads: tolerant of harmless variation, clear 4xx answers for everything else."""
 
 import io
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.guarded_http import url_list_is_fine, url_problem
 from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
 from tests import images
 from tests.conftest import csv_of, upload
@@ -269,14 +271,38 @@ def test_names_and_urls_are_stored_exactly_whatever_characters_they_hold(client,
     backslashes, tabs and line breaks are escapes): every character comes back as sent."""
     good = image_server.add(images.jpeg((40, 30)))
     names = ["tab\there", "two\nlines", "back\\slash \\N \\.", "cr\rlf", 'quote " and , comma', "ünï ✓"]
-    rows = [
-        (n + 1, name, [f"{good}?k={n}&p=a\\b%5C", f"{good}?k={n}&q=\\t"]) for n, name in enumerate(names)
-    ]
+    rows = [(n + 1, name, [f"{good}?k={n}&p=a\\b%5C", f"{good}?k={n}&q=\\t"]) for n, name in enumerate(names)]
     accepted = upload(client, csv_of(rows))
     assert accepted.status_code == 202, accepted.text
     body = client.get(f"/status/{accepted.json()['request_id']}").json()
     stored = [
-        (product["serial_number"], product["product_name"], [image["input_url"] for image in product["images"]])
-        for product in body["products"]
+        (item["serial_number"], item["product_name"], [image["input_url"] for image in item["images"]])
+        for item in body["products"]
     ]
     assert stored == rows
+
+
+_URL_PARTS = st.builds(
+    "{}://{}{}{}".format,
+    st.sampled_from(["http", "https", "HTTPS", "ftp", "http:", ""]),
+    st.text(alphabet="ab.-[]:@1é%\\ \t", max_size=8),
+    st.one_of(st.just(""), st.just(":"), st.just(":00080"), st.integers(0, 99_999).map(":{}".format)),
+    st.text(max_size=12),
+)
+
+
+@given(st.lists(st.tuples(_URL_PARTS, st.sampled_from([",", ";", " ", "\n", ",,", ", ", "\t;"])), max_size=4))
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_a_url_list_checked_at_once_holds_only_urls_checked_one_by_one(parts):
+    cell = "".join(url + separator for url, separator in parts)
+    urls = [url for url in re.split(r"[\s,;]+", cell) if url]
+    if url_list_is_fine(urls, cell):
+        assert [url_problem(url) for url in urls] == [None] * len(urls)
+
+
+@pytest.mark.parametrize(
+    "cell",
+    ["https://a.example/x.jpg", " https://a.example/1.jpg,http://b.example:8080/2.png?x=1;\nhttp://[::1]/y "],
+)
+def test_ordinary_url_lists_are_checked_at_once(cell):
+    assert url_list_is_fine([url for url in re.split(r"[\s,;]+", cell) if url], cell)

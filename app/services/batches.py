@@ -8,7 +8,8 @@ import io
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
@@ -29,9 +30,6 @@ from app.services.csv_input import (
     write_csv_line,
 )
 from app.storage import OutputUrls
-
-# Products per statement: bounds the memory of the rows built for one.
-INSERT_CHUNK_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -176,16 +174,7 @@ def create_batch(
         on_request_created(request)
     connection = session.connection()
     product_ids = _reserve_ids(connection, Product.__table__, len(parsed.rows))
-    first_seen: set[str] = set()
-    for start in range(0, len(parsed.rows), INSERT_CHUNK_ROWS):
-        _insert_rows(
-            connection,
-            request.id,
-            product_ids[start : start + INSERT_CHUNK_ROWS],
-            parsed.rows[start : start + INSERT_CHUNK_ROWS],
-            parsed.repeated_urls,
-            first_seen,
-        )
+    _insert_rows(connection, request.id, product_ids, parsed.rows, parsed.repeated_urls)
     if parsed.repeated_urls:
         _link_copies(session, request.id)
     return request
@@ -248,38 +237,51 @@ def _insert_rows(
     product_ids: Sequence[int],
     rows: list[tuple[int, str, str]],
     repeated_urls: dict[str, int],
-    first_seen: set[str],
 ) -> None:
+    """Rows are generated while they are sent: on PostgreSQL the server inserts one part
+    while this process formats the next, and no list of 300,000 tuples is built."""
     copying = connection.dialect.name == "postgresql"
     name_value = _copy_text_value if copying else str
     urls_value = _copy_urls_value if copying else str
-    products = [
+    products = (
         (product_id, request_pk, serial_number, name_value(name))
         for product_id, (serial_number, name, _) in zip(product_ids, rows, strict=True)
-    ]
+    )
+    _bulk_insert(connection, Product.__table__, PRODUCT_INSERT_COLUMNS, products)
     pending = ImageStatus.PENDING.value
-    columns = IMAGE_INSERT_COLUMNS
     if not repeated_urls:
-        images = [
+        images = (
             (request_pk, product_id, position, url, pending, 0)
             for product_id, (_, _, urls) in zip(product_ids, rows, strict=True)
             for position, url in enumerate(urls_value(urls).split(URL_SEPARATOR))
-        ]
+        )
+        _bulk_insert(connection, Image.__table__, IMAGE_INSERT_COLUMNS, images)
     else:
-        columns += ("copies",)
-        images = []
-        for product_id, (_, _, urls) in zip(product_ids, rows, strict=True):
-            for position, url in enumerate(urls.split(URL_SEPARATOR)):
-                status, count = pending, 0
-                if url in repeated_urls:
-                    if url in first_seen:
-                        status = ImageStatus.COPY.value
-                    else:
-                        first_seen.add(url)
-                        count = repeated_urls[url]
-                images.append((request_pk, product_id, position, urls_value(url), status, 0, count))
-    _bulk_insert(connection, Product.__table__, PRODUCT_INSERT_COLUMNS, products)
-    _bulk_insert(connection, Image.__table__, columns, images)
+        images = _images_with_copies(request_pk, product_ids, rows, repeated_urls, urls_value)
+        _bulk_insert(connection, Image.__table__, (*IMAGE_INSERT_COLUMNS, "copies"), images)
+
+
+def _images_with_copies(
+    request_pk: int,
+    product_ids: Sequence[int],
+    rows: list[tuple[int, str, str]],
+    repeated_urls: dict[str, int],
+    urls_value: Callable[[str], str],
+) -> Iterator[tuple]:
+    """Image rows where the first image of a repeated URL counts its copies and the later
+    ones are copies."""
+    pending, copy = ImageStatus.PENDING.value, ImageStatus.COPY.value
+    first_seen: set[str] = set()
+    for product_id, (_, _, urls) in zip(product_ids, rows, strict=True):
+        for position, url in enumerate(urls.split(URL_SEPARATOR)):
+            status, count = pending, 0
+            if url in repeated_urls:
+                if url in first_seen:
+                    status = copy
+                else:
+                    first_seen.add(url)
+                    count = repeated_urls[url]
+            yield (request_pk, product_id, position, urls_value(url), status, 0, count)
 
 
 _COPY_TEXT_SPECIAL = re.compile(r"[\\\t\n\r]")
@@ -297,20 +299,44 @@ def _copy_urls_value(urls: str) -> str:
     return urls.replace("\\", "\\\\")
 
 
-def _bulk_insert(connection: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple]) -> None:
+def _bulk_insert(
+    connection: Connection, table: Table, columns: tuple[str, ...], rows: Iterable[tuple]
+) -> None:
     """Many rows at once, by each driver's fastest path: PostgreSQL's COPY (text format;
     the caller escapes text values with _copy_text_value) and the SQLite driver's
     executemany of plain tuples (several times faster than SQLAlchemy's per-row parameter
     processing)."""
     if connection.dialect.name == "postgresql":
-        buffer = io.StringIO("".join(["\t".join(map(str, row)) + "\n" for row in rows]))
         with connection.connection.dbapi_connection.cursor() as cursor:
-            cursor.copy_expert(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", buffer)
+            cursor.copy_expert(
+                f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", _CopyText(rows), size=COPY_READ_CHARS
+            )
     else:
-        placeholders = ", ".join("?" for _ in columns)
-        connection.exec_driver_sql(
-            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({placeholders})", rows
-        )
+        values = ', '.join('?' * len(columns))
+        statement = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({values})"
+        with closing(connection.connection.dbapi_connection.cursor()) as cursor:
+            cursor.executemany(statement, rows)
+
+
+COPY_READ_CHARS = 256 * 1024
+
+
+class _CopyText(io.TextIOBase):
+    """Rows as COPY's text format, formatted as the driver reads them."""
+
+    def __init__(self, rows: Iterable[tuple]):
+        self.rows = iter(rows)
+
+    def read(self, size: int = -1) -> str:
+        lines: list[str] = []
+        length = 0
+        for row in self.rows:
+            line = "\t".join(map(str, row)) + "\n"
+            lines.append(line)
+            length += len(line)
+            if 0 <= size <= length:
+                break
+        return "".join(lines)
 
 
 def get_request(session: Session, request_id: str, owner: str | None) -> ProcessingRequest:
