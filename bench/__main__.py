@@ -587,6 +587,18 @@ class CeleryWorkerProcess:
                 self.process.wait()
 
 
+def delete_broker_queue(broker_url: str, queue: str) -> None:
+    """The run's own Celery queue, so runs leave none behind on the broker."""
+    from kombu import Connection
+
+    try:
+        with Connection(broker_url, connect_timeout=5) as connection:
+            connection.connect()
+            connection.channel().queue_delete(queue)
+    except Exception as exc:
+        say(f"could not delete the queue {queue} on the broker ({exc.__class__.__name__})")
+
+
 @contextmanager
 def running_service(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]:
     """The service, and for TASK_BACKEND=celery one worker beside it; both stopped however
@@ -603,6 +615,8 @@ def running_service(env: dict[str, str], logs: Path) -> Iterator[ServiceProcess]
         if worker is not None:
             worker.stop()
         service.stop()
+        if worker is not None:
+            delete_broker_queue(env["CELERY_BROKER_URL"], env["CELERY_QUEUE"])
 
 
 # -- a configuration, and the whole bench ----------------------------------------------------
