@@ -77,7 +77,9 @@ def build_stages(settings: Settings) -> StageRunner:
         # A decoder crash here takes this process down: the note outlives it.
         note = open_note(decoding_notes_folder(settings), config.compress_slots)
         return ImageStages.from_config(config, decoding_slots=note)
-    return ImageProcesses(config, processes=processes, threads=config.downloads)
+    return ImageProcesses(
+        config, processes=processes, threads=config.downloads, niceness=settings.image_process_niceness
+    )
 
 
 @dataclass

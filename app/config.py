@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
     compress_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     image_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
+    image_process_niceness: int = Field(10, ge=0, le=19)
     download_timeout_seconds: float = Field(30.0, gt=0)
     max_image_bytes: int = Field(128 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(100_000_000, gt=0)

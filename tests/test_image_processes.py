@@ -77,14 +77,16 @@ def crash_counts(database_url: str) -> dict[str, int]:
     return counts
 
 
-def test_stages_run_in_worker_processes(make_settings, image_server):
-    settings = make_settings(image_processes=2)
+def test_stages_run_in_worker_processes_at_a_lower_cpu_priority(make_settings, image_server):
+    settings = make_settings(image_processes=2, image_process_niceness=7)
     urls = [image_server.add(images.jpeg((640, 480))), image_server.add(b"<html>no</html>")]
     with TestClient(create_app(settings)) as client:
         workers = client.app.state.runner.stages.worker_pids()
+        niceness = {os.getpriority(os.PRIO_PROCESS, pid) for pid in workers}
         request_id = upload(client, csv_of([(1, "A", urls)])).json()["request_id"]
         status = wait_finished(client, request_id)
     assert len(set(workers)) == 2 and os.getpid() not in workers
+    assert niceness == {min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)}
     good, bad = status["products"][0]["images"]
     assert (good["status"], good["width"], good["height"]) == ("succeeded", 640, 480)
     assert bad["error"]["code"] == "not_an_image"

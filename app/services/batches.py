@@ -312,7 +312,7 @@ def _bulk_insert(
                 f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", _CopyText(rows), size=COPY_READ_CHARS
             )
     else:
-        values = ', '.join('?' * len(columns))
+        values = ", ".join("?" * len(columns))
         statement = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({values})"
         with closing(connection.connection.dbapi_connection.cursor()) as cursor:
             cursor.executemany(statement, rows)

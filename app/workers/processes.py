@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.process
+import os
 import signal
 import threading
 import time
@@ -84,11 +85,12 @@ def _key(unit: WorkUnit) -> tuple[int, int]:
 class ImageProcesses:
     """Runs ImageStages in `processes` worker processes of `threads` threads each."""
 
-    def __init__(self, config: StageConfig, *, processes: int, threads: int):
+    def __init__(self, config: StageConfig, *, processes: int, threads: int, niceness: int = 0):
         self._context = multiprocessing.get_context("spawn")  # no threads are forked
         self._config = config
         self._time_limit = config.download_timeout_seconds + STUCK_AFTER_DOWNLOAD_SECONDS
         self._threads = threads
+        self._niceness = niceness
         self._processes = processes
         self._lock = threading.Lock()
         self._workers_changed = threading.Condition(self._lock)
@@ -211,7 +213,7 @@ class ImageProcesses:
         decoding_slots = self._context.RawArray(ctypes.c_uint8, SLOT_BYTES * self._config.compress_slots)
         process = self._context.Process(
             target=_worker_main,
-            args=(self._config, task_reader, result_writer, decoding_slots, self._threads),
+            args=(self._config, task_reader, result_writer, decoding_slots, self._threads, self._niceness),
             name="image-worker",
             daemon=True,
         )
@@ -338,9 +340,12 @@ def _keep_image_memory_for_reuse() -> None:
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
-def _worker_main(config: StageConfig, tasks, results, decoding_slots, threads: int) -> None:
+def _worker_main(config: StageConfig, tasks, results, decoding_slots, threads: int, niceness: int) -> None:
     # Ctrl-C reaches the whole process group; the web process decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Status requests, claiming and recording in the web process and the database wait on
+    # a CPU these workers would otherwise keep busy (IMAGE_PROCESS_NICENESS).
+    os.nice(niceness)
     _keep_image_memory_for_reuse()
     configure_logging(config.log_format, config.log_level)
     stages = ImageStages.from_config(config, decoding_slots=DecodingSlots(decoding_slots))

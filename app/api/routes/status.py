@@ -42,7 +42,10 @@ Cursor = Annotated[str | None, Query(description="next_cursor from the previous 
 
 
 def _webhook_status(session, request: ProcessingRequest) -> WebhookStatus | None:
-    return WebhookStatus.of(request, latest_event(session, request.id))
+    # An event exists only once the request has finished (create_finished_event): status
+    # polls of a running batch skip the query.
+    finished = request.callback_url and request.completed_at is not None
+    return WebhookStatus.of(request, latest_event(session, request.id) if finished else None)
 
 
 @router.get(
