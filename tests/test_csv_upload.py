@@ -4,10 +4,15 @@ import io
 import re
 
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import func, select
 
+from app.db.models import Image, Product
+from app.db.session import build_engine
 from app.guarded_http import url_list_is_fine, url_problem
+from app.main import create_app
 from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
 from tests import images
 from tests.conftest import csv_of, upload
@@ -306,3 +311,24 @@ def test_a_url_list_checked_at_once_holds_only_urls_checked_one_by_one(parts):
 )
 def test_ordinary_url_lists_are_checked_at_once(cell):
     assert url_list_is_fine([url for url in re.split(r"[\s,;]+", cell) if url], cell)
+
+
+@pytest.mark.parametrize("problem", ["bad_last_row", "too_large"])
+def test_a_problem_after_thousands_of_good_rows_stores_nothing(make_settings, problem):
+    """On PostgreSQL rows are sent to the database while the file is still being read."""
+    good = "".join(f"{n},Shirt {n},{URL}?n={n}\n" for n in range(1, 5001))
+    data = f"{HEADER}\n{good}".encode()
+    service_settings = make_settings(max_rows=10_000)
+    if problem == "bad_last_row":
+        data += b"5001,Shirt,not-a-url\n"
+    else:
+        service_settings = make_settings(max_rows=10_000, max_csv_bytes=len(data) - 10)
+    with TestClient(create_app(service_settings)) as client:
+        response = upload(client, data)
+        assert response.status_code == (422 if problem == "bad_last_row" else 413), response.text
+        assert client.get("/requests").json()["items"] == []
+    engine = build_engine(service_settings.database_url)
+    with engine.connect() as connection:
+        stored = [connection.scalar(select(func.count()).select_from(table)) for table in (Product, Image)]
+    engine.dispose()
+    assert stored == [0, 0]

@@ -19,7 +19,7 @@ from app.main import create_app
 from app.pipeline import options as options_module
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.options import OutputOptions, avif_supported
-from app.services.batches import create_batch, parse_csv
+from app.services.batches import create_batch
 from app.tasks import HeldClaims, process_next_images
 from tests import images
 from tests.conftest import csv_of, wait_finished
@@ -139,10 +139,10 @@ def test_the_celery_task_body_honours_the_options(make_settings, image_server, m
     services = build_services(make_settings(), runs_images=True)
     try:
         with writer_sessionmaker(services.engine).begin() as session:
-            parsed = parse_csv(io.BytesIO(csv_of([(1, "A", [image_server.add(images.jpeg())])])), LIMITS)
             request = create_batch(
                 session,
-                parsed,
+                io.BytesIO(csv_of([(1, "A", [image_server.add(images.jpeg())])])),
+                LIMITS,
                 webhook_url=None,
                 owner=None,
                 options=OutputOptions(quality=70, format="webp"),

@@ -13,7 +13,7 @@ from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import writer_sessionmaker
 from app.pipeline.stages import ImageStages
 from app.queue.turns import next_claimable_ids, seconds_until_next_retry
-from app.services.batches import CsvLimits, create_batch, parse_csv
+from app.services.batches import CsvLimits, create_batch
 from app.tasks import MAX_WORKER_CRASHES, process_image
 from tests import images
 from tests.conftest import csv_of
@@ -36,9 +36,7 @@ def engine(services):
 
 def make_batch(engine, rows, webhook_url=None) -> tuple[int, list[int]]:
     with writer_sessionmaker(engine).begin() as session:
-        request = create_batch(
-            session, parse_csv(io.BytesIO(csv_of(rows)), LIMITS), webhook_url=webhook_url, owner=None
-        )
+        request = create_batch(session, io.BytesIO(csv_of(rows)), LIMITS, webhook_url=webhook_url, owner=None)
         image_ids = session.scalars(select(Image.id).where(Image.request_pk == request.id).order_by(Image.id))
         return request.id, list(image_ids)
 

@@ -44,17 +44,6 @@ class CsvLimits:
 URL_SEPARATOR = "\n"
 
 
-@dataclass(frozen=True)
-class ParsedCsv:
-    """The rows of a checked CSV, kept until they are inserted: (serial number, product
-    name, image URLs joined by URL_SEPARATOR). One string per row rather than one per URL
-    keeps a 50 MiB upload of short URLs to about twice its size in memory."""
-
-    rows: list[tuple[int, str, str]]
-    total_images: int
-    repeated_urls: dict[str, int]  # URL -> how many more times than once it appears
-
-
 PRODUCT_COLUMNS = (Product.id, Product.serial_number, Product.product_name)
 IMAGE_COLUMNS = (
     Image.product_id,
@@ -116,56 +105,96 @@ def checked_webhook_url(webhook_url: str | None) -> str | None:
     return webhook_url
 
 
-def parse_csv(csv_file: BinaryIO, limits: CsvLimits) -> ParsedCsv:
+class CheckedRows:
+    """An uploaded CSV's rows as they are read and checked, each (serial number, product
+    name, image URLs joined by URL_SEPARATOR): one string per row rather than one per URL
+    keeps a 50 MiB upload of short URLs to about twice its size in memory.
+
+    Iterating yields the good rows up to the first problem, then reads on without yielding
+    to find every problem; raise_problems() then raises InvalidCsv listing them, or
+    PayloadTooLarge. `rows` keeps the rows yielded."""
+
+    def __init__(self, csv_file: BinaryIO, limits: CsvLimits):
+        self.limits = limits
+        self.errors = CsvErrors()
+        self.too_large = False
+        self.rows: list[tuple[int, str, str]] = []
+        self.total_images = 0
+        self._products = read_products(
+            csv_file,
+            max_bytes=limits.max_bytes,
+            max_line_bytes=limits.max_line_bytes,
+            max_rows=limits.max_rows,
+            max_urls_per_row=limits.max_urls_per_row,
+            errors=self.errors,
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, str, str]]:
+        try:
+            for product in self._products:
+                if self.errors:
+                    continue  # keep reading to report every problem, keep nothing more
+                row = (product.serial_number, product.product_name, URL_SEPARATOR.join(product.image_urls))
+                self.rows.append(row)
+                self.total_images += len(product.image_urls)
+                yield row
+        except CsvTooLarge:
+            self.too_large = True
+
+    def raise_problems(self) -> None:
+        if self.too_large:
+            raise PayloadTooLarge(f"the CSV is larger than {self.limits.max_bytes} bytes")
+        if self.errors:
+            raise InvalidCsv(
+                f"{self.errors.total} problem(s) found in the CSV; nothing was stored",
+                errors=self.errors.items,
+                errors_not_shown=self.errors.not_shown,
+            )
+
+
+def parse_csv(csv_file: BinaryIO, limits: CsvLimits) -> CheckedRows:
     """Read and check the whole CSV, touching no database; raises InvalidCsv listing every
     problem found, or PayloadTooLarge."""
-    errors = CsvErrors()
-    products = read_products(
-        csv_file,
-        max_bytes=limits.max_bytes,
-        max_line_bytes=limits.max_line_bytes,
-        max_rows=limits.max_rows,
-        max_urls_per_row=limits.max_urls_per_row,
-        errors=errors,
-    )
-    rows: list[tuple[int, str, str]] = []
-    total_images = 0
-    try:
-        for product in products:
-            if errors:
-                continue  # keep reading to report every problem, keep nothing more
-            rows.append((product.serial_number, product.product_name, URL_SEPARATOR.join(product.image_urls)))
-            total_images += len(product.image_urls)
-    except CsvTooLarge:
-        raise PayloadTooLarge(f"the CSV is larger than {limits.max_bytes} bytes") from None
-    if errors:
-        raise InvalidCsv(
-            f"{errors.total} problem(s) found in the CSV; nothing was stored",
-            errors=errors.items,
-            errors_not_shown=errors.not_shown,
-        )
-    return ParsedCsv(rows, total_images, _repeated_urls(rows))
+    checked = CheckedRows(csv_file, limits)
+    for _ in checked:
+        pass
+    checked.raise_problems()
+    return checked
 
 
 def create_batch(
     session: Session,
-    parsed: ParsedCsv,
+    csv_file: BinaryIO,
+    limits: CsvLimits,
     *,
     webhook_url: str | None,
     owner: str | None,
     on_request_created: Callable[[ProcessingRequest], None] | None = None,
     options: OutputOptions | None = None,
 ) -> ProcessingRequest:
-    """Store a request, its products and images, and return the request. Images are
-    pending, except later rows naming a URL an earlier row of the request names: those
-    are copies of the first (app/queue/copies.py), which alone is fetched."""
+    """Read and check a CSV and store it as a request with its products and images;
+    returns the request, or raises as parse_csv does (the caller's transaction then holds
+    a part of the rows and must be rolled back). Images are pending, except later rows
+    naming a URL an earlier row of the request names: those are copies of the first
+    (app/queue/copies.py), which alone is fetched.
+
+    On PostgreSQL the rows are checked while they are sent: the server inserts images on
+    one core while this process reads the CSV on the other. On SQLite the whole CSV is
+    checked before the first write, because the write transaction holds the database's one
+    write lock, which every upload and worker waits for."""
+    streaming = session.get_bind().dialect.name == "postgresql"
+    checked = CheckedRows(csv_file, limits)
+    if not streaming:
+        for _ in checked:
+            pass
+        checked.raise_problems()
     request = ProcessingRequest(
         request_id=str(uuid.uuid4()),
         status=RequestStatus.PENDING,
         owner=owner,
         callback_url=webhook_url,
-        total_products=len(parsed.rows),
-        total_images=parsed.total_images,
+        total_products=len(checked.rows),
+        total_images=checked.total_images,
         options=options.to_json() if options is not None else None,
     )
     session.add(request)
@@ -173,21 +202,57 @@ def create_batch(
     if on_request_created is not None:
         on_request_created(request)
     connection = session.connection()
-    product_ids = _reserve_ids(connection, Product.__table__, len(parsed.rows))
-    _insert_rows(connection, request.id, product_ids, parsed.rows, parsed.repeated_urls)
-    if parsed.repeated_urls:
-        _link_copies(session, request.id)
+    most_rows = _most_rows(csv_file, limits) if streaming else len(checked.rows)
+    product_ids = _reserve_ids(connection, Product.__table__, most_rows)
+    copies = _insert_images(
+        connection, request.id, _numbered(checked if streaming else checked.rows, product_ids)
+    )
+    checked.raise_problems()
+    name_value = _copy_text_value if streaming else str
+    products = (
+        (product_id, request.id, serial_number, name_value(name))
+        for product_id, (serial_number, name, _) in zip(product_ids, checked.rows, strict=False)
+    )
+    _bulk_insert(connection, Product.__table__, PRODUCT_INSERT_COLUMNS, products)
+    if streaming:
+        request.total_products, request.total_images = len(checked.rows), checked.total_images
+        session.flush()
+    if copies:
+        _count_and_link_copies(connection, request.id, copies)
     return request
 
 
+def _most_rows(csv_file: BinaryIO, limits: CsvLimits) -> int:
+    """An upper bound of a CSV's rows, read before the rows are: its line breaks (the
+    header takes a line), at most max_rows."""
+    breaks = seen = 0
+    while seen <= limits.max_bytes and (block := csv_file.read(1 << 20)):
+        seen += len(block)
+        breaks += block.count(b"\n") + block.count(b"\r")
+    csv_file.seek(0)
+    return min(breaks + 1, limits.max_rows)
+
+
+def _numbered(rows: Iterable[tuple[int, str, str]], ids: Sequence[int]) -> Iterator[tuple[int, tuple]]:
+    """(id, row) pairs; every row gets one (ids are at least as many as the rows)."""
+    unused = iter(ids)
+    for row in rows:
+        yield next(unused), row
+
+
 def _reserve_ids(connection: Connection, table: Table, count: int) -> Sequence[int]:
-    """Ids for `count` new rows, increasing: images name their product without reading
-    the products back."""
+    """Ids for `count` new rows, increasing: images name their product before the products
+    are stored. Ids left unused are gaps, as rolled back inserts leave."""
     if connection.dialect.name == "postgresql":
+        # The sequence's name first: nextval() of a constant is about 8 times faster than
+        # of an expression, which is looked up again for every row.
+        sequence = connection.scalar(
+            text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": table.name}
+        )
         return sorted(
             connection.scalars(
-                text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM generate_series(1, :count)"),
-                {"table": table.name, "count": count},
+                text("SELECT nextval(CAST(:sequence AS regclass)) FROM generate_series(1, :count)"),
+                {"sequence": sequence, "count": count},
             )
         )
     # SQLite: the request row just inserted holds the database's write lock until the
@@ -196,92 +261,65 @@ def _reserve_ids(connection: Connection, table: Table, count: int) -> Sequence[i
     return range(last + 1, last + 1 + count)
 
 
-def _repeated_urls(rows: list[tuple[int, str, str]]) -> dict[str, int]:
-    """How many more times than once each repeated URL appears."""
-    # One join and split: about half the time of splitting row by row (100,000 rows).
-    counts = Counter(URL_SEPARATOR.join(urls for _, _, urls in rows).split(URL_SEPARATOR))
-    return {url: count - 1 for url, count in counts.items() if count > 1}
-
-
-def _link_copies(session: Session, request_pk: int) -> None:
-    """Point each copy at the image of its URL that will be processed."""
-    connection = session.connection()
-    sources = dict(
-        connection.execute(
-            select(Image.input_url, Image.id).where(Image.request_pk == request_pk, Image.copies > 0)
-        ).all()
-    )
-    links = [
-        {"copy_id": copy_id, "new_source_image_id": sources[url]}
-        for copy_id, url in connection.execute(
-            select(Image.id, Image.input_url).where(
-                Image.request_pk == request_pk, Image.status == ImageStatus.COPY
-            )
-        )
-    ]
-    connection.execute(
-        update(Image.__table__)
-        .where(Image.id == bindparam("copy_id"))
-        .values(source_image_id=bindparam("new_source_image_id")),
-        links,
-    )
-
-
 PRODUCT_INSERT_COLUMNS = ("id", "request_pk", "serial_number", "product_name")
 IMAGE_INSERT_COLUMNS = ("request_pk", "product_id", "position", "input_url", "status", "attempts")
 
 
-def _insert_rows(
-    connection: Connection,
-    request_pk: int,
-    product_ids: Sequence[int],
-    rows: list[tuple[int, str, str]],
-    repeated_urls: dict[str, int],
-) -> None:
-    """Rows are generated while they are sent: on PostgreSQL the server inserts one part
-    while this process formats the next, and no list of 300,000 tuples is built."""
-    copying = connection.dialect.name == "postgresql"
-    name_value = _copy_text_value if copying else str
-    urls_value = _copy_urls_value if copying else str
-    products = (
-        (product_id, request_pk, serial_number, name_value(name))
-        for product_id, (serial_number, name, _) in zip(product_ids, rows, strict=True)
-    )
-    _bulk_insert(connection, Product.__table__, PRODUCT_INSERT_COLUMNS, products)
-    pending = ImageStatus.PENDING.value
-    if not repeated_urls:
-        images = (
-            (request_pk, product_id, position, url, pending, 0)
-            for product_id, (_, _, urls) in zip(product_ids, rows, strict=True)
-            for position, url in enumerate(urls_value(urls).split(URL_SEPARATOR))
-        )
-        _bulk_insert(connection, Image.__table__, IMAGE_INSERT_COLUMNS, images)
-    else:
-        images = _images_with_copies(request_pk, product_ids, rows, repeated_urls, urls_value)
-        _bulk_insert(connection, Image.__table__, (*IMAGE_INSERT_COLUMNS, "copies"), images)
-
-
-def _images_with_copies(
-    request_pk: int,
-    product_ids: Sequence[int],
-    rows: list[tuple[int, str, str]],
-    repeated_urls: dict[str, int],
-    urls_value: Callable[[str], str],
-) -> Iterator[tuple]:
-    """Image rows where the first image of a repeated URL counts its copies and the later
-    ones are copies."""
+def _insert_images(
+    connection: Connection, request_pk: int, numbered_rows: Iterable[tuple[int, tuple[int, str, str]]]
+) -> Counter[str]:
+    """Insert the images of the rows as they come; returns how many copies each repeated
+    URL has. Rows are formatted while they are sent: on PostgreSQL the server inserts one
+    part while this process formats the next, and no list of 300,000 tuples is built."""
+    urls_value = _copy_urls_value if connection.dialect.name == "postgresql" else str
     pending, copy = ImageStatus.PENDING.value, ImageStatus.COPY.value
-    first_seen: set[str] = set()
-    for product_id, (_, _, urls) in zip(product_ids, rows, strict=True):
-        for position, url in enumerate(urls.split(URL_SEPARATOR)):
-            status, count = pending, 0
-            if url in repeated_urls:
-                if url in first_seen:
+    seen: set[str] = set()
+    copies: Counter[str] = Counter()
+
+    def images() -> Iterator[tuple]:
+        for product_id, (_, _, urls) in numbered_rows:
+            for position, url in enumerate(urls.split(URL_SEPARATOR)):
+                status = pending
+                if url in seen:
                     status = copy
+                    copies[url] += 1
                 else:
-                    first_seen.add(url)
-                    count = repeated_urls[url]
-            yield (request_pk, product_id, position, urls_value(url), status, 0, count)
+                    seen.add(url)
+                yield (request_pk, product_id, position, urls_value(url), status, 0)
+
+    _bulk_insert(connection, Image.__table__, IMAGE_INSERT_COLUMNS, images())
+    return copies
+
+
+def _count_and_link_copies(connection: Connection, request_pk: int, copies: Counter[str]) -> None:
+    """Give the first image of each repeated URL its count of copies, and point each copy
+    at it."""
+    sources = {
+        url: image_id
+        for image_id, url in connection.execute(
+            select(Image.id, Image.input_url).where(
+                Image.request_pk == request_pk, Image.status == ImageStatus.PENDING
+            )
+        )
+        if url in copies
+    }
+    connection.execute(
+        update(Image.__table__).where(Image.id == bindparam("source_id")).values(copies=bindparam("count")),
+        [{"source_id": sources[url], "count": count} for url, count in copies.items()],
+    )
+    connection.execute(
+        update(Image.__table__)
+        .where(Image.id == bindparam("copy_id"))
+        .values(source_image_id=bindparam("new_source_image_id")),
+        [
+            {"copy_id": copy_id, "new_source_image_id": sources[url]}
+            for copy_id, url in connection.execute(
+                select(Image.id, Image.input_url).where(
+                    Image.request_pk == request_pk, Image.status == ImageStatus.COPY
+                )
+            )
+        ],
+    )
 
 
 _COPY_TEXT_SPECIAL = re.compile(r"[\\\t\n\r]")

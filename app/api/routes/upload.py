@@ -9,7 +9,7 @@ from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest
 from app.errors import InvalidInput
 from app.pipeline.options import MAX_DIMENSION, options_from_form
-from app.services.batches import CsvLimits, checked_webhook_url, create_batch, parse_csv
+from app.services.batches import CsvLimits, checked_webhook_url, create_batch
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
 
 router = APIRouter(tags=["batches"])
@@ -105,18 +105,12 @@ def upload_csv(
         def remember_key(request):
             remember(session, owner, key, fingerprint, request.id, settings.idempotency_key_ttl_seconds)
 
-    # The whole file is read and checked before the write transaction begins: on SQLite
-    # that transaction holds the database's one write lock, which every upload and worker
-    # waits for.
-    parsed = parse_csv(
+    request = create_batch(
+        session,
         file.file,
         CsvLimits(
             settings.max_csv_bytes, settings.max_line_bytes, settings.max_rows, settings.max_urls_per_row
         ),
-    )
-    request = create_batch(
-        session,
-        parsed,
         webhook_url=webhook_url,
         owner=owner,
         on_request_created=remember_key,
