@@ -1,4 +1,9 @@
-"""Request dependencies. Each request gets one session; the boundary commits or rolls back."""
+"""Request dependencies. Each request gets one session; the boundary commits or rolls back.
+
+Dependencies that never block are `async def`: FastAPI runs a plain `def` dependency on
+a thread of its pool, and each such hop is a thread switch that waits for the GIL while
+the web process also claims and records images (it showed in the latency of status polls).
+"""
 
 import hashlib
 import hmac
@@ -15,11 +20,11 @@ from app.services.batches import get_request
 from app.workers import Runner
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_runner(request: Request) -> Runner:
+async def get_runner(request: Request) -> Runner:
     return request.app.state.runner
 
 
@@ -42,7 +47,11 @@ def get_writer_session(request: Request) -> Iterator[Session]:
     yield from _session_scope(request.app.state.writer_sessions)
 
 
-def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+async def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+    return owner_of(request, settings)
+
+
+def owner_of(request: Request, settings: Settings) -> str | None:
     """The caller's identity when API keys are configured: a digest of their key."""
     keys = settings.api_key_list
     if not keys:

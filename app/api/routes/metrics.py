@@ -5,7 +5,7 @@ import hmac
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.deps import SettingsDep, get_owner
+from app.api.deps import SettingsDep, owner_of
 from app.errors import Unauthorized
 
 router = APIRouter(tags=["health"])
@@ -34,5 +34,5 @@ def metrics(request: Request, settings: SettingsDep) -> Response:
                 headers={"WWW-Authenticate": "Bearer"},
             )
     else:
-        get_owner(request, settings)  # open unless API_KEYS is set
+        owner_of(request, settings)  # open unless API_KEYS is set
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
