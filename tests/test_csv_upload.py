@@ -2,6 +2,7 @@
 
 import io
 import re
+from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,6 +14,7 @@ from app.db.models import Image, Product
 from app.db.session import build_engine
 from app.guarded_http import url_list_is_fine, url_problem
 from app.main import create_app
+from app.services.batches import CsvLimits, _most_rows
 from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
 from tests import images
 from tests.conftest import csv_of, upload
@@ -332,3 +334,14 @@ def test_a_problem_after_thousands_of_good_rows_stores_nothing(make_settings, pr
         stored = [connection.scalar(select(func.count()).select_from(table)) for table in (Product, Image)]
     engine.dispose()
     assert stored == [0, 0]
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_ids_are_reserved_for_at_least_every_row_and_not_twice_per_crlf(newline):
+    data = newline.join([HEADER, *(f"{n},Shirt,{URL}" for n in range(1, 101))]).encode() + b"\n"
+    stream = io.BytesIO(b"skipped" + data)
+    stream.seek(len(b"skipped"))
+    limits = CsvLimits(max_bytes=10_000_000, max_line_bytes=1 << 20, max_rows=1000, max_urls_per_row=50)
+    assert 100 <= _most_rows(stream, limits) <= 102
+    assert stream.tell() == len(b"skipped")
+    assert _most_rows(io.BytesIO(data), replace(limits, max_rows=10)) == 10

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
 
-from sqlalchemy import Connection, Row, Table, bindparam, func, select, text, update
+from sqlalchemy import Connection, Row, Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
@@ -199,8 +199,6 @@ def create_batch(
     )
     session.add(request)
     session.flush()
-    if on_request_created is not None:
-        on_request_created(request)
     connection = session.connection()
     most_rows = _most_rows(csv_file, limits) if streaming else len(checked.rows)
     product_ids = _reserve_ids(connection, Product.__table__, most_rows)
@@ -208,7 +206,7 @@ def create_batch(
         connection, request.id, _numbered(checked if streaming else checked.rows, product_ids)
     )
     checked.raise_problems()
-    name_value = _copy_text_value if streaming else str
+    name_value = _copy_text_value if _uses_copy(connection) else str
     products = (
         (product_id, request.id, serial_number, name_value(name))
         for product_id, (serial_number, name, _) in zip(product_ids, checked.rows, strict=False)
@@ -219,17 +217,23 @@ def create_batch(
         session.flush()
     if copies:
         _count_and_link_copies(connection, request.id, copies)
+    # Last: what it does (an idempotency key's row, expired ones deleted) then holds its
+    # locks for the commit only, not while a large CSV is read.
+    if on_request_created is not None:
+        on_request_created(request)
     return request
 
 
 def _most_rows(csv_file: BinaryIO, limits: CsvLimits) -> int:
-    """An upper bound of a CSV's rows, read before the rows are: its line breaks (the
-    header takes a line), at most max_rows."""
+    """An upper bound of the rows of a CSV (a seekable file, left where it was): its line
+    breaks (the header takes a line; a CR LF split between blocks counts twice, which is
+    harmless), at most max_rows."""
+    start = csv_file.tell()
     breaks = seen = 0
     while seen <= limits.max_bytes and (block := csv_file.read(1 << 20)):
         seen += len(block)
-        breaks += block.count(b"\n") + block.count(b"\r")
-    csv_file.seek(0)
+        breaks += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+    csv_file.seek(start)
     return min(breaks + 1, limits.max_rows)
 
 
@@ -271,7 +275,7 @@ def _insert_images(
     """Insert the images of the rows as they come; returns how many copies each repeated
     URL has. Rows are formatted while they are sent: on PostgreSQL the server inserts one
     part while this process formats the next, and no list of 300,000 tuples is built."""
-    urls_value = _copy_urls_value if connection.dialect.name == "postgresql" else str
+    urls_value = _copy_urls_value if _uses_copy(connection) else str
     pending, copy = ImageStatus.PENDING.value, ImageStatus.COPY.value
     seen: set[str] = set()
     copies: Counter[str] = Counter()
@@ -340,27 +344,35 @@ def _copy_urls_value(urls: str) -> str:
 def _bulk_insert(
     connection: Connection, table: Table, columns: tuple[str, ...], rows: Iterable[tuple]
 ) -> None:
-    """Many rows at once, by each driver's fastest path: PostgreSQL's COPY (text format;
-    the caller escapes text values with _copy_text_value) and the SQLite driver's
-    executemany of plain tuples (several times faster than SQLAlchemy's per-row parameter
-    processing)."""
-    if connection.dialect.name == "postgresql":
+    """Many rows at once, by each driver's fastest path: psycopg2's COPY (text format;
+    the caller escapes text values with _copy_text_value when _uses_copy), the SQLite
+    driver's executemany of plain tuples (several times faster than SQLAlchemy's per-row
+    parameter processing), and SQLAlchemy's executemany elsewhere."""
+    if _uses_copy(connection):
         with connection.connection.dbapi_connection.cursor() as cursor:
             cursor.copy_expert(
                 f"COPY {table.name} ({', '.join(columns)}) FROM STDIN", _CopyText(rows), size=COPY_READ_CHARS
             )
-    else:
+    elif connection.dialect.name == "sqlite":
         values = ", ".join("?" * len(columns))
         statement = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({values})"
         with closing(connection.connection.dbapi_connection.cursor()) as cursor:
             cursor.executemany(statement, rows)
+    else:
+        connection.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
+
+
+def _uses_copy(connection: Connection) -> bool:
+    return connection.dialect.driver == "psycopg2"
 
 
 COPY_READ_CHARS = 256 * 1024
 
 
 class _CopyText(io.TextIOBase):
-    """Rows as COPY's text format, formatted as the driver reads them."""
+    """Rows as COPY's text format, formatted as the driver reads them. The rows must not
+    raise: psycopg2 reports any exception from read() as a cancelled query, which is why
+    CheckedRows records the CSV's problems and raises them after the COPY."""
 
     def __init__(self, rows: Iterable[tuple]):
         self.rows = iter(rows)
