@@ -246,25 +246,23 @@ def guarded_session(policy: AddressPolicy, pool_size: int) -> requests.Session:
     return session
 
 
-# scheme://[userinfo@]host[:port][/path?query#fragment], with no whitespace or controls.
-_HTTP_URL = re.compile(
-    r"(?i)https?://(?:[^\s\x00-\x1f\x7f/?#@]*@)?"
-    r"(?P<host>\[[0-9a-f:.]+\]|[^\s\x00-\x1f\x7f/?#@:\[\]]+)"
-    r"(?::(?P<port>[0-9]{1,5}))?(?:[/?#][^\s\x00-\x1f\x7f]*)?"
-)
+def _url_pattern(excluded: str = "", port: str = r"(?P<port>[0-9]{1,5})", host: str = "(?P<host>{})") -> str:
+    """scheme://[userinfo@]host[:port][/path?query#fragment], with no whitespace or
+    controls, nor any of `excluded` anywhere."""
+    no = rf"\s\x00-\x1f\x7f{excluded}"
+    hostname = host.format(rf"\[[0-9a-f:.]+\]|[^{no}/?#@:\[\]]+")
+    return rf"https?://(?:[^{no}/?#@]*@)?{hostname}(?::{port})?(?:[/?#][^{no}]*)?"
 
 
-# A list of URLs as a CSV cell holds them (separated by whitespace, commas or semicolons,
-# so none holds one), each of which url_problem accepts, with a port below 10000 if any:
-# one match for a whole row of URLs. Cells it refuses go through url_problem URL by URL.
-_URL_LIST_SEPARATOR = r"[\s,;]"
-_CHECKED_URL = (
-    r"https?://(?:[^\s\x00-\x1f\x7f/?#@,;]*@)?"
-    r"(?:\[[0-9a-f:.]+\]|[^\s\x00-\x1f\x7f/?#@:\[\],;]+)"
-    r"(?::(?=[0-9]{1,5}(?![0-9]))0*[1-9][0-9]{0,3})?(?:[/?#][^\s\x00-\x1f\x7f,;]*)?"
-)
+_HTTP_URL = re.compile("(?i)" + _url_pattern())
+
+# URLs as a CSV cell lists them: separated by whitespace, commas or semicolons (so none
+# holds one). A whole cell of URLs url_problem accepts, with a port below 10000 if any,
+# matches _CHECKED_URL_LIST at once; cells it refuses go through url_problem URL by URL.
+URL_LIST_SEPARATORS = r"[\s,;]"
+_CHECKED_URL = _url_pattern(",;", port=r"(?=[0-9]{1,5}(?![0-9]))0*[1-9][0-9]{0,3}", host="(?:{})")
 _CHECKED_URL_LIST = re.compile(
-    rf"(?i){_URL_LIST_SEPARATOR}*{_CHECKED_URL}(?:{_URL_LIST_SEPARATOR}+{_CHECKED_URL})*{_URL_LIST_SEPARATOR}*"
+    rf"(?i){URL_LIST_SEPARATORS}*{_CHECKED_URL}(?:{URL_LIST_SEPARATORS}+{_CHECKED_URL})*{URL_LIST_SEPARATORS}*"
 )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
 
-from app.guarded_http import url_list_is_fine, url_problem
+from app.guarded_http import URL_LIST_SEPARATORS, url_list_is_fine, url_problem
 
 COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
 OUTPUT_COLUMNS = (*COLUMNS, "Output Image Urls")
@@ -21,7 +21,7 @@ READ_BLOCK_BYTES = 64 * 1024
 _LINE_BREAKS = (b"\n", b"\r")
 # Inside the URL cell, URLs may be separated by commas, semicolons or any whitespace
 # (newlines too). A URL holding a raw comma or semicolon must percent-encode it.
-_URL_SEPARATORS = re.compile(r"[\s,;]+")
+_URL_SEPARATORS = re.compile(URL_LIST_SEPARATORS + "+")
 _LOOKS_LIKE_URL = re.compile(r"\s*https?://", re.IGNORECASE)
 
 
