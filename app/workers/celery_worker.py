@@ -107,8 +107,7 @@ class WorkerRuntime:
             after_request_pk=self.last_request_served,
             stopping=self.shutting_down,
             on_claimed=on_claimed,
-            # Delivered from here at once, not through the queue behind this task.
-            on_events=lambda _events: self.webhook_pool.submit(self.deliver_webhooks),
+            on_events=self.deliver_at_once,
             max_seconds=TASK_SECONDS,
         )
         self.last_request_served = result.last_request_served
@@ -116,6 +115,15 @@ class WorkerRuntime:
             log.warning("images wait to be retried after a transient failure: %s", result.transient_failure)
         if result.more_waiting:  # stopped for time: the next message carries on
             publish(PROCESS_IMAGES)
+
+    def deliver_at_once(self, event_ids: list[int]) -> None:
+        """The events of requests this task finished, delivered from here rather than
+        through the queue behind this task: one attempt each on the webhook pool. Not
+        deliver_webhooks on that pool: its attempts would wait on the same pool's threads,
+        and with every thread doing that, delivery would stop. Retries come with the
+        sweep's deliver_webhooks message."""
+        for event_id in event_ids:
+            self.webhook_pool.submit(self.services.deliverer.attempt, event_id)
 
     def deliver_webhooks(self) -> None:
         deliver_due_webhooks(self.services.deliverer, self.webhook_pool)
