@@ -22,4 +22,4 @@ class FillableStorage(LocalFileStorage):
             self.refused += 1
             error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             raise StoreFailure(f"could not store the output: {error.strerror}") from error
-        return super().save(key, data)
+        return super().save(key, data, content_type)
