@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import BinaryIO
 
-from sqlalchemy import Connection, Row, Table, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, Row, Table, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
@@ -178,16 +178,13 @@ def create_batch(
     naming a URL an earlier row of the request names: those are copies of the first
     (app/queue/copies.py), which alone is fetched.
 
-    On PostgreSQL the rows are checked while they are sent: the server inserts images on
-    one core while this process reads the CSV on the other. On SQLite the whole CSV is
-    checked before the first write, because the write transaction holds the database's one
-    write lock, which every upload and worker waits for."""
-    streaming = session.get_bind().dialect.name == "postgresql"
-    checked = CheckedRows(csv_file, limits)
-    if not streaming:
-        for _ in checked:
-            pass
-        checked.raise_problems()
+    On PostgreSQL (with psycopg2's COPY) the rows are checked while they are sent: the
+    server inserts images on one core while this process reads the CSV on the other.
+    Elsewhere the whole CSV is checked before the first write: on SQLite the write
+    transaction holds the database's one write lock, which every upload and worker waits
+    for."""
+    streaming = _uses_copy(session.get_bind())
+    checked = CheckedRows(csv_file, limits) if streaming else parse_csv(csv_file, limits)
     request = ProcessingRequest(
         request_id=str(uuid.uuid4()),
         status=RequestStatus.PENDING,
@@ -206,7 +203,7 @@ def create_batch(
         connection, request.id, _numbered(checked if streaming else checked.rows, product_ids)
     )
     checked.raise_problems()
-    name_value = _copy_text_value if _uses_copy(connection) else str
+    name_value = _copy_text_value if streaming else str
     products = (
         (product_id, request.id, serial_number, name_value(name))
         for product_id, (serial_number, name, _) in zip(product_ids, checked.rows, strict=False)
@@ -362,8 +359,8 @@ def _bulk_insert(
         connection.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
 
 
-def _uses_copy(connection: Connection) -> bool:
-    return connection.dialect.driver == "psycopg2"
+def _uses_copy(bind: Connection | Engine) -> bool:
+    return bind.dialect.driver == "psycopg2"
 
 
 COPY_READ_CHARS = 256 * 1024
