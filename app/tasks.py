@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
 from app.queue import ImageLedger
@@ -165,7 +165,6 @@ class ClaimRound:
     claimed: int = 0
     last_request_served: int = 0
     more_waiting: bool = False
-    events: list[int] = field(default_factory=list)
     transient_failure: str | None = None
 
 
@@ -232,18 +231,17 @@ def process_next_images(
                 result.transient_failure = f"{outcome.error_code}: {outcome.error_message}"
         if outcomes:
             events = record_outcomes(ledger, held, outcomes, stopping)
-            result.events += events
             if events and on_events is not None:
                 on_events(events)
     return result
 
 
-def deliver_due_webhooks(deliverer: WebhookDeliverer, pool: ThreadPoolExecutor) -> int:
+def deliver_due_webhooks(deliverer: WebhookDeliverer, pool: ThreadPoolExecutor) -> None:
     """One attempt for each due webhook event, in parallel (a slow receiver holds up only
-    its own); returns how many attempts were made. Two callers never send the same attempt:
-    each attempt first claims its event."""
-    attempts = list(pool.map(deliverer.attempt, deliverer.due_event_ids()))
-    return sum(attempts)
+    its own), waiting for them on `pool`, so never call it from one of pool's threads. Two
+    callers never send the same attempt: each attempt first claims its event."""
+    for _ in pool.map(deliverer.attempt, deliverer.due_event_ids()):
+        pass
 
 
 def idle_wait_seconds(ledger: ImageLedger, default: float) -> float:

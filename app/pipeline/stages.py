@@ -126,7 +126,6 @@ class ImageStages:
         self._encodings: dict[OutputOptions, Encoding] = {}  # a few per batch running
         self.default_encoding = Encoding(jpeg_quality, optimize=jpeg_optimize, progressive=jpeg_progressive)
         self.storage = storage
-        self.jpeg_quality = jpeg_quality
         self.max_image_pixels = max_image_pixels
         # Downloads may run many at once; decoding and encoding only as many as there are
         # slots (as many as cores), each naming its unit in case the decoder crashes, and
