@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
-from app.guarded_http import AddressPolicy, guarded_session, parse_allowlist
 from app.metrics import ServiceMetrics
+from app.net.guard import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
 from app.pipeline.decoding import NOTES_DIR_NAME, charge_dead_notes, open_note
 from app.pipeline.memory import MIB

@@ -1,5 +1,7 @@
 """The one settings class. Every key is documented in .env.example."""
 
+import base64
+import binascii
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -8,9 +10,22 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.webhooks.signing import MIN_SECRET_BYTES, secret_key
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_WEBHOOK_SECRET_BYTES = 24
+
+
+def webhook_secret_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret (whsec_<base64>); ValueError if the secret is not one."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"a webhook secret starts with {WEBHOOK_SECRET_PREFIX!r}")
+    try:
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"the part after {WEBHOOK_SECRET_PREFIX!r} is not valid base64 ({exc})") from None
+    if len(key) < MIN_WEBHOOK_SECRET_BYTES:
+        raise ValueError(f"the key is {len(key)} bytes; at least {MIN_WEBHOOK_SECRET_BYTES} are needed")
+    return key
 
 
 def _default_concurrency() -> int:
@@ -94,11 +109,11 @@ class Settings(BaseSettings):
     def _secret_is_standard_webhooks(cls, value: str) -> str:
         if value:
             try:
-                secret_key(value)
+                webhook_secret_key(value)
             except ValueError as exc:
                 raise ValueError(
                     "WEBHOOK_SECRET must be a Standard Webhooks secret: 'whsec_' followed by "
-                    f"the base64 of at least {MIN_SECRET_BYTES} random bytes; {exc}"
+                    f"the base64 of at least {MIN_WEBHOOK_SECRET_BYTES} random bytes; {exc}"
                 ) from None
         return value
 

@@ -4,7 +4,7 @@ import errno
 import os
 import threading
 
-from app.pipeline.failures import StoreFailure
+from app.storage import StoreFailure
 from app.storage.local import LocalFileStorage
 
 

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from app.db.models import Image, Product
 from app.db.session import build_engine
-from app.guarded_http import url_list_is_fine, url_problem
 from app.main import create_app
+from app.net.urls import url_list_is_fine, url_problem
 from app.services.batches import CsvLimits, _most_rows
 from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
 from tests import images

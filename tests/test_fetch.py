@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from app.guarded_http import AddressPolicy, guarded_pool, is_public_address
+from app.net.guard import AddressPolicy, guarded_pool, is_public_address
 from app.pipeline.failures import (
     BlockedAddress,
     ConnectionFailed,

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 import app.storage.s3
-from app.pipeline.failures import StoreFailure
+from app.storage import StoreFailure
 from app.storage.s3 import CACHE_CONTROL, S3Storage, normalise_prefix
 from tests.conftest import stored_keys
 from tests.s3_server import TEST_REGION

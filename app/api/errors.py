@@ -20,7 +20,7 @@ from app.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from app.pipeline.failures import StoreFailure
+from app.storage import StoreFailure
 
 log = logging.getLogger(__name__)
 

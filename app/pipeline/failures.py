@@ -7,10 +7,12 @@ Two kinds of "try again", on purpose distinct:
 - `retryable` marks upstream trouble worth another request within the same download
   (timeouts, 429, 5xx): HttpFetcher retries those until the download deadline, and if
   the deadline passes the image fails for good, because the source is at fault.
-- `transient` marks a failure that says nothing about the image (a full disk, storage
-  away or throttling): the image goes back to waiting, with backoff, and is tried again
-  later; the request stays unfinished meanwhile.
+- `transient` marks a failure that says nothing about the image: the image goes back to
+  waiting, with backoff, and is tried again later; the request stays unfinished meanwhile.
+  Every StoreFailure (app/storage: a full disk, storage away or throttling) is one.
 """
+
+from app.net.failures import NetworkFailure
 
 
 class ImageFailure(Exception):
@@ -76,6 +78,19 @@ class TooLarge(FetchFailure):
     code = "too_large"
 
 
+def as_image_failure(failure: NetworkFailure) -> FetchFailure:
+    """The image's failure for a network one: the same code, message and retryability."""
+    image_failure = _FETCH_FAILURE_BY_CODE.get(failure.code, FetchFailure)(failure.message)
+    image_failure.code = failure.code
+    image_failure.retryable = failure.retryable
+    return image_failure
+
+
+_FETCH_FAILURE_BY_CODE: dict[str, type[FetchFailure]] = {
+    failure.code: failure for failure in (InvalidUrl, BlockedAddress, ConnectionFailed)
+}
+
+
 class CompressFailure(ImageFailure):
     code = "compress_failed"
 
@@ -90,13 +105,6 @@ class DecompressionBomb(CompressFailure):
 
 class CorruptImage(CompressFailure):
     code = "corrupt_image"
-
-
-class StoreFailure(ImageFailure):
-    # The key and the bytes are ours, so a failed store is the storage's trouble (ENOSPC,
-    # EIO, a read-only remount; later an object store's 5xx or throttling), not the image's.
-    code = "storage_error"
-    transient = True
 
 
 class OverMemoryBudget(CompressFailure):

@@ -1,6 +1,6 @@
 """Fetch stage: download one untrusted URL into memory, within hard limits.
 
-Connections go through app/guarded_http.py (the address policy, the wall-clock deadline).
+Connections go through app/net/guard.py (the address policy, the wall-clock deadline).
 Here: redirects are followed by hand, so every hop goes through the same checks, and
 capped; while reading, the decoded size is capped (a gzip bomb is cut off), and so is the
 total wall-clock time (a server dripping one byte a second is cut off).
@@ -19,7 +19,9 @@ from urllib3.exceptions import (
     NewConnectionError,
 )
 
-from app.guarded_http import USER_AGENT, check_url, wall_clock_deadline
+from app.net.failures import NetworkFailure
+from app.net.guard import USER_AGENT, wall_clock_deadline
+from app.net.urls import check_url
 from app.pipeline.failures import (
     ConnectionFailed,
     FetchFailure,
@@ -29,6 +31,7 @@ from app.pipeline.failures import (
     TooLarge,
     TooManyRedirects,
     UpstreamTimeout,
+    as_image_failure,
 )
 
 READ_CHUNK_BYTES = 256 * 1024
@@ -88,7 +91,10 @@ class HttpFetcher:
 
     def _fetch_once(self, url: str, deadline: float) -> FetchedImage:
         for _hop in range(self.max_redirects + 1):
-            check_url(url)
+            try:
+                check_url(url)
+            except NetworkFailure as failure:
+                raise as_image_failure(failure) from failure
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._timed_out()
@@ -102,8 +108,8 @@ class HttpFetcher:
                     retries=False,
                     timeout=urllib3.Timeout(connect=remaining, read=remaining),
                 )
-            except ImageFailure:
-                raise
+            except NetworkFailure as failure:  # the address policy refused or could not resolve
+                raise as_image_failure(failure) from failure
             except (LocationValueError, http.client.InvalidURL) as exc:
                 raise InvalidUrl(f"malformed URL: {exc}") from exc
             except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:

@@ -14,14 +14,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.guarded_http import AddressPolicy, guarded_pool, parse_allowlist
+from app.net.guard import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.decoding import DecodingSlots
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import HttpFetcher
 from app.pipeline.memory import MemoryBudget
 from app.pipeline.options import OutputOptions
-from app.storage import JPEG_CONTENT_TYPE, ImageStorage, StorageConfig, build_storage, output_key
+from app.storage import (
+    JPEG_CONTENT_TYPE,
+    ImageStorage,
+    StorageConfig,
+    StoreFailure,
+    build_storage,
+    output_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +218,7 @@ class ImageStages:
             stored_from = time.perf_counter()
             self.storage.save(key, compressed.data, content_type)
             store_seconds = _seconds_since(stored_from)
-        except ImageFailure as failure:
+        except (ImageFailure, StoreFailure) as failure:
             return ImageOutcome(
                 unit,
                 error_code=failure.code,

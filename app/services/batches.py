@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
 from app.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
-from app.guarded_http import url_problem
+from app.net.urls import url_problem
 from app.pipeline.options import OutputOptions
 from app.services.csv_input import (
     OUTPUT_COLUMNS,

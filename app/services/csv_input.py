@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, NamedTuple
 
-from app.guarded_http import URL_LIST_SEPARATORS, url_list_is_fine, url_problem
+from app.net.urls import URL_LIST_SEPARATORS, url_list_is_fine, url_problem
 
 COLUMNS = ("S. No.", "Product Name", "Input Image Urls")
 OUTPUT_COLUMNS = (*COLUMNS, "Output Image Urls")

@@ -29,9 +29,8 @@ from app.db.models import (
     Product,
 )
 from app.errors import Conflict, ServiceUnavailable
-from app.pipeline.failures import StoreFailure
 from app.queue.ledger import Cancellation, ImageLedger
-from app.storage import ImageStorage
+from app.storage import ImageStorage, StoreFailure
 
 log = logging.getLogger(__name__)
 

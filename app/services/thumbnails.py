@@ -10,8 +10,7 @@ import logging
 
 from PIL import Image
 
-from app.pipeline.failures import StoreFailure
-from app.storage import ImageStorage, output_key
+from app.storage import ImageStorage, StoreFailure, output_key
 
 log = logging.getLogger(__name__)
 

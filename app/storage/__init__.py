@@ -18,6 +18,20 @@ from typing import Literal, Protocol
 JPEG_CONTENT_TYPE = "image/jpeg"
 
 
+class StoreFailure(Exception):
+    """Storing or reading an output failed. The key and the bytes are ours, so this is the
+    storage's trouble (ENOSPC, EIO, a read-only remount, an object store's 5xx or
+    throttling), not the image's: the image waits and is tried again."""
+
+    code = "storage_error"
+    transient = True
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
 def output_key(request_id: str, image_id: int, extension: str = "jpg") -> str:
     return f"{request_id}/{image_id}.{extension}"
 

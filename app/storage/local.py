@@ -12,8 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-from app.pipeline.failures import StoreFailure
-from app.storage import JPEG_CONTENT_TYPE
+from app.storage import JPEG_CONTENT_TYPE, StoreFailure
 
 TEMP_DIR_NAME = ".incoming"
 # A partial file of a writer on another machine (a shared folder) is left this long.

@@ -28,7 +28,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from app.pipeline.failures import StoreFailure
+from app.storage import StoreFailure
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 DELETE_BATCH_SIZE = 1000  # the most keys one DeleteObjects request accepts

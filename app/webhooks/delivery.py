@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
 from app.db.models import WebhookDelivery, WebhookEvent, WebhookState
-from app.guarded_http import check_url, wall_clock_deadline
-from app.pipeline.failures import ImageFailure
+from app.net.failures import NetworkFailure
+from app.net.guard import wall_clock_deadline
+from app.net.urls import check_url
 from app.webhooks.signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class WebhookDeliverer:
             check_url(url)
             with wall_clock_deadline(time.monotonic() + self.timeout_seconds):
                 return self._post(url, body, headers, start)
-        except ImageFailure as failure:
+        except NetworkFailure as failure:
             error = f"{failure.code}: {failure.message}"
         except requests.exceptions.RequestException as exc:
             # The deadline reaper's shutdown surfaces as a connection error: time decides.

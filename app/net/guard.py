@@ -1,7 +1,7 @@
 """Outbound HTTP to addresses the caller does not control: image downloads and webhooks.
 
 Every URL comes from someone we don't trust. Before any byte is sent:
-- the scheme must be http(s) with a host (`url_problem`, also used by the CSV parser);
+- the scheme must be http(s) with a host (app/net/urls.py, also used by the CSV parser);
 - the host is resolved here and every address is checked against AddressPolicy, and the
   socket connects to the address that passed the check (no DNS-rebinding gap);
 - every response read inside `wall_clock_deadline` is cut off at that deadline, however
@@ -12,7 +12,6 @@ import contextlib
 import heapq
 import ipaddress
 import itertools
-import re
 import socket
 import threading
 import time
@@ -26,9 +25,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from app.pipeline.failures import BlockedAddress, ConnectionFailed, InvalidUrl
+from app.net.failures import BlockedAddress, ConnectionFailed
 
-MAX_URL_LENGTH = 2048
 USER_AGENT = "batch-image-service/1.0"
 
 
@@ -244,51 +242,3 @@ def guarded_session(policy: AddressPolicy, pool_size: int) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
-
-
-def _url_pattern(excluded: str = "", port: str = r"(?P<port>[0-9]{1,5})", host: str = "(?P<host>{})") -> str:
-    """scheme://[userinfo@]host[:port][/path?query#fragment], with no whitespace or
-    controls, nor any of `excluded` anywhere."""
-    no = rf"\s\x00-\x1f\x7f{excluded}"
-    hostname = host.format(rf"\[[0-9a-f:.]+\]|[^{no}/?#@:\[\]]+")
-    return rf"https?://(?:[^{no}/?#@]*@)?{hostname}(?::{port})?(?:[/?#][^{no}]*)?"
-
-
-_HTTP_URL = re.compile("(?i)" + _url_pattern())
-
-# URLs as a CSV cell lists them: separated by whitespace, commas or semicolons (so none
-# holds one). A whole cell of URLs url_problem accepts, with a port below 10000 if any,
-# matches _CHECKED_URL_LIST at once; cells it refuses go through url_problem URL by URL.
-URL_LIST_SEPARATORS = r"[\s,;]"
-_CHECKED_URL = _url_pattern(",;", port=r"(?=[0-9]{1,5}(?![0-9]))0*[1-9][0-9]{0,3}", host="(?:{})")
-_CHECKED_URL_LIST = re.compile(
-    rf"(?i){URL_LIST_SEPARATORS}*{_CHECKED_URL}(?:{URL_LIST_SEPARATORS}+{_CHECKED_URL})*{URL_LIST_SEPARATORS}*"
-)
-
-
-def url_list_is_fine(urls: list[str], cell: str) -> bool:
-    """True when every URL of `urls`, split from `cell`, is one url_problem accepts; False
-    means that some may not be, and url_problem says which."""
-    return max(map(len, urls), default=0) <= MAX_URL_LENGTH and _CHECKED_URL_LIST.fullmatch(cell) is not None
-
-
-def url_problem(url: str) -> str | None:
-    """Why url cannot be an image source, or None if it can.
-
-    A single regular expression, not urlsplit: this runs for every URL of a CSV that
-    may hold hundreds of thousands of them."""
-    if len(url) > MAX_URL_LENGTH:
-        return f"URL is longer than {MAX_URL_LENGTH} characters"
-    match = _HTTP_URL.fullmatch(url)
-    if match is None:
-        return f"URL {url[:80]!r} is not an absolute http(s) URL with a host"
-    port = match["port"]
-    if port is not None and not 0 < int(port) < 65536:
-        return f"URL {url[:80]!r} has an invalid port"
-    return None
-
-
-def check_url(url: str) -> None:
-    problem = url_problem(url)
-    if problem:
-        raise InvalidUrl(problem)
