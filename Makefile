@@ -27,7 +27,7 @@ run: install ## Apply migrations and serve on HOST:PORT (settings from the envir
 	$(PY) -m app
 
 worker: install ## Start a Celery worker (TASK_BACKEND=celery; same settings as `make run`)
-	$(PY) -m celery --app app.workers.celery_worker worker --loglevel INFO --without-gossip --without-mingle
+	$(PY) -m celery --app app.runners.celery_worker worker --loglevel INFO --without-gossip --without-mingle
 
 migrate: install ## Apply Alembic migrations to DATABASE_URL
 	$(PY) -m alembic upgrade head

@@ -1,6 +1,6 @@
 """One composition of the service's parts, settings -> engine -> storage -> stages ->
 ledger -> webhooks, shared by the FastAPI app (app/main.py), the in-process runner and
-the Celery worker (app/workers/celery_worker.py), so they cannot drift apart."""
+the Celery worker (app/runners/celery_worker.py), so they cannot drift apart."""
 
 import logging
 import math
@@ -13,17 +13,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
+from app.ledger.image_ledger import ImageLedger
 from app.metrics import ServiceMetrics
 from app.net.guard import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
 from app.pipeline.decoding import NOTES_DIR_NAME, charge_dead_notes, open_note
 from app.pipeline.memory import MIB
+from app.pipeline.processes import ImageProcesses
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
-from app.queue import ImageLedger
 from app.storage import ImageStorage, StorageConfig, build_storage
 from app.storage.local import LocalFileStorage
 from app.webhooks.delivery import WebhookDeliverer
-from app.workers.processes import ImageProcesses
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from app.composition import build_services, storage_config
 from app.config import Settings, get_settings
 from app.metrics import ServiceMetrics
 from app.pipeline.stages import StageRunner
+from app.runners import build_runner
 from app.storage import OutputUrls, build_storage
-from app.workers import build_runner
 
 
 def create_app(settings: Settings | None = None, stages: StageRunner | None = None) -> FastAPI:

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import UNFINISHED_REQUEST_STATUSES, Image, ImageStatus, ProcessingRequest
-from app.pipeline.stages import ImageOutcome
+from app.ledger.units import ImageOutcome
 
 # The *_created series double every family and nobody graphs them.
 disable_created_metrics()

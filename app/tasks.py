@@ -11,8 +11,8 @@ transaction, and safe to run twice (every ledger change is guarded by its claim)
                               in-process runner keeps a loop that starts each due attempt
                               as it comes due, so a slow receiver delays only its own)
 
-Runners decide only where and when these run: app/workers/inprocess.py (threads in the
-web process) and app/workers/celery_worker.py (Celery workers on a broker).
+Runners decide only where and when these run: app/runners/inprocess.py (threads in the
+web process) and app/runners/celery_worker.py (Celery workers on a broker).
 """
 
 import logging
@@ -22,10 +22,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
-from app.queue import ImageLedger
+from app.ledger.image_ledger import ImageLedger
+from app.ledger.units import ImageOutcome, WorkUnit
+from app.pipeline.processes import ImageProcessCrashed, ImageProcessLost
+from app.pipeline.stages import StageRunner
 from app.webhooks.delivery import WebhookDeliverer
-from app.workers.processes import WorkerCrashed, WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,12 @@ def process_claimed(
     never kept, so its lease is not renewed for an outcome that will not come."""
     try:
         return process_unit(stages, unit)
-    except WorkerCrashed:
+    except ImageProcessCrashed:
         log.warning(
             "image %s was being decoded when its worker process died", unit.image_id, extra=unit.log_fields
         )
         held.charge_crash(ledger, unit)
-    except WorkerLost:
+    except ImageProcessLost:
         log.warning(
             "image %s lost with its worker process; handing it back", unit.image_id, extra=unit.log_fields
         )

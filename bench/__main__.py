@@ -571,7 +571,7 @@ class CeleryWorkerProcess:
 
     def start(self, timeout: float = 60) -> "CeleryWorkerProcess":
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        command = [sys.executable, "-m", "celery", "--app", "app.workers.celery_worker", "worker"]
+        command = [sys.executable, "-m", "celery", "--app", "app.runners.celery_worker", "worker"]
         command += ["--loglevel", "INFO", "--without-gossip", "--without-mingle"]
         self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout

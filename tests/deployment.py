@@ -47,7 +47,7 @@ WORKER_COMMAND = [
     "-m",
     "celery",
     "--app",
-    "app.workers.celery_worker",
+    "app.runners.celery_worker",
     "worker",
     "--loglevel",
     "INFO",

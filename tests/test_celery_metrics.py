@@ -10,7 +10,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
-import app.workers.celery_worker as celery_worker
+import app.runners.celery_worker as celery_worker
 
 
 def free_port() -> int:

@@ -125,7 +125,7 @@ def test_an_image_that_keeps_killing_workers_fails_alone(make_settings, image_se
 
 
 def test_a_worker_stuck_past_the_time_limit_is_replaced(make_settings, image_server, monkeypatch):
-    from app.workers import processes
+    from app.pipeline import processes
 
     # Downloads in tests time out after 5 s; make the limit 2 s so the hanging one is "stuck".
     monkeypatch.setattr(processes, "STUCK_AFTER_DOWNLOAD_SECONDS", -3.0)

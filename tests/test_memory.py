@@ -10,10 +10,11 @@ import time
 import pytest
 from PIL import Image
 
+from app.ledger.units import WorkUnit
 from app.pipeline.compress import compress_to_jpeg
 from app.pipeline.failures import OverMemoryBudget
 from app.pipeline.memory import MIB, MemoryBudget
-from app.pipeline.stages import ImageStages, StageConfig, WorkUnit
+from app.pipeline.stages import ImageStages, StageConfig
 from app.storage import StorageConfig
 from tests import images
 
@@ -42,7 +43,7 @@ def _stages_in_child(config: StageConfig, units: list[WorkUnit], answers) -> Non
     """Runs the units at once, on threads, through ImageStages the way a worker process
     does (same allocator settings), and reports outcomes and memory."""
     from app.pipeline.compress import warm_up
-    from app.workers.processes import _keep_image_memory_for_reuse
+    from app.pipeline.processes import _keep_image_memory_for_reuse
 
     _keep_image_memory_for_reuse()
     stages = ImageStages.from_config(config)
@@ -122,7 +123,7 @@ def test_concurrent_90_mp_images_stay_within_the_memory_budget(tmp_path, image_s
 def _measure_compress_in_child(data: bytes, answers) -> None:
     """Estimated and measured peak of compressing `data` in a fresh worker-like process."""
     from app.pipeline.compress import warm_up
-    from app.workers.processes import _keep_image_memory_for_reuse
+    from app.pipeline.processes import _keep_image_memory_for_reuse
 
     _keep_image_memory_for_reuse()
     warm_up()

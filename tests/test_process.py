@@ -11,8 +11,8 @@ from app.composition import build_services, stage_config
 from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import writer_sessionmaker
+from app.ledger.turns import next_claimable_ids, seconds_until_next_retry
 from app.pipeline.stages import ImageStages
-from app.queue.turns import next_claimable_ids, seconds_until_next_retry
 from app.services.batches import CsvLimits, create_batch
 from app.tasks import MAX_WORKER_CRASHES, process_image
 from tests import images

@@ -13,8 +13,8 @@ from app.composition import build_services
 from app.db.base import utcnow
 from app.db.models import Image
 from app.db.session import writer_sessionmaker
-from app.pipeline.stages import ImageOutcome, WorkUnit
-from app.workers.inprocess import InProcessRunner
+from app.ledger.units import ImageOutcome, WorkUnit
+from app.runners.inprocess import InProcessRunner
 from tests.test_process import make_batch
 
 

@@ -63,7 +63,7 @@ def test_celery_on_sqlite_stops_the_service_at_start_up_saying_why(tmp_path):
         "DATABASE_URL": f"sqlite:///{tmp_path / 'images.db'}",
         "MEDIA_ROOT": str(tmp_path / "media"),
     }
-    for command in (["-m", "app"], ["-m", "celery", "--app", "app.workers.celery_worker", "worker"]):
+    for command in (["-m", "app"], ["-m", "celery", "--app", "app.runners.celery_worker", "worker"]):
         done = subprocess.run(
             [sys.executable, *command], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60
         )

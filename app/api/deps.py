@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db.models import ProcessingRequest
 from app.errors import Unauthorized
+from app.runners import Runner
 from app.services.batches import get_request
-from app.workers import Runner
 
 
 async def get_settings(request: Request) -> Settings:

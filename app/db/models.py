@@ -64,7 +64,7 @@ class ProcessingRequest(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)  # retention
-    # app.pipeline.options.OutputOptions as JSON; NULL (requests from before) means the settings.
+    # app.ledger.units.OutputOptions as JSON; NULL (requests from before) means the settings.
     options: Mapped[str | None] = mapped_column(Text)
 
 

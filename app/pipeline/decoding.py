@@ -6,7 +6,7 @@ into a slot of shared memory: two stores, no system call, no message. Whoever ou
 reads the slots, and only the units named there are charged with the crash:
 
     worker processes   a shared array per worker, read by the web process when the
-                       worker dies (app/workers/processes.py)
+                       worker dies (app/pipeline/processes.py)
     IMAGE_PROCESSES=0  a memory-mapped note file per web process under MEDIA_ROOT/.decoding,
                        read by the next start of the service (charge_dead_notes)
 

@@ -7,70 +7,24 @@ A request stored before options existed has none (NULL): its units carry None an
 stages use the settings (JPEG_QUALITY, JPEG_PROGRESSIVE), exactly as before.
 """
 
-import json
-from dataclasses import asdict, dataclass
-from functools import lru_cache
-
 from PIL import features
 
 from app.errors import InvalidInput
+from app.ledger.units import (
+    FORMATS,
+    MAX_DIMENSION,
+    MAX_QUALITY,
+    MIN_QUALITY,
+    OutputOptions,
+    options_from_json,
+)
 
-FORMATS = ("jpeg", "webp", "avif")
-# Pillow's name for each format, the output key's extension and the stored Content-Type.
-PILLOW_FORMAT = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
-EXTENSION = {"jpeg": "jpg", "webp": "webp", "avif": "avif"}
-CONTENT_TYPE = {"jpeg": "image/jpeg", "webp": "image/webp", "avif": "image/avif"}
-MIN_QUALITY, MAX_QUALITY = 1, 95
-MAX_DIMENSION = 20_000
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 
 
-@dataclass(frozen=True)
-class OutputOptions:
-    quality: int
-    format: str = "jpeg"
-    max_width: int | None = None
-    max_height: int | None = None
-    keep_smaller: bool = False
-    progressive: bool = False
-
-    @property
-    def extension(self) -> str:
-        return EXTENSION[self.format]
-
-    @property
-    def content_type(self) -> str:
-        return CONTENT_TYPE[self.format]
-
-    @property
-    def pillow_format(self) -> str:
-        return PILLOW_FORMAT[self.format]
-
-    @property
-    def max_size(self) -> tuple[int, int] | None:
-        """The box the output must fit in, or None for no limit."""
-        if self.max_width is None and self.max_height is None:
-            return None
-        return (self.max_width or MAX_DIMENSION * 10, self.max_height or MAX_DIMENSION * 10)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
 def avif_supported() -> bool:
     return features.check("avif") is True
-
-
-@lru_cache(maxsize=256)
-def options_from_json(text: str | None) -> OutputOptions | None:
-    """The stored options (cached: each claim reads the same few strings again)."""
-    if not text:
-        return None
-    return OutputOptions(**json.loads(text))
 
 
 def stored_options(text: str | None, *, default_quality: int, default_progressive: bool) -> OutputOptions:

@@ -4,7 +4,7 @@
 fails that image alone, with a typed failure code, or, for a transient failure (see
 app/pipeline/failures.py), sends it back to wait and be tried again (`retry_later`). It
 runs on threads in the web process or inside the image worker processes
-(app/workers/processes.py), which build their own copy from a StageConfig.
+(app/pipeline/processes.py), which build their own copy from a StageConfig.
 """
 
 import logging
@@ -14,13 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+from app.ledger.units import ImageOutcome, OutputOptions, WorkUnit
 from app.net.guard import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.decoding import DecodingSlots
 from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import HttpFetcher
 from app.pipeline.memory import MemoryBudget
-from app.pipeline.options import OutputOptions
 from app.storage import (
     JPEG_CONTENT_TYPE,
     ImageStorage,
@@ -31,56 +31,6 @@ from app.storage import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    image_id: int
-    attempt: int
-    request_pk: int
-    request_id: str
-    input_url: str
-    crashes: int = 0  # worker crashes charged to this image before this claim
-    options: OutputOptions | None = None  # the request's; None: the settings' defaults
-    copies: int = 0  # rows of the same request naming the same URL, recorded with this one
-
-    @property
-    def log_fields(self) -> dict[str, object]:
-        """`extra` for a log line about this image (app/logs.py shows them)."""
-        return {"request_id": self.request_id, "image_id": self.image_id}
-
-
-@dataclass(frozen=True)
-class ImageOutcome:
-    unit: WorkUnit
-    output_key: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    input_bytes: int | None = None
-    output_bytes: int | None = None
-    width: int | None = None
-    height: int | None = None
-    source_format: str | None = None
-    # Each stage's time, in seconds (compress leaves out the wait for memory and a slot).
-    fetch_seconds: float | None = None
-    compress_seconds: float | None = None
-    store_seconds: float | None = None
-    retry_later: bool = False  # failed transiently: back to pending with backoff, not final
-    # Claimed, then found cancelled before it started: never fetched, recorded as cancelled.
-    cancelled: bool = False
-    kept_original: bool | None = None  # keep_smaller kept the input bytes
-
-    @property
-    def succeeded(self) -> bool:
-        return self.error_code is None and not self.cancelled
-
-    @property
-    def fetch_ms(self) -> int | None:
-        return None if self.fetch_seconds is None else round(self.fetch_seconds * 1000)
-
-    @property
-    def compress_ms(self) -> int | None:
-        return None if self.compress_seconds is None else round(self.compress_seconds * 1000)
 
 
 @dataclass(frozen=True)
@@ -104,7 +54,7 @@ class StageConfig:
 
 class StageRunner(Protocol):
     """Runs the stages for one unit somewhere: ImageStages on the calling thread, or
-    app.workers.processes.ImageProcesses in a worker process."""
+    app.pipeline.processes.ImageProcesses in a worker process."""
 
     def run(self, unit: WorkUnit) -> ImageOutcome: ...
 

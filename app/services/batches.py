@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Image, ImageStatus, ProcessingRequest, Product, RequestStatus
 from app.errors import InvalidCsv, InvalidInput, NotFound, PayloadTooLarge
+from app.ledger.units import OutputOptions
 from app.net.urls import url_problem
-from app.pipeline.options import OutputOptions
 from app.services.csv_input import (
     OUTPUT_COLUMNS,
     CsvErrors,
@@ -176,7 +176,7 @@ def create_batch(
     returns the request, or raises as parse_csv does (the caller's transaction then holds
     a part of the rows and must be rolled back). Images are pending, except later rows
     naming a URL an earlier row of the request names: those are copies of the first
-    (app/queue/copies.py), which alone is fetched.
+    (app/ledger/copies.py), which alone is fetched.
 
     On PostgreSQL (with psycopg2's COPY) the rows are checked while they are sent: the
     server inserts images on one core while this process reads the CSV on the other.

@@ -29,7 +29,7 @@ from app.db.models import (
     Product,
 )
 from app.errors import Conflict, ServiceUnavailable
-from app.queue.ledger import Cancellation, ImageLedger
+from app.ledger.image_ledger import Cancellation, ImageLedger
 from app.storage import ImageStorage, StoreFailure
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The Celery worker: `make worker` runs `celery --app app.workers.celery_worker worker`.
+"""The Celery worker: `make worker` runs `celery --app app.runners.celery_worker worker`.
 
 Each worker process builds the same parts as the web process (app/composition.py), with
 its own image worker processes, and runs the same task bodies (app/tasks.py):
@@ -28,6 +28,8 @@ from sqlalchemy import text
 from app.composition import PARALLEL_DELIVERIES, Services, build_services
 from app.config import settings_or_exit
 from app.logs import configure_logging, secrets_of
+from app.runners.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
+from app.runners.celery_app import publish as publish_hint
 from app.services.lifecycle import purge_expired
 from app.tasks import (
     HeldClaims,
@@ -36,8 +38,6 @@ from app.tasks import (
     process_next_images,
     renew_leases_until,
 )
-from app.workers.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
-from app.workers.celery_app import publish as publish_hint
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ class Runner(Protocol):
 
 def build_runner(services: "Services") -> Runner:
     if services.settings.task_backend == "celery":
-        from app.workers.celery_app import CeleryDispatcher
+        from app.runners.celery_app import CeleryDispatcher
 
         return CeleryDispatcher(services)
-    from app.workers.inprocess import InProcessRunner
+    from app.runners.inprocess import InProcessRunner
 
     return InProcessRunner.from_services(services)

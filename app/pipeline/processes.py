@@ -15,11 +15,11 @@ only its own pipe, which goes with it; the pipes need no cross-process locks (no
 for a dead process to hold, no semaphores to leak at exit). Each unit goes to the worker
 with the fewest units in hand, so the web process always knows which units a worker
 holds. A worker that dies (a decoder crash, the OOM killer) is replaced. Of its units,
-those it was decoding (app/pipeline/decoding.py) get WorkerCrashed, and the runner
-charges them a crash; the others get WorkerLost and are handed back uncharged.
+those it was decoding (app/pipeline/decoding.py) get ImageProcessCrashed, and the runner
+charges them a crash; the others get ImageProcessLost and are handed back uncharged.
 
 Every wait is bounded: a worker that holds a unit past the time limit is killed, and a
-unit still unanswered shortly after (the collector could not resolve it) gets WorkerLost;
+unit still unanswered shortly after (the collector could not resolve it) gets ImageProcessLost;
 with no worker running (replacements failing to start), a unit waits at most
 START_TIMEOUT_SECONDS for one.
 """
@@ -38,10 +38,11 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from app.ledger.units import ImageOutcome, WorkUnit
 from app.logs import configure_logging
 from app.pipeline.compress import warm_up
 from app.pipeline.decoding import SLOT_BYTES, DecodingSlots, claims_in
-from app.pipeline.stages import ImageOutcome, ImageStages, StageConfig, WorkUnit
+from app.pipeline.stages import ImageStages, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,11 @@ MMAP_THRESHOLD_BYTES = 256 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 512 * 1024 * 1024
 
 
-class WorkerLost(Exception):
+class ImageProcessLost(Exception):
     """The worker process holding the unit stopped before answering; claim it again."""
 
 
-class WorkerCrashed(WorkerLost):
+class ImageProcessCrashed(ImageProcessLost):
     """The worker process died while decoding this unit: charge the image a crash."""
 
 
@@ -107,7 +108,7 @@ class ImageProcesses:
 
     def run(self, unit: WorkUnit) -> ImageOutcome:
         """Process one unit in a worker; blocks until its outcome arrives. Raises
-        WorkerLost (WorkerCrashed if it was being decoded) if the worker died first. A
+        ImageProcessLost (ImageProcessCrashed if it was being decoded) if the worker died first. A
         worker that holds a unit past the time limit is stuck (downloads have their own
         deadline): it is killed and replaced, so no image waits for ever."""
         answer: Future = Future()
@@ -143,12 +144,12 @@ class ImageProcesses:
                 extra=unit.log_fields,
             )
             if key in claims_in(worker.decoding_slots):
-                raise WorkerCrashed(f"image worker {worker.process.pid} stopped decoding it") from None
-            raise WorkerLost(f"image worker {worker.process.pid} was stopped") from None
+                raise ImageProcessCrashed(f"image worker {worker.process.pid} stopped decoding it") from None
+            raise ImageProcessLost(f"image worker {worker.process.pid} was stopped") from None
 
     def close(self, timeout: float = CLOSE_SECONDS) -> None:
         """Let the workers finish what they hold (up to timeout), then stop them. Units
-        still unanswered get WorkerLost, so the runner hands them back. The runner has
+        still unanswered get ImageProcessLost, so the runner hands them back. The runner has
         already given in-flight images its shutdown grace, so the default is short."""
         with self._lock:
             self._closing = True
@@ -171,7 +172,7 @@ class ImageProcesses:
             workers = list(self._workers)
             self._workers.clear()
         for _unit, answer in abandoned:
-            answer.set_exception(WorkerLost("the image workers stopped"))
+            answer.set_exception(ImageProcessLost("the image workers stopped"))
         for worker in workers:  # left by a collector that stopped early
             worker.results.close()
 
@@ -198,9 +199,9 @@ class ImageProcesses:
             while not self._workers or self._closing:
                 remaining = deadline - time.monotonic()
                 if self._closing:
-                    raise WorkerLost("the image workers are shutting down")
+                    raise ImageProcessLost("the image workers are shutting down")
                 if remaining <= 0:
-                    raise WorkerLost("no image worker is running")
+                    raise ImageProcessLost("no image worker is running")
                 self._workers_changed.wait(remaining)
             worker = min(self._workers, key=lambda candidate: len(candidate.units))
             worker.units.add(_key(unit))
@@ -300,9 +301,11 @@ class ImageProcesses:
         )
         for unit, answer in lost:
             if _key(unit) in crashed:
-                answer.set_exception(WorkerCrashed(f"image worker {worker.process.pid} died decoding it"))
+                answer.set_exception(
+                    ImageProcessCrashed(f"image worker {worker.process.pid} died decoding it")
+                )
             else:
-                answer.set_exception(WorkerLost(f"image worker {worker.process.pid} stopped"))
+                answer.set_exception(ImageProcessLost(f"image worker {worker.process.pid} stopped"))
 
     def _start_missing_workers(self) -> bool:
         """Replace workers that died; False if one could not be started (try again later)."""

@@ -1,7 +1,7 @@
 """The ledger: which image is whose, and what became of it. The database is the truth.
 
     claim_next(limit, turn)  -> WorkUnits   the next images, requests taking turns
-                                            (app/queue/turns.py), plus expired claims
+                                            (app/ledger/turns.py), plus expired claims
     claim_images(ids)        -> WorkUnits   guarded pending -> processing, with a lease
     renew_leases / release / charge_crashes  guarded by the claim they name
     record_outcomes(outcomes)               guarded processing -> succeeded/failed/cancelled,
@@ -15,7 +15,7 @@
 
 What happens between a claim and its outcome (fetch -> compress -> store) is the
 stages' business (app/pipeline/), and which process does it is the runner's
-(app/workers/); app/tasks.py holds the task bodies every runner calls. Every state change
+(app/runners/); app/tasks.py holds the task bodies every runner calls. Every state change
 is guarded by the claim's attempt number, so a unit handled twice (a lost lease, a crash
 and restart, a duplicate message) changes nothing the second time.
 
@@ -40,15 +40,14 @@ from app.db.models import (
     ProcessingRequest,
     RequestStatus,
 )
-from app.pipeline.options import options_from_json
-from app.pipeline.stages import ImageOutcome, WorkUnit
-from app.queue.copies import record_copies
-from app.queue.turns import (
+from app.ledger.copies import record_copies
+from app.ledger.turns import (
     expired_claim_ids,
     next_claimable_ids,
     not_waiting_for_retry,
     seconds_until_next_retry,
 )
+from app.ledger.units import ImageOutcome, WorkUnit, options_from_json
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)

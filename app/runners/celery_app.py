@@ -42,7 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_SECONDS},
         broker_connection_retry_on_startup=True,
         # Threads, not forked processes: decoding already runs in the image worker
-        # processes (app/workers/processes.py), which survive a decoder crash. One task
+        # processes (app/pipeline/processes.py), which survive a decoder crash. One task
         # at a time: a task keeps its images flowing by claiming again as they finish
         # (app/tasks.py), and two such loops in one worker only split its claims and its
         # transactions (tiny images: 0.87 of the in-process rate with two, 0.95 with one).

@@ -2,7 +2,7 @@
 
     feeder  --claims batches of image ids-->  units queue  -->  N workers
     workers --stages.run(unit)-->  fetch/compress/store, on the worker thread itself or in
-                                   an image worker process (app/workers/processes.py)
+                                   an image worker process (app/pipeline/processes.py)
     workers --outcomes-->  recorder (one transaction per batch)  -->  webhook loop
 
 Claimed units are kept alive by a heartbeat; a unit whose lease runs out (its process
@@ -19,8 +19,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from app.composition import PARALLEL_DELIVERIES, Services
-from app.pipeline.stages import ImageOutcome, StageRunner, WorkUnit
-from app.queue import ImageLedger
+from app.ledger.image_ledger import ImageLedger
+from app.ledger.units import ImageOutcome, WorkUnit
+from app.pipeline.stages import StageRunner
 from app.services.lifecycle import Purged, purge_expired
 from app.tasks import (
     DB_RETRY_SECONDS,

@@ -15,7 +15,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.db.models import Image, ImageStatus
-from app.pipeline.stages import ImageOutcome
+from app.ledger.units import ImageOutcome
 
 # The columns a copy takes from its source.
 RESULT_COLUMNS = (

@@ -1,0 +1,115 @@
+"""What one unit of image work is and what became of it: the vocabulary the ledger, the
+runners and the stages share. A leaf: nothing here imports the database, Pillow or the
+network, so an image process can carry these without loading any of them.
+
+WorkUnit carries the batch's OutputOptions (format, quality, size, keep_smaller), chosen
+at upload, stored with the request as JSON and read with each claim, so every runner
+honours them without a query per image. A request stored before options existed has
+none (NULL): its units carry None and the stages use the settings (JPEG_QUALITY,
+JPEG_PROGRESSIVE).
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+FORMATS = ("jpeg", "webp", "avif")
+# Pillow's name for each format, the output key's extension and the stored Content-Type.
+PILLOW_FORMAT = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
+EXTENSION = {"jpeg": "jpg", "webp": "webp", "avif": "avif"}
+CONTENT_TYPE = {"jpeg": "image/jpeg", "webp": "image/webp", "avif": "image/avif"}
+MIN_QUALITY, MAX_QUALITY = 1, 95
+MAX_DIMENSION = 20_000
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    quality: int
+    format: str = "jpeg"
+    max_width: int | None = None
+    max_height: int | None = None
+    keep_smaller: bool = False
+    progressive: bool = False
+
+    @property
+    def extension(self) -> str:
+        return EXTENSION[self.format]
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPE[self.format]
+
+    @property
+    def pillow_format(self) -> str:
+        return PILLOW_FORMAT[self.format]
+
+    @property
+    def max_size(self) -> tuple[int, int] | None:
+        """The box the output must fit in, or None for no limit."""
+        if self.max_width is None and self.max_height is None:
+            return None
+        return (self.max_width or MAX_DIMENSION * 10, self.max_height or MAX_DIMENSION * 10)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=256)
+def options_from_json(text: str | None) -> OutputOptions | None:
+    """The stored options (cached: each claim reads the same few strings again)."""
+    if not text:
+        return None
+    return OutputOptions(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    image_id: int
+    attempt: int
+    request_pk: int
+    request_id: str
+    input_url: str
+    crashes: int = 0  # worker crashes charged to this image before this claim
+    options: OutputOptions | None = None  # the request's; None: the settings' defaults
+    copies: int = 0  # rows of the same request naming the same URL, recorded with this one
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """`extra` for a log line about this image (app/logs.py shows them)."""
+        return {"request_id": self.request_id, "image_id": self.image_id}
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    unit: WorkUnit
+    output_key: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    input_bytes: int | None = None
+    output_bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    source_format: str | None = None
+    # Each stage's time, in seconds (compress leaves out the wait for memory and a slot).
+    fetch_seconds: float | None = None
+    compress_seconds: float | None = None
+    store_seconds: float | None = None
+    retry_later: bool = False  # failed transiently: back to pending with backoff, not final
+    # Claimed, then found cancelled before it started: never fetched, recorded as cancelled.
+    cancelled: bool = False
+    kept_original: bool | None = None  # keep_smaller kept the input bytes
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error_code is None and not self.cancelled
+
+    @property
+    def fetch_ms(self) -> int | None:
+        return None if self.fetch_seconds is None else round(self.fetch_seconds * 1000)
+
+    @property
+    def compress_ms(self) -> int | None:
+        return None if self.compress_seconds is None else round(self.compress_seconds * 1000)
