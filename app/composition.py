@@ -23,11 +23,9 @@ from app.pipeline.processes import ImageProcesses
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
 from app.storage import ImageStorage, StorageConfig, build_storage
 from app.storage.local import LocalFileStorage
-from app.webhooks.delivery import WebhookDeliverer
+from app.webhooks.delivery import PARALLEL_DELIVERIES, WebhookDeliverer
 
 log = logging.getLogger(__name__)
-
-PARALLEL_DELIVERIES = 4
 
 
 def storage_config(settings: Settings) -> StorageConfig:

@@ -1,108 +1,45 @@
-"""The task bodies every runner calls: plain functions over the ledger, the stages and the
-webhook deliverer, taking ids and claims, never ORM objects, each change in its own
-transaction, and safe to run twice (every ledger change is guarded by its claim).
+"""The task bodies, one per job, that every runner drives: plain functions and small
+objects over the ledger, the stages and the webhook deliverer, taking ids and claims,
+never ORM objects, each change in its own transaction, and safe to run twice (every
+ledger change is guarded by its claim).
 
-    process_claimed(unit)     -> ImageOutcome, or None when the unit was handed back
-    record_outcomes(batch)    -> webhook event ids; retried until the database takes it
-    process_next_images(...)  claim the next N fairly, run them, record them: the Celery
-                              task; the in-process runner streams the same steps through
-                              its feeder, worker threads and recorder
-    deliver_due_webhooks()    one attempt for each webhook event that is due (Celery; the
-                              in-process runner keeps a loop that starts each due attempt
-                              as it comes due, so a slow receiver delays only its own)
+    process_next_images(...)  claim the next images fairly, run them, record their
+                              outcomes in batches, and claim again as they finish
+    WebhookSender             start one attempt for each due webhook event, without
+                              waiting for it: a slow receiver holds up only its own
+    RetentionSweep            delete what RETENTION_DAYS no longer keeps, when due
+    process_image(id)         claim, run and record one image by id
 
-Runners decide only where and when these run: app/runners/inprocess.py (threads in the
+Runners only decide where and when these run: app/runners/inprocess.py (threads in the
 web process) and app/runners/celery_worker.py (Celery workers on a broker).
 """
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from app.ledger.held import HeldClaims
 from app.ledger.image_ledger import ImageLedger
 from app.ledger.units import ImageOutcome, WorkUnit
 from app.pipeline.processes import ImageProcessCrashed, ImageProcessLost
 from app.pipeline.stages import StageRunner
-from app.webhooks.delivery import WebhookDeliverer
+from app.webhooks.delivery import PARALLEL_DELIVERIES, WebhookDeliverer
 
 log = logging.getLogger(__name__)
 
 MAX_WORKER_CRASHES = 3
 DB_RETRY_SECONDS = 1.0
-RECORD_BATCH_MAX = 500
 # Outcomes wait at most this long for others to share their transaction; each commit costs
 # a couple of milliseconds of Python, which would otherwise be paid once per image.
 RECORD_LINGER_SECONDS = 0.05
 
 
-class HeldClaims:
-    """Units claimed by this process and not yet recorded, by (image id, attempt): after a
-    lost lease the same image may be held under an old claim and a new one at once. The
-    heartbeat renews their leases; whatever leaves the process leaves this set."""
-
-    def __init__(self) -> None:
-        self._units: dict[tuple[int, int], WorkUnit] = {}
-        self._lock = threading.Lock()
-
-    def add(self, units: Sequence[WorkUnit]) -> None:
-        with self._lock:
-            self._units.update(((unit.image_id, unit.attempt), unit) for unit in units)
-
-    def forget(self, units: Sequence[WorkUnit]) -> None:
-        with self._lock:
-            for unit in units:
-                self._units.pop((unit.image_id, unit.attempt), None)
-
-    def units(self) -> list[WorkUnit]:
-        with self._lock:
-            return list(self._units.values())
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._units)
-
-    def renew(self, ledger: ImageLedger) -> None:
-        ledger.renew_leases(self.units())
-
-    def hand_back(self, ledger: ImageLedger, units: Sequence[WorkUnit]) -> None:
-        """Give units back to the ledger uncharged (shutdown, a lost worker process)."""
-        if not units:
-            return
-        try:
-            ledger.release(units)
-        except Exception:
-            log.exception("could not release %d units; their leases will expire", len(units))
-        self.forget(units)
-
-    def charge_crash(self, ledger: ImageLedger, unit: WorkUnit) -> None:
-        try:
-            ledger.charge_crashes([(unit.image_id, unit.attempt)])
-        except Exception:
-            log.exception(
-                "could not charge image %s a crash; its lease will expire",
-                unit.image_id,
-                extra=unit.log_fields,
-            )
-        self.forget([unit])
-
-
 def claim_batch_size(concurrency: int) -> int:
     """Images one claim takes: enough to keep `concurrency` busy while the next is made."""
     return max(8, concurrency * 2)
-
-
-def renew_leases_until(
-    stopping: threading.Event, held: HeldClaims, ledger: ImageLedger, every: float
-) -> None:
-    """The heartbeat: renew the leases of the held claims every `every` seconds."""
-    while not stopping.wait(every):
-        try:
-            held.renew(ledger)
-        except Exception:
-            log.exception("renewing leases failed; trying again")
 
 
 def process_unit(stages: StageRunner, unit: WorkUnit) -> ImageOutcome:
@@ -120,19 +57,19 @@ def process_unit(stages: StageRunner, unit: WorkUnit) -> ImageOutcome:
 def process_claimed(
     ledger: ImageLedger, stages: StageRunner, held: HeldClaims, unit: WorkUnit
 ) -> ImageOutcome | None:
-    """Run one claimed unit. None when it never got an outcome: its worker process died
+    """Run one claimed unit. None when it never got an outcome: its image process died
     (charged a crash if it was decoding it) or running it raised; it is handed back then,
     never kept, so its lease is not renewed for an outcome that will not come."""
     try:
         return process_unit(stages, unit)
     except ImageProcessCrashed:
         log.warning(
-            "image %s was being decoded when its worker process died", unit.image_id, extra=unit.log_fields
+            "image %s was being decoded when its image process died", unit.image_id, extra=unit.log_fields
         )
         held.charge_crash(ledger, unit)
     except ImageProcessLost:
         log.warning(
-            "image %s lost with its worker process; handing it back", unit.image_id, extra=unit.log_fields
+            "image %s lost with its image process; handing it back", unit.image_id, extra=unit.log_fields
         )
         held.hand_back(ledger, [unit])
     except Exception:
@@ -159,6 +96,21 @@ def record_outcomes(
     return events
 
 
+class StageHealth:
+    """What made the latest image wait for a retry (e.g. a full disk), until an image
+    succeeds again; None while the stages work."""
+
+    def __init__(self) -> None:
+        self.transient_failure: str | None = None
+
+    def observe(self, outcomes: Iterable[ImageOutcome]) -> None:
+        for outcome in outcomes:
+            if outcome.retry_later:
+                self.transient_failure = f"{outcome.error_code}: {outcome.error_message}"
+            elif outcome.succeeded:
+                self.transient_failure = None
+
+
 @dataclass
 class ClaimRound:
     """What one process_next_images call did."""
@@ -181,68 +133,102 @@ def process_next_images(
     on_claimed: Callable[[int], None] | None = None,
     on_events: Callable[[list[int]], None] | None = None,
     max_seconds: float = 0.0,
+    wake: threading.Event | None = None,
+    claim_every_seconds: float = 0.0,
+    cancelled: Callable[[WorkUnit], bool] | None = None,
+    health: StageHealth | None = None,
 ) -> ClaimRound:
     """Claim up to `limit` images fairly (requests take turns; expired claims too), run
-    them on `pool`, and record their outcomes in batches as they finish. For up to
-    `max_seconds`, claim again whenever half of them are done, so the pool never drains
-    between claims (each claim takes turns again, so a new small batch still gets in at
-    once). `on_claimed` is told how many the first claim took, before any is run (a Celery
+    them on `pool`, and record their outcomes in batches as they finish.
+
+    For up to `max_seconds`, claim again while fewer than `limit` run: at once when the
+    last claim was full (more may wait), and with `claim_every_seconds`, also when `wake`
+    is set (new work was committed) and every so many seconds (claims expire, retries come
+    due). Each claim takes turns again, so a new small batch gets in at once. Returns when
+    nothing runs any more and no claim is due, or when `stopping` is set and what runs is
+    done; units not started by then are handed back, not run.
+
+    `on_claimed` is told how many the first claim took, before any is run (a Celery
     worker publishes the next message then, so other workers join in); `on_events` is
-    given the webhook events each recording created. The result's `more_waiting` says
-    whether the last claim was full: work may be left."""
+    given the webhook events each recording created; `cancelled(unit)` says a claimed unit
+    belongs to a request cancelled since (recorded as cancelled, never run); `health`
+    observes every outcome. The result's `more_waiting` says whether the last claim was
+    full: work may be left."""
     deadline = time.monotonic() + max_seconds
     result = ClaimRound(last_request_served=after_request_pk)
     running: set[Future] = set()
+    # Set when an image finishes or new work is committed: the loop's one thing to wait on.
+    signal = wake or threading.Event()
+    next_timed_claim = time.monotonic() + claim_every_seconds
+
+    def run(unit: WorkUnit) -> ImageOutcome | None:
+        if stopping.is_set():
+            held.hand_back(ledger, [unit])
+            return None
+        if cancelled is not None and cancelled(unit):
+            return ImageOutcome(unit, cancelled=True)
+        return process_claimed(ledger, stages, held, unit)
+
+    def finished(_: Future) -> None:
+        signal.set()
 
     def claim() -> int:
+        nonlocal next_timed_claim
+        next_timed_claim = time.monotonic() + claim_every_seconds
         units, result.last_request_served = ledger.claim_next(
             limit, result.last_request_served, expired_too=True
         )
         held.add(units)
-        running.update(pool.submit(process_claimed, ledger, stages, held, unit) for unit in units)
+        for unit in units:
+            future = pool.submit(run, unit)
+            future.add_done_callback(finished)
+            running.add(future)
         result.claimed += len(units)
         result.more_waiting = len(units) >= limit
         return len(units)
 
-    def claim_more_if_running_low() -> None:
-        if (
-            result.more_waiting
-            and len(running) <= limit
-            and time.monotonic() < deadline
-            and not stopping.is_set()
-        ):
+    def claim_if_due(woken: bool) -> None:
+        if stopping.is_set() or len(running) > limit or time.monotonic() >= deadline:
+            return
+        timed = claim_every_seconds > 0 and (woken or time.monotonic() >= next_timed_claim)
+        if result.more_waiting or timed:
             claim()
+
+    def wait_for_signal(timeout: float) -> bool:
+        woken = signal.wait(timeout)
+        signal.clear()
+        return woken
 
     first = claim()
     if on_claimed is not None:
         on_claimed(first)
     while running:
-        done, running = wait(running, return_when=FIRST_COMPLETED)
+        idle = max(0.0, next_timed_claim - time.monotonic()) if claim_every_seconds > 0 else None
+        woken = wait_for_signal(idle if idle is not None else 3600.0)
+        done = {future for future in running if future.done()}
+        claim_if_due(woken=woken and not done)
+        if not done:
+            continue
         # Let others finish within the linger and share the transaction, and keep the
         # pool fed meanwhile.
         linger_until = time.monotonic() + RECORD_LINGER_SECONDS
-        while running and (remaining := linger_until - time.monotonic()) > 0:
-            claim_more_if_running_low()
-            more, running = wait(running, timeout=remaining, return_when=FIRST_COMPLETED)
-            done |= more
-        claim_more_if_running_low()
+        while len(done) < len(running) and (remaining := linger_until - time.monotonic()) > 0:
+            wait_for_signal(remaining)
+            done = {future for future in running if future.done()}
+            claim_if_due(woken=False)
+        running -= done
         outcomes = [outcome for future in done if (outcome := future.result()) is not None]
         for outcome in outcomes:
             if outcome.retry_later:
                 result.transient_failure = f"{outcome.error_code}: {outcome.error_message}"
+        if health is not None:
+            health.observe(outcomes)
         if outcomes:
             events = record_outcomes(ledger, held, outcomes, stopping)
             if events and on_events is not None:
                 on_events(events)
+        claim_if_due(woken=False)
     return result
-
-
-def deliver_due_webhooks(deliverer: WebhookDeliverer, pool: ThreadPoolExecutor) -> None:
-    """One attempt for each due webhook event, in parallel (a slow receiver holds up only
-    its own), waiting for them on `pool`, so never call it from one of pool's threads. Two
-    callers never send the same attempt: each attempt first claims its event."""
-    for _ in pool.map(deliverer.attempt, deliverer.due_event_ids()):
-        pass
 
 
 def idle_wait_seconds(ledger: ImageLedger, default: float) -> float:
@@ -259,3 +245,81 @@ def process_image(ledger: ImageLedger, stages: StageRunner, image_id: int) -> li
     for unit in ledger.claim_images([image_id]):
         events += ledger.record_outcomes([process_unit(stages, unit)])
     return events
+
+
+class WebhookSender:
+    """Starts webhook attempts on a pool of its own and never waits for them, so a slow
+    receiver holds up only its own notifications. One attempt per event at a time, at
+    most `parallel` at once; events left out for lack of room are sent as soon as an
+    attempt finishes. Two senders never send the same attempt: each attempt first claims
+    its event."""
+
+    def __init__(
+        self,
+        deliverer: WebhookDeliverer,
+        *,
+        parallel: int = PARALLEL_DELIVERIES,
+        on_finished: Callable[[], None] | None = None,
+    ):
+        self.deliverer = deliverer
+        self.parallel = parallel
+        self.on_finished = on_finished
+        self._pool = ThreadPoolExecutor(parallel, thread_name_prefix="webhook")
+        self._in_flight: set[int] = set()
+        self._left_out = False
+        self._lock = threading.Lock()
+
+    def send(self, event_ids: Iterable[int]) -> None:
+        for event_id in event_ids:
+            with self._lock:
+                if event_id in self._in_flight:
+                    continue
+                if len(self._in_flight) >= self.parallel:
+                    self._left_out = True
+                    return
+                self._in_flight.add(event_id)
+            future = self._pool.submit(self.deliverer.attempt, event_id)
+            future.add_done_callback(lambda future, event_id=event_id: self._finished(event_id, future))
+
+    def send_due(self) -> float | None:
+        """Start an attempt for each due event; the seconds until the next one is due
+        (None: none waits)."""
+        self.send(self.deliverer.due_event_ids())
+        return self.deliverer.seconds_until_next_due()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _finished(self, event_id: int, future: Future) -> None:
+        with self._lock:
+            self._in_flight.discard(event_id)
+            send_left_out, self._left_out = self._left_out, False
+        if not future.cancelled() and future.exception() is not None:
+            log.error("webhook event %s: the attempt failed", event_id, exc_info=future.exception())
+        try:
+            if send_left_out:
+                self.send_due()
+        except Exception:
+            log.exception("sending the webhook events left out failed; they are sent when due again")
+        if self.on_finished is not None:
+            self.on_finished()
+
+
+class RetentionSweep:
+    """Deletes what RETENTION_DAYS no longer keeps, a bounded amount per round, in short
+    transactions of its own (uploads and image work go on meanwhile), at most once per
+    `interval_seconds`."""
+
+    def __init__(self, purge: Callable[[], object], interval_seconds: float):
+        self.purge = purge
+        self.interval_seconds = interval_seconds
+        self._next_at = time.monotonic() + interval_seconds
+
+    def run_if_due(self) -> None:
+        if time.monotonic() < self._next_at:
+            return
+        self._next_at = time.monotonic() + self.interval_seconds
+        try:
+            self.purge()
+        except Exception:
+            log.exception("the retention sweep failed; trying again next round")

@@ -15,12 +15,13 @@ from sqlalchemy import select
 from app.composition import build_services
 from app.db.models import ProcessingRequest
 from app.db.session import writer_sessionmaker
+from app.ledger.held import HeldClaims
 from app.main import create_app
 from app.pipeline import options as options_module
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.options import OutputOptions, avif_supported
 from app.services.batches import create_batch
-from app.tasks import HeldClaims, process_next_images
+from app.tasks import process_next_images
 from tests import images
 from tests.conftest import csv_of, wait_finished
 from tests.test_process import LIMITS

@@ -12,12 +12,12 @@ Alongside, threads of its own: a heartbeat renews the leases of the images it ho
 a sweep (one worker at a time, under a database lock) publishes a hint when claimable
 work exists and no hint waits in the queue (a lost message, a flushed or restarted
 broker, expired claims of a dead worker, images whose retry time came) and when webhook
-events are due. A deployment runs the API and any number of workers; nothing else.
+events are due, and runs the retention sweep when due. A deployment runs the API and
+any number of workers; nothing else.
 """
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from amqp.exceptions import ChannelError
@@ -25,19 +25,14 @@ from celery import signals
 from prometheus_client import start_http_server
 from sqlalchemy import text
 
-from app.composition import PARALLEL_DELIVERIES, Services, build_services
+from app.composition import Services, build_services
 from app.config import settings_or_exit
+from app.ledger.held import HeldClaims, renew_leases_until
 from app.logs import configure_logging, secrets_of
 from app.runners.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
 from app.runners.celery_app import publish as publish_hint
 from app.services.lifecycle import purge_expired
-from app.tasks import (
-    HeldClaims,
-    claim_batch_size,
-    deliver_due_webhooks,
-    process_next_images,
-    renew_leases_until,
-)
+from app.tasks import RetentionSweep, WebhookSender, claim_batch_size, process_next_images
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +55,15 @@ class WorkerRuntime:
         self.settings = services.settings
         self.held = HeldClaims()
         self.image_pool = ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="image")
-        self.webhook_pool = ThreadPoolExecutor(PARALLEL_DELIVERIES, thread_name_prefix="webhook")
+        self.webhooks = WebhookSender(services.deliverer)
         self.claim_batch = claim_batch_size(self.settings.worker_concurrency)
         self.last_request_served = 0  # this worker's place in the requests' turns
-        self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
+        self.retention = RetentionSweep(
+            lambda: purge_expired(
+                services.writer_sessions, services.storage, retention_days=self.settings.retention_days
+            ),
+            self.settings.retention_interval_seconds,
+        )
         # Set when the worker starts its warm shutdown: running tasks stop waiting for an
         # unreachable database then (their claims expire and are processed again).
         self.shutting_down = threading.Event()
@@ -83,7 +83,7 @@ class WorkerRuntime:
         for thread in self._threads:
             thread.join(timeout=5)
         self.image_pool.shutdown(wait=True, cancel_futures=True)
-        self.webhook_pool.shutdown(wait=False, cancel_futures=True)
+        self.webhooks.close()
         self.held.hand_back(self.services.ledger, self.held.units())
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -107,7 +107,7 @@ class WorkerRuntime:
             after_request_pk=self.last_request_served,
             stopping=self.shutting_down,
             on_claimed=on_claimed,
-            on_events=self.deliver_at_once,
+            on_events=self.webhooks.send,
             max_seconds=TASK_SECONDS,
         )
         self.last_request_served = result.last_request_served
@@ -116,17 +116,8 @@ class WorkerRuntime:
         if result.more_waiting:  # stopped for time: the next message carries on
             publish(PROCESS_IMAGES)
 
-    def deliver_at_once(self, event_ids: list[int]) -> None:
-        """The events of requests this task finished, delivered from here rather than
-        through the queue behind this task: one attempt each on the webhook pool. Not
-        deliver_webhooks on that pool: its attempts would wait on the same pool's threads,
-        and with every thread doing that, delivery would stop. Retries come with the
-        sweep's deliver_webhooks message."""
-        for event_id in event_ids:
-            self.webhook_pool.submit(self.services.deliverer.attempt, event_id)
-
     def deliver_webhooks(self) -> None:
-        deliver_due_webhooks(self.services.deliverer, self.webhook_pool)
+        self.webhooks.send_due()
 
     # -- threads ------------------------------------------------------------------------
 
@@ -161,15 +152,8 @@ class WorkerRuntime:
             publish(PROCESS_IMAGES)
         if webhooks_due:
             publish(DELIVER_WEBHOOKS)
-        # Under the lock, so one worker at a time deletes, in short transactions of its
-        # own, so uploads and image work go on meanwhile.
-        if time.monotonic() >= self.next_retention_sweep:
-            self.next_retention_sweep = time.monotonic() + self.settings.retention_interval_seconds
-            purge_expired(
-                self.services.writer_sessions,
-                self.services.storage,
-                retention_days=self.settings.retention_days,
-            )
+        # Under the lock, so one worker at a time deletes.
+        self.retention.run_if_due()
 
 
 _runtime: WorkerRuntime | None = None

@@ -1,38 +1,39 @@
-"""The in-process runner: threads in the web process, the database as the queue.
+"""The in-process runner: threads in the web process that drive the task bodies of
+app/tasks.py until stopped, the database as the queue.
 
-    feeder  --claims batches of image ids-->  units queue  -->  N workers
-    workers --stages.run(unit)-->  fetch/compress/store, on the worker thread itself or in
-                                   an image worker process (app/pipeline/processes.py)
-    workers --outcomes-->  recorder (one transaction per batch)  -->  webhook loop
+    images     process_next_images, again and again: claim fairly, run on a pool of
+               WORKER_CONCURRENCY threads (the stages run there or in the image
+               processes, app/pipeline/processes.py), record, claim again
+    webhooks   WebhookSender.send_due whenever an event is created or comes due
+    heartbeat  renews the leases of the claims it holds
+    sweep      RetentionSweep, when due
 
-Claimed units are kept alive by a heartbeat; a unit whose lease runs out (its process
-died) is claimed again by whichever runner scans next, so work survives a crash. A unit
-that failed transiently waits in the database until its retry time; the feeder sleeps
-until the earliest one is due rather than polling.
+Claimed units are kept alive by the heartbeat; a unit whose lease runs out (its process
+died) is claimed again by whichever runner claims next, so work survives a crash. A unit
+that failed transiently waits in the database until its retry time; the image thread
+sleeps until the earliest one is due rather than polling.
 """
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from app.composition import PARALLEL_DELIVERIES, Services
+from app.composition import Services
+from app.ledger.held import HeldClaims, renew_leases_until
 from app.ledger.image_ledger import ImageLedger
-from app.ledger.units import ImageOutcome, WorkUnit
+from app.ledger.units import WorkUnit
 from app.pipeline.stages import StageRunner
-from app.services.lifecycle import Purged, purge_expired
+from app.services.lifecycle import purge_expired
 from app.tasks import (
     DB_RETRY_SECONDS,
-    RECORD_BATCH_MAX,
-    RECORD_LINGER_SECONDS,
-    HeldClaims,
+    RetentionSweep,
+    StageHealth,
+    WebhookSender,
     claim_batch_size,
     idle_wait_seconds,
-    process_claimed,
-    record_outcomes,
-    renew_leases_until,
+    process_next_images,
 )
 from app.webhooks.delivery import WebhookDeliverer
 
@@ -53,35 +54,29 @@ class InProcessRunner:
         lease_seconds: float,
         recovery_interval_seconds: float,
         shutdown_grace_seconds: float,
-        purge: Callable[[], Purged] | None = None,
+        purge: Callable[[], object] | None = None,
         retention_interval_seconds: float = 3600.0,
     ):
         self.ledger = ledger
         self.stages = stages
-        self.deliverer = deliverer
         self.concurrency = concurrency
         self.claim_batch = claim_batch_size(concurrency)
         self.heartbeat_seconds = lease_seconds / 3
         self.recovery_interval_seconds = recovery_interval_seconds
         self.shutdown_grace_seconds = shutdown_grace_seconds
-        self.purge = purge
-        self.retention_interval_seconds = retention_interval_seconds
+        self.retention = RetentionSweep(purge, retention_interval_seconds) if purge is not None else None
         # Requests cancelled while this runner held claimed, unstarted images of theirs.
         # By public id: an integer key can be reused by SQLite after a DELETE.
         self._cancelled_requests: set[str] = set()
-
-        self._units: queue.Queue[WorkUnit | None] = queue.Queue(maxsize=self.claim_batch)
-        self._outcomes: queue.Queue[ImageOutcome | None] = queue.Queue()
         self._held = HeldClaims()
-        # "code: message" of the latest transient failure, until an image succeeds again.
-        self._transient_failure: str | None = None
-        self._wake_feeder = threading.Event()
+        self._health = StageHealth()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="image")
+        self._wake_images = threading.Event()
         self._wake_webhooks = threading.Event()
         self._stopping = threading.Event()
-        self._workers: list[threading.Thread] = []
-        self._feeder: threading.Thread | None = None
-        self._recorder: threading.Thread | None = None
-        self._webhooks: threading.Thread | None = None
+        self._webhooks = WebhookSender(deliverer, on_finished=self._wake_webhooks.set)
+        self._image_thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     @classmethod
     def from_services(cls, services: Services) -> "InProcessRunner":
@@ -104,17 +99,18 @@ class InProcessRunner:
     # -- the runner interface ---------------------------------------------------------
 
     def start(self) -> None:
-        self._feeder = self._thread(self._feed_loop, "image-feeder")
-        self._recorder = self._thread(self._record_loop, "image-recorder")
-        self._webhooks = self._thread(self._webhook_loop, "webhook-delivery")
-        self._thread(self._heartbeat_loop, "lease-heartbeat")
-        if self.purge is not None:
-            self._thread(self._retention_loop, "retention")
-        self._workers = [self._thread(self._work_loop, f"image-worker-{n}") for n in range(self.concurrency)]
+        self._image_thread = self._thread(self._images_loop, "images")
+        self._threads = [
+            self._image_thread,
+            self._thread(self._webhooks_loop, "webhooks"),
+            self._thread(self._heartbeat_loop, "lease-heartbeat"),
+        ]
+        if self.retention is not None:
+            self._threads.append(self._thread(self._sweep_loop, "sweep"))
 
     def dispatch(self, request_pk: int) -> None:
-        """New committed work exists; the feeder reads it from the database."""
-        self._wake_feeder.set()
+        """New committed work exists; the image thread reads it from the database."""
+        self._wake_images.set()
 
     def notify_webhooks(self) -> None:
         self._wake_webhooks.set()
@@ -125,36 +121,22 @@ class InProcessRunner:
     def transient_failure(self) -> str | None:
         """What made the latest image wait for a retry (e.g. a full disk), while no image
         has succeeded since; None when the stages work."""
-        return self._transient_failure
+        return self._health.transient_failure
 
     def stop(self) -> None:
         """Stop taking work, let in-flight images finish within the grace period, and
         hand back whatever was claimed but not finished."""
         self._stopping.set()
-        self._wake_feeder.set()
+        self._wake_images.set()
         self._wake_webhooks.set()
-        if self._feeder:
-            self._feeder.join(timeout=5)
-        unstarted = []
-        while True:
-            try:
-                unit = self._units.get_nowait()
-            except queue.Empty:
-                break
-            if unit is not None:
-                unstarted.append(unit)
-        self._held.hand_back(self.ledger, unstarted)
-        for _ in self._workers:
-            self._units.put(None)
-        deadline = time.monotonic() + self.shutdown_grace_seconds
-        for worker in self._workers:
-            worker.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._outcomes.put(None)
-        if self._recorder:
-            self._recorder.join(timeout=max(5.0, deadline - time.monotonic()))
+        if self._image_thread is not None:
+            self._image_thread.join(timeout=self.shutdown_grace_seconds)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self._held.hand_back(self.ledger, self._held.units())
-        if self._webhooks:
-            self._webhooks.join(timeout=5)
+        for thread in self._threads:
+            if thread is not self._image_thread:
+                thread.join(timeout=5)
+        self._webhooks.close()
 
     # -- threads ----------------------------------------------------------------------
 
@@ -175,135 +157,50 @@ class InProcessRunner:
 
         return run
 
-    def _feed_loop(self) -> None:
-        next_expiry_scan = 0.0  # at once: work a crashed process left behind
-        last_request_served = 0  # the feeder's place in the requests' turns
+    def _images_loop(self) -> None:
+        idle_seconds = min(self.recovery_interval_seconds, self.heartbeat_seconds)
+        last_request_served = 0  # this runner's place in the requests' turns
         while not self._stopping.is_set():
-            expired_too = time.monotonic() >= next_expiry_scan
-            if expired_too:
-                next_expiry_scan = time.monotonic() + self.recovery_interval_seconds
-            units, last_request_served = self.ledger.claim_next(
-                self.claim_batch, last_request_served, expired_too=expired_too
+            self._wake_images.clear()
+            result = process_next_images(
+                self.ledger,
+                self.stages,
+                self._held,
+                self._pool,
+                limit=self.claim_batch,
+                after_request_pk=last_request_served,
+                stopping=self._stopping,
+                on_events=lambda _: self._wake_webhooks.set(),
+                max_seconds=float("inf"),
+                wake=self._wake_images,
+                claim_every_seconds=idle_seconds,
+                cancelled=self._was_cancelled,
+                health=self._health,
             )
-            if not units:
-                idle = min(self.recovery_interval_seconds, self.heartbeat_seconds)
-                self._wake_feeder.wait(idle_wait_seconds(self.ledger, idle))
-                self._wake_feeder.clear()
-                continue
-            self._held.add(units)
-            for index, unit in enumerate(units):
-                if not self._put_unit(unit):
-                    self._held.hand_back(self.ledger, units[index:])
-                    return
+            last_request_served = result.last_request_served
+            if result.claimed == 0:
+                self._wake_images.wait(idle_wait_seconds(self.ledger, idle_seconds))
 
-    def _put_unit(self, unit: WorkUnit) -> bool:
+    def _was_cancelled(self, unit: WorkUnit) -> bool:
+        return unit.request_id in self._cancelled_requests
+
+    def _webhooks_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                self._units.put(unit, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _work_loop(self) -> None:
-        while True:
-            unit = self._units.get()
-            if unit is None:
-                return
-            if unit.request_id in self._cancelled_requests:
-                outcome = ImageOutcome(unit, cancelled=True)
-            else:
-                outcome = process_claimed(self.ledger, self.stages, self._held, unit)
-            if outcome is None:  # handed back: another claim may take it
-                self._wake_feeder.set()
-                continue
-            if outcome.retry_later:
-                self._transient_failure = f"{outcome.error_code}: {outcome.error_message}"
-            elif outcome.succeeded:
-                self._transient_failure = None
-            self._outcomes.put(outcome)
-
-    def _record_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._outcomes.get()
-            if first is None:
-                return
-            batch = [first]
-            linger_until = time.monotonic() + RECORD_LINGER_SECONDS
-            while len(batch) < RECORD_BATCH_MAX:
-                try:
-                    outcome = self._outcomes.get_nowait()
-                except queue.Empty:
-                    # Wait for more only while other claimed images are still on their
-                    # way: the last image of a batch is recorded (and announced) at once.
-                    remaining = linger_until - time.monotonic()
-                    if remaining <= 0 or not self._others_in_flight(len(batch)):
-                        break
-                    try:
-                        outcome = self._outcomes.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                if outcome is None:
-                    stopping = True
-                    break
-                batch.append(outcome)
-            events = record_outcomes(self.ledger, self._held, batch, self._stopping)
-            if events:
-                self._wake_webhooks.set()
-            if any(outcome.retry_later for outcome in batch):
-                self._wake_feeder.set()  # to sleep until the new retry times, not longer
-
-    def _others_in_flight(self, waiting_outcomes: int) -> bool:
-        return len(self._held) > waiting_outcomes
-
-    def _webhook_loop(self) -> None:
-        """Start an attempt for each due event without waiting for earlier ones, so a slow
-        receiver holds up only its own notifications."""
-        pool = ThreadPoolExecutor(PARALLEL_DELIVERIES, thread_name_prefix="webhook")
-        in_flight: set[int] = set()
-        lock = threading.Lock()
-
-        def finished(event_id: int) -> None:
-            with lock:
-                in_flight.discard(event_id)
-            self._wake_webhooks.set()
-
-        try:
-            while not self._stopping.is_set():
-                try:
-                    for event_id in self.deliverer.due_event_ids():
-                        with lock:
-                            if event_id in in_flight or len(in_flight) >= PARALLEL_DELIVERIES:
-                                continue
-                            in_flight.add(event_id)
-                        future = pool.submit(self.deliverer.attempt, event_id)
-                        future.add_done_callback(lambda _, event_id=event_id: finished(event_id))
-                    wait = self.deliverer.seconds_until_next_due()
-                except Exception:
-                    log.exception("webhook delivery loop failed")
-                    wait = DB_RETRY_SECONDS
-                if wait is None:
-                    wait = WEBHOOK_IDLE_POLL_SECONDS
-                # An event just handed to the pool is due until its attempt claims it.
-                self._wake_webhooks.wait(min(max(wait, WEBHOOK_MIN_POLL_SECONDS), WEBHOOK_IDLE_POLL_SECONDS))
-                self._wake_webhooks.clear()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-
-    # -- retention ----------------------------------------------------------------------
-
-    def _retention_loop(self) -> None:
-        """Delete what RETENTION_DAYS no longer keeps, a bounded amount per round, in
-        short transactions of its own: uploads and image work go on meanwhile."""
-        assert self.purge is not None
-        while not self._stopping.wait(self.retention_interval_seconds):
-            try:
-                self.purge()
+                wait = self._webhooks.send_due()
             except Exception:
-                log.exception("the retention sweep failed; trying again next round")
-
-    # -- leases -----------------------------------------------------------------------
+                log.exception("sending due webhooks failed")
+                wait = DB_RETRY_SECONDS
+            if wait is None:
+                wait = WEBHOOK_IDLE_POLL_SECONDS
+            # An event just handed to the pool is due until its attempt claims it.
+            self._wake_webhooks.wait(min(max(wait, WEBHOOK_MIN_POLL_SECONDS), WEBHOOK_IDLE_POLL_SECONDS))
+            self._wake_webhooks.clear()
 
     def _heartbeat_loop(self) -> None:
         renew_leases_until(self._stopping, self._held, self.ledger, self.heartbeat_seconds)
+
+    def _sweep_loop(self) -> None:
+        assert self.retention is not None
+        while not self._stopping.wait(min(self.recovery_interval_seconds, self.retention.interval_seconds)):
+            self.retention.run_if_due()

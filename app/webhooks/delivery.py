@@ -24,6 +24,9 @@ from app.webhooks.signing import signature_headers
 
 log = logging.getLogger(__name__)
 
+# Attempts in flight at once in one process (and the guarded HTTP pool's size).
+PARALLEL_DELIVERIES = 4
+
 RESPONSE_EXCERPT_CHARS = 500
 MAX_RETRY_AFTER = timedelta(hours=24)
 CLAIM_LEASE = timedelta(minutes=5)
