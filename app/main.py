@@ -1,9 +1,6 @@
 """The application: create_app() composes the API over the service's parts.
 
-Reading order for a newcomer, following one image: api/routes/upload.py ->
-services/batches.py -> queue/ledger.py (claims) -> tasks.py (the task bodies) ->
-pipeline/stages.py (fetch.py, compress.py, then storage/) -> queue/ledger.py (outcomes)
--> webhooks/delivery.py. Runners (workers/) only decide where tasks run.
+Reading order for a newcomer, following one image: docs/architecture.md.
 """
 
 from contextlib import asynccontextmanager

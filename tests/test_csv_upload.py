@@ -14,7 +14,7 @@ from app.db.models import Image, Product
 from app.db.session import build_engine
 from app.main import create_app
 from app.net.urls import url_list_is_fine, url_problem
-from app.services.batches import CsvLimits, _most_rows
+from app.services.csv_checks import CsvLimits, most_rows
 from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
 from tests import images
 from tests.conftest import csv_of, upload
@@ -348,6 +348,6 @@ def test_ids_are_reserved_for_at_least_every_row_and_not_twice_per_crlf(newline)
     stream = io.BytesIO(b"skipped" + data)
     stream.seek(len(b"skipped"))
     limits = CsvLimits(max_bytes=10_000_000, max_line_bytes=1 << 20, max_rows=1000, max_urls_per_row=50)
-    assert 100 <= _most_rows(stream, limits) <= 102
+    assert 100 <= most_rows(stream, limits) <= 102
     assert stream.tell() == len(b"skipped")
-    assert _most_rows(io.BytesIO(data), replace(limits, max_rows=10)) == 10
+    assert most_rows(io.BytesIO(data), replace(limits, max_rows=10)) == 10

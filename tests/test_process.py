@@ -13,7 +13,8 @@ from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import writer_sessionmaker
 from app.ledger.turns import next_claimable_ids, seconds_until_next_retry
 from app.pipeline.stages import ImageStages
-from app.services.batches import CsvLimits, create_batch
+from app.services.batches import create_batch
+from app.services.csv_checks import CsvLimits
 from app.tasks import MAX_WORKER_CRASHES, process_image
 from tests import images
 from tests.conftest import csv_of

@@ -7,17 +7,22 @@ the web process also claims and records images (it showed in the latency of stat
 
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.models import ProcessingRequest
 from app.errors import Unauthorized
+from app.ledger.image_ledger import ImageLedger
 from app.runners import Runner
-from app.services.batches import get_request
+from app.services.results import get_request
+from app.storage import ImageStorage, OutputUrls
+
+_AFTER_COMMIT = "after_commit"
 
 
 async def get_settings(request: Request) -> Settings:
@@ -28,6 +33,38 @@ async def get_runner(request: Request) -> Runner:
     return request.app.state.runner
 
 
+async def get_ledger(request: Request) -> ImageLedger:
+    return request.app.state.ledger
+
+
+async def get_storage(request: Request) -> ImageStorage:
+    return request.app.state.storage
+
+
+async def get_output_urls(request: Request) -> OutputUrls:
+    return request.app.state.output_urls
+
+
+async def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def get_reader_sessions(request: Request) -> sessionmaker[Session]:
+    """For work that needs sessions of its own: a response streamed after the request's
+    session closed, or a read that must see another transaction's commit."""
+    return request.app.state.sessions
+
+
+async def get_writer_sessions(request: Request) -> sessionmaker[Session]:
+    return request.app.state.writer_sessions
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run `action` once the request's transaction has committed, never when it rolls
+    back: work leaves only when a runner can read its rows."""
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
 def _session_scope(factory) -> Iterator[Session]:
     with factory() as session:
         try:
@@ -36,6 +73,8 @@ def _session_scope(factory) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+        for action in session.info.pop(_AFTER_COMMIT, ()):
+            action()
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -73,6 +112,12 @@ RunnerDep = Annotated[Runner, Depends(get_runner)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 WriterSessionDep = Annotated[Session, Depends(get_writer_session, scope="function")]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
+LedgerDep = Annotated[ImageLedger, Depends(get_ledger)]
+StorageDep = Annotated[ImageStorage, Depends(get_storage)]
+OutputUrlsDep = Annotated[OutputUrls, Depends(get_output_urls)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+ReaderSessionsDep = Annotated[sessionmaker[Session], Depends(get_reader_sessions)]
+WriterSessionsDep = Annotated[sessionmaker[Session], Depends(get_writer_sessions)]
 
 
 def get_processing_request(request_id: str, session: SessionDep, owner: OwnerDep) -> ProcessingRequest:

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Row
 
 from app.db.models import ImageStatus, ProcessingRequest, RequestStatus, WebhookDelivery, WebhookEvent
-from app.services.batches import ProductWithImages
+from app.services.results import ProductWithImages
 from app.storage import OutputUrls
 
 REQUEST_ID_EXAMPLE = "9b2f6c1e-4f7a-4f55-9f4e-2f2d0c6a7b10"

@@ -1,10 +1,10 @@
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import ProcessingRequestDep, SettingsDep
+from app.api.deps import OutputUrlsDep, ProcessingRequestDep, ReaderSessionsDep, SettingsDep
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.errors import Conflict
-from app.services.batches import result_csv_lines
+from app.services.results import result_csv_lines
 
 router = APIRouter(tags=["batches"])
 
@@ -23,7 +23,10 @@ router = APIRouter(tags=["batches"])
     summary="The result CSV: input rows with an Output Image Urls column",
 )
 def download_results(
-    request: ProcessingRequestDep, http_request: Request, settings: SettingsDep
+    request: ProcessingRequestDep,
+    sessions: ReaderSessionsDep,
+    output_urls: OutputUrlsDep,
+    settings: SettingsDep,
 ) -> StreamingResponse:
     if request.completed_at is None:
         raise Conflict(
@@ -32,9 +35,9 @@ def download_results(
         )
     return StreamingResponse(
         result_csv_lines(
-            http_request.app.state.sessions,
+            sessions,
             request.id,
-            http_request.app.state.output_urls,
+            output_urls,
             escape_formulas=settings.csv_escape_formulas,
         ),
         media_type="text/csv; charset=utf-8",

@@ -1,12 +1,20 @@
 """Cancelling and deleting a request (app/services/lifecycle.py)."""
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
-from app.api.deps import ProcessingRequestDep, RunnerDep, SettingsDep
+from app.api.deps import (
+    LedgerDep,
+    ProcessingRequestDep,
+    ReaderSessionsDep,
+    RunnerDep,
+    SettingsDep,
+    StorageDep,
+    WriterSessionsDep,
+)
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import RequestSummary
-from app.services.batches import get_request
 from app.services.lifecycle import cancel_request, delete_request
+from app.services.results import get_request
 
 router = APIRouter(tags=["batches"], responses=PROBLEM_RESPONSES)
 
@@ -30,14 +38,17 @@ CONFLICT = {
     ),
 )
 def cancel(
-    request: ProcessingRequestDep, http_request: Request, runner: RunnerDep, settings: SettingsDep
+    request: ProcessingRequestDep,
+    ledger: LedgerDep,
+    sessions: ReaderSessionsDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
 ) -> RequestSummary:
-    state = http_request.app.state
-    cancellation = cancel_request(state.ledger, request)
+    cancellation = cancel_request(ledger, request)
     runner.cancel(request.request_id)
     if cancellation.event_id is not None:
         runner.notify_webhooks()
-    with state.sessions() as session:
+    with sessions() as session:
         fresh = get_request(session, request.request_id, None)
         return RequestSummary.of(fresh, settings.base_url)
 
@@ -54,7 +65,6 @@ def cancel(
         "request still running is a 409: cancel it first."
     ),
 )
-def delete(request: ProcessingRequestDep, http_request: Request) -> Response:
-    state = http_request.app.state
-    delete_request(state.writer_sessions, state.storage, request)
+def delete(request: ProcessingRequestDep, sessions: WriterSessionsDep, storage: StorageDep) -> Response:
+    delete_request(sessions, storage, request)
     return Response(status_code=204)

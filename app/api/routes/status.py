@@ -6,12 +6,14 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from app.api.deps import (
+    OutputUrlsDep,
     OwnerDep,
     ProcessingRequestDep,
     RunnerDep,
     SessionDep,
     SettingsDep,
     WriterSessionDep,
+    after_commit,
 )
 from app.api.html import accepts_html, render_page
 from app.api.routes.problems import PROBLEM_RESPONSES
@@ -27,7 +29,7 @@ from app.api.schemas import (
 from app.db.models import ProcessingRequest, WebhookDelivery, WebhookEvent
 from app.errors import Conflict
 from app.pipeline.options import stored_options
-from app.services.batches import (
+from app.services.results import (
     decode_cursor,
     encode_cursor,
     products_page,
@@ -57,6 +59,7 @@ def get_status(
     request: ProcessingRequestDep,
     session: SessionDep,
     settings: SettingsDep,
+    output_urls: OutputUrlsDep,
     http_request: Request,
     limit: Limit = 100,
     cursor: Cursor = None,
@@ -75,7 +78,7 @@ def get_status(
             default_progressive=settings.jpeg_progressive,
         ).as_dict(),
         webhook=_webhook_status(session, request),
-        products=[ProductResult.of(item, http_request.app.state.output_urls) for item in page],
+        products=[ProductResult.of(item, output_urls) for item in page],
         next_cursor=encode_cursor(next_id) if next_id is not None else None,
     )
     wants_html = format == "html" or (format is None and accepts_html(http_request.headers.get("accept", "")))
@@ -154,6 +157,5 @@ def redeliver_webhook(
     if request.completed_at is None:
         raise Conflict("the request has not finished; its webhook will be sent when it does")
     redeliver(session, request.id)
-    session.commit()
-    runner.notify_webhooks()
+    after_commit(session, runner.notify_webhooks)
     return WebhookDeliveryList(webhook=_webhook_status(session, request), deliveries=[])

@@ -1,15 +1,24 @@
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 
-from app.api.deps import OwnerDep, RunnerDep, SessionDep, SettingsDep, WriterSessionDep
+from app.api.deps import (
+    EngineDep,
+    OwnerDep,
+    RunnerDep,
+    SessionDep,
+    SettingsDep,
+    WriterSessionDep,
+    after_commit,
+)
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import UploadAccepted
 from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest
 from app.errors import InvalidInput
 from app.pipeline.options import MAX_DIMENSION, options_from_form
-from app.services.batches import CsvLimits, checked_webhook_url, create_batch
+from app.services.batches import checked_webhook_url, create_batch
+from app.services.csv_checks import CsvLimits
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
 
 router = APIRouter(tags=["batches"])
@@ -33,11 +42,11 @@ router = APIRouter(tags=["batches"])
     ),
 )
 def upload_csv(
-    http_request: Request,
     response: Response,
     read_session: SessionDep,
     session: WriterSessionDep,
     runner: RunnerDep,
+    engine: EngineDep,
     settings: SettingsDep,
     owner: OwnerDep,
     file: Annotated[UploadFile | None, File(description="the products CSV")] = None,
@@ -116,10 +125,9 @@ def upload_csv(
         on_request_created=remember_key,
         options=options,
     )
-    # Work leaves only after the commit: a runner must never see ids it cannot read.
-    session.commit()
-    runner.dispatch(request.id)
-    refresh_statistics_after_upload(http_request.app.state.engine, request.total_images)
+    request_pk, total_images = request.id, request.total_images
+    after_commit(session, lambda: runner.dispatch(request_pk))
+    after_commit(session, lambda: refresh_statistics_after_upload(engine, total_images))
     return _accepted(response, request, settings.base_url)
 
 

@@ -1,0 +1,94 @@
+"""An uploaded CSV read and checked row by row, within the limits of an upload."""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from app.errors import InvalidCsv, PayloadTooLarge
+from app.services.csv_input import (
+    CsvErrors,
+    CsvTooLarge,
+    read_products,
+)
+
+
+@dataclass(frozen=True)
+class CsvLimits:
+    max_bytes: int
+    max_line_bytes: int
+    max_rows: int
+    max_urls_per_row: int
+
+
+# Checked URLs hold no whitespace, so a newline can separate them.
+URL_SEPARATOR = "\n"
+
+
+class CheckedRows:
+    """An uploaded CSV's rows as they are read and checked, each (serial number, product
+    name, image URLs joined by URL_SEPARATOR): one string per row rather than one per URL
+    keeps a 50 MiB upload of short URLs to about twice its size in memory.
+
+    Iterating yields the good rows up to the first problem, then reads on without yielding
+    to find every problem; raise_problems() then raises InvalidCsv listing them, or
+    PayloadTooLarge. `rows` keeps the rows yielded."""
+
+    def __init__(self, csv_file: BinaryIO, limits: CsvLimits):
+        self.limits = limits
+        self.errors = CsvErrors()
+        self.too_large = False
+        self.rows: list[tuple[int, str, str]] = []
+        self.total_images = 0
+        self._products = read_products(
+            csv_file,
+            max_bytes=limits.max_bytes,
+            max_line_bytes=limits.max_line_bytes,
+            max_rows=limits.max_rows,
+            max_urls_per_row=limits.max_urls_per_row,
+            errors=self.errors,
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, str, str]]:
+        try:
+            for product in self._products:
+                if self.errors:
+                    continue  # keep reading to report every problem, keep nothing more
+                row = (product.serial_number, product.product_name, URL_SEPARATOR.join(product.image_urls))
+                self.rows.append(row)
+                self.total_images += len(product.image_urls)
+                yield row
+        except CsvTooLarge:
+            self.too_large = True
+
+    def raise_problems(self) -> None:
+        if self.too_large:
+            raise PayloadTooLarge(f"the CSV is larger than {self.limits.max_bytes} bytes")
+        if self.errors:
+            raise InvalidCsv(
+                f"{self.errors.total} problem(s) found in the CSV; nothing was stored",
+                errors=self.errors.items,
+                errors_not_shown=self.errors.not_shown,
+            )
+
+
+def parse_csv(csv_file: BinaryIO, limits: CsvLimits) -> CheckedRows:
+    """Read and check the whole CSV, touching no database; raises InvalidCsv listing every
+    problem found, or PayloadTooLarge."""
+    checked = CheckedRows(csv_file, limits)
+    for _ in checked:
+        pass
+    checked.raise_problems()
+    return checked
+
+
+def most_rows(csv_file: BinaryIO, limits: CsvLimits) -> int:
+    """An upper bound of the rows of a CSV (a seekable file, left where it was): its line
+    breaks (the header takes a line; a CR LF split between blocks counts twice, which is
+    harmless), at most max_rows."""
+    start = csv_file.tell()
+    breaks = seen = 0
+    while seen <= limits.max_bytes and (block := csv_file.read(1 << 20)):
+        seen += len(block)
+        breaks += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+    csv_file.seek(start)
+    return min(breaks + 1, limits.max_rows)
