@@ -189,7 +189,7 @@ def _start_runtime(**_) -> None:
     services = build_services(settings, runs_images=True)
     _runtime = WorkerRuntime(services)
     if settings.metrics_port:
-        # Each worker its own port: scrape every worker (README, Metrics).
+        # Each worker its own port: scrape every worker (docs/operations.md, Metrics).
         _runtime.metrics_server, _ = start_http_server(
             settings.metrics_port, addr=settings.host, registry=services.metrics.registry
         )
