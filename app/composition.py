@@ -81,7 +81,7 @@ def build_stages(settings: Settings) -> StageRunner:
 
 
 @dataclass
-class Services:
+class Parts:
     """The parts a process of the service works with; close() releases them."""
 
     settings: Settings
@@ -104,14 +104,14 @@ class Services:
         self.engine.dispose()
 
 
-def build_services(
+def build_parts(
     settings: Settings,
     *,
     runs_images: bool,
     stages: StageRunner | None = None,
     metrics: ServiceMetrics | None = None,
     storage: ImageStorage | None = None,
-) -> Services:
+) -> Parts:
     """The parts of one process. With runs_images, also the stages (`stages` replaces
     those build_stages would make), after charging the images a dead predecessor of this
     process was decoding. Image outcomes and webhook attempts are counted in `metrics`
@@ -135,7 +135,7 @@ def build_services(
         retry_max_seconds=settings.transient_retry_max_seconds,
         on_recorded=metrics.count_outcomes,
     )
-    services = Services(
+    parts = Parts(
         settings=settings,
         engine=engine,
         reader_sessions=reader_sessions,
@@ -157,6 +157,6 @@ def build_services(
     if runs_images:
         if settings.storage_backend == "local":
             LocalFileStorage(settings.media_root).remove_stale_temp_files()
-        services.stages = stages or build_stages(settings)
+        parts.stages = stages or build_stages(settings)
         charge_dead_notes(decoding_notes_folder(settings), ledger.charge_crashes)
-    return services
+    return parts

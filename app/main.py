@@ -13,7 +13,7 @@ from app.api.html import STATIC_DIR
 from app.api.middleware import MULTIPART_OVERHEAD_BYTES, AccessLog, UploadSizeLimit
 from app.api.routes import download, health, lifecycle, metrics, pages, status, thumbnails, upload
 from app.api.routes.media import mount_processed_images
-from app.composition import build_services, storage_config
+from app.composition import build_parts, storage_config
 from app.config import Settings, get_settings
 from app.metrics import ServiceMetrics
 from app.pipeline.stages import StageRunner
@@ -31,16 +31,16 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runs_images = settings.task_backend == "inprocess"
-        services = build_services(
+        parts = build_parts(
             settings, runs_images=runs_images, stages=stages, metrics=service_metrics, storage=storage
         )
-        pending = service_metrics.watch_pending_images(services.reader_sessions)
-        runner = build_runner(services)
+        pending = service_metrics.watch_pending_images(parts.reader_sessions)
+        runner = build_runner(parts)
         app.state.settings = settings
-        app.state.engine = services.engine
-        app.state.sessions = services.reader_sessions
-        app.state.writer_sessions = services.writer_sessions
-        app.state.ledger = services.ledger
+        app.state.engine = parts.engine
+        app.state.sessions = parts.reader_sessions
+        app.state.writer_sessions = parts.writer_sessions
+        app.state.ledger = parts.ledger
         app.state.runner = runner
         runner.start()
         try:
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
         finally:
             runner.stop()
             service_metrics.registry.unregister(pending)
-            services.close()
+            parts.close()
 
     app = FastAPI(
         title="Batch image service",

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
-from app.composition import build_services
+from app.composition import build_parts
 from app.db.models import ProcessingRequest
 from app.db.session import writer_sessionmaker
 from app.ledger.held import HeldClaims
@@ -137,7 +137,7 @@ def test_the_webhook_payload_includes_the_options(client, image_server, webhook_
 
 def test_the_celery_task_body_honours_the_options(make_settings, image_server, media_root):
     """Celery workers run process_next_images; the options come with the claim."""
-    services = build_services(make_settings(), runs_images=True)
+    services = build_parts(make_settings(), runs_images=True)
     try:
         with writer_sessionmaker(services.engine).begin() as session:
             request = create_batch(

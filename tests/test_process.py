@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from app.composition import build_services, stage_config
+from app.composition import build_parts, stage_config
 from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import writer_sessionmaker
@@ -25,7 +25,7 @@ LIMITS = CsvLimits(1_000_000, 1 << 20, 1000, 50)
 
 @pytest.fixture
 def services(settings):
-    services = build_services(settings, runs_images=True)
+    services = build_parts(settings, runs_images=True)
     yield services
     services.close()
 
@@ -149,11 +149,11 @@ def storage(settings) -> FillableStorage:
 
 @pytest.fixture
 def retrying_services(make_settings, storage):
-    """The app's parts, with a storage the test can fill, and backoffs far longer than
+    """The app's services, with a storage the test can fill, and backoffs far longer than
     any test step: 10 s, doubling, capped at 25 s."""
     settings = make_settings(transient_retry_base_seconds=10, transient_retry_max_seconds=25)
     stages = ImageStages.from_config(stage_config(settings), storage=storage)
-    services = build_services(settings, runs_images=True, stages=stages)
+    services = build_parts(settings, runs_images=True, stages=stages)
     yield services
     services.close()
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from app.composition import build_services
+from app.composition import build_parts
 from app.db.base import utcnow
 from app.db.models import Image
 from app.db.session import writer_sessionmaker
@@ -49,9 +49,9 @@ def backdate_claim(engine, image_id: int, seconds: float) -> None:
 def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settings):
     settings = make_settings(lease_seconds=6, recovery_interval_seconds=0.1)
     stages = StagesHeldByTheTest()
-    services = build_services(settings, runs_images=True, stages=stages)
+    services = build_parts(settings, runs_images=True, stages=stages)
     engine = services.engine
-    runner = InProcessRunner.from_services(services)
+    runner = InProcessRunner.from_parts(services)
     _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
     runner.start()
     try:

@@ -8,7 +8,7 @@ processes.py       the image worker processes either runner hands stages to
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from app.composition import Services
+    from app.composition import Parts
 
 
 class Runner(Protocol):
@@ -34,11 +34,11 @@ class Runner(Protocol):
     def stop(self) -> None: ...
 
 
-def build_runner(services: "Services") -> Runner:
-    if services.settings.task_backend == "celery":
+def build_runner(parts: "Parts") -> Runner:
+    if parts.settings.task_backend == "celery":
         from app.runners.celery_app import CeleryDispatcher
 
-        return CeleryDispatcher(services)
+        return CeleryDispatcher(parts)
     from app.runners.inprocess import InProcessRunner
 
-    return InProcessRunner.from_services(services)
+    return InProcessRunner.from_parts(parts)

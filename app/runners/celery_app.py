@@ -58,9 +58,9 @@ class CeleryDispatcher:
     """The runner of an API process when TASK_BACKEND=celery: it processes nothing and
     publishes hints."""
 
-    def __init__(self, services) -> None:
-        self.celery = make_celery(services.settings)
-        self.storage = services.storage
+    def __init__(self, parts) -> None:
+        self.celery = make_celery(parts.settings)
+        self.storage = parts.storage
         self._storage_problem: str | None = None
         self._storage_checked_at = 0.0
 

@@ -25,7 +25,7 @@ from celery import signals
 from prometheus_client import start_http_server
 from sqlalchemy import text
 
-from app.composition import Services, build_services
+from app.composition import Parts, build_parts
 from app.config import settings_or_exit
 from app.ledger.held import HeldClaims, renew_leases_until
 from app.logs import configure_logging, secrets_of
@@ -50,17 +50,17 @@ app = make_celery(settings)
 class WorkerRuntime:
     """What one Celery worker process holds between tasks."""
 
-    def __init__(self, services: Services):
-        self.services = services
-        self.settings = services.settings
+    def __init__(self, parts: Parts):
+        self.parts = parts
+        self.settings = parts.settings
         self.held = HeldClaims()
         self.image_pool = ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="image")
-        self.webhooks = WebhookSender(services.deliverer)
+        self.webhooks = WebhookSender(parts.deliverer)
         self.claim_batch = claim_batch_size(self.settings.worker_concurrency)
         self.last_request_served = 0  # this worker's place in the requests' turns
         self.retention = RetentionSweep(
             lambda: purge_expired(
-                services.writer_sessions, services.storage, retention_days=self.settings.retention_days
+                parts.writer_sessions, parts.storage, retention_days=self.settings.retention_days
             ),
             self.settings.retention_interval_seconds,
         )
@@ -84,11 +84,11 @@ class WorkerRuntime:
             thread.join(timeout=5)
         self.image_pool.shutdown(wait=True, cancel_futures=True)
         self.webhooks.close()
-        self.held.hand_back(self.services.ledger, self.held.units())
+        self.held.hand_back(self.parts.ledger, self.held.units())
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
-        self.services.close()
+        self.parts.close()
 
     # -- tasks --------------------------------------------------------------------------
 
@@ -97,10 +97,10 @@ class WorkerRuntime:
             if count >= self.claim_batch:  # there may be more: let another worker join in
                 publish(PROCESS_IMAGES)
 
-        assert self.services.stages is not None
+        assert self.parts.stages is not None
         result = process_next_images(
-            self.services.ledger,
-            self.services.stages,
+            self.parts.ledger,
+            self.parts.stages,
             self.held,
             self.image_pool,
             limit=self.claim_batch,
@@ -122,7 +122,7 @@ class WorkerRuntime:
     # -- threads ------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
-        renew_leases_until(self.stopping, self.held, self.services.ledger, self.settings.lease_seconds / 3)
+        renew_leases_until(self.stopping, self.held, self.parts.ledger, self.settings.lease_seconds / 3)
 
     def _sweep_loop(self) -> None:
         while not self.stopping.wait(self.settings.recovery_interval_seconds):
@@ -134,7 +134,7 @@ class WorkerRuntime:
     def sweep(self) -> None:
         # A session-level lock, not a transaction's: the sweep talks to the broker and
         # deletes in short transactions of its own while it holds it.
-        with self.services.engine.connect() as connection:
+        with self.parts.engine.connect() as connection:
             if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": SWEEP_LOCK_KEY}):
                 return  # another worker sweeps now
             connection.commit()
@@ -145,8 +145,8 @@ class WorkerRuntime:
                 connection.commit()
 
     def _sweep_holding_the_lock(self) -> None:
-        work_waiting = self.services.ledger.has_claimable_work()
-        webhooks_due = bool(self.services.deliverer.due_event_ids(limit=1))
+        work_waiting = self.parts.ledger.has_claimable_work()
+        webhooks_due = bool(self.parts.deliverer.due_event_ids(limit=1))
         if work_waiting and waiting_hints() == 0:
             log.info("claimable images and no message announcing them: publishing one")
             publish(PROCESS_IMAGES)
@@ -186,12 +186,12 @@ def waiting_hints() -> int:
 def _start_runtime(**_) -> None:
     global _runtime
     configure_logging(settings.log_format, settings.log_level, secrets=secrets_of(settings))
-    services = build_services(settings, runs_images=True)
-    _runtime = WorkerRuntime(services)
+    parts = build_parts(settings, runs_images=True)
+    _runtime = WorkerRuntime(parts)
     if settings.metrics_port:
         # Each worker its own port: scrape every worker (docs/operations.md, Metrics).
         _runtime.metrics_server, _ = start_http_server(
-            settings.metrics_port, addr=settings.host, registry=services.metrics.registry
+            settings.metrics_port, addr=settings.host, registry=parts.metrics.registry
         )
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     _runtime.start()

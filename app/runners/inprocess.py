@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from app.composition import Services
+from app.composition import Parts
 from app.ledger.held import HeldClaims, renew_leases_until
 from app.ledger.image_ledger import ImageLedger
 from app.ledger.units import WorkUnit
@@ -79,19 +79,19 @@ class InProcessRunner:
         self._threads: list[threading.Thread] = []
 
     @classmethod
-    def from_services(cls, services: Services) -> "InProcessRunner":
-        assert services.stages is not None, "the in-process runner needs the stages"
-        settings = services.settings
+    def from_parts(cls, parts: Parts) -> "InProcessRunner":
+        assert parts.stages is not None, "the in-process runner needs the stages"
+        settings = parts.settings
         return cls(
-            services.ledger,
-            services.stages,
-            services.deliverer,
+            parts.ledger,
+            parts.stages,
+            parts.deliverer,
             concurrency=settings.worker_concurrency,
             lease_seconds=settings.lease_seconds,
             recovery_interval_seconds=settings.recovery_interval_seconds,
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
             purge=lambda: purge_expired(
-                services.writer_sessions, services.storage, retention_days=settings.retention_days
+                parts.writer_sessions, parts.storage, retention_days=settings.retention_days
             ),
             retention_interval_seconds=settings.retention_interval_seconds,
         )
