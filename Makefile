@@ -8,7 +8,8 @@ POSTGRES_TEST_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
 .PHONY: help install install-dev run worker migrate test test-postgres test-all lint format bench postman clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's|$$(POSTGRES_TEST_URL)|$(POSTGRES_TEST_URL)|g' \
+		| awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.runtime-installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{PROJECT_ROOT / 'data' / 'images.db'}"
     media_root: Path = PROJECT_ROOT / "processed_images"
     public_base_url: str = ""
+    # Host names besides PUBLIC_BASE_URL's and HOST's that requests may name; "*" allows any.
+    allowed_hosts: str = ""
     task_backend: Literal["inprocess", "celery"] = "inprocess"
     celery_broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     celery_queue: str = Field("image_service", min_length=1)

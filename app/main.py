@@ -10,8 +10,8 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api.errors import install_error_handlers
 from app.api.html import STATIC_DIR
-from app.api.middleware import MULTIPART_OVERHEAD_BYTES, AccessLog, UploadSizeLimit
-from app.api.routes import download, health, lifecycle, metrics, pages, status, thumbnails, upload
+from app.api.middleware import MULTIPART_OVERHEAD_BYTES, AccessLog, BrowserRequestGuard, UploadSizeLimit
+from app.api.routes import docs, download, health, lifecycle, metrics, pages, status, thumbnails, upload
 from app.api.routes.media import mount_processed_images
 from app.composition import build_parts, storage_config
 from app.config import Settings, get_settings
@@ -58,6 +58,11 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
             "(50%-quality JPEGs by default) and a result CSV."
         ),
         lifespan=lifespan,
+        # Swagger UI is served from this service (routes/docs.py); FastAPI's own /docs and
+        # /redoc would load it from a CDN, and no OAuth2 flow needs the redirect page.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = service_metrics
@@ -66,11 +71,13 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
         UploadSizeLimit,
         max_body_bytes=settings.max_csv_bytes + MULTIPART_OVERHEAD_BYTES,
     )
+    # Outside the size limit: a refused cross-site upload is not read at all.
+    app.add_middleware(BrowserRequestGuard, settings=settings)
     # Added last, so outermost: it times and logs every answer, the 413s above included.
     app.add_middleware(AccessLog, metrics=service_metrics)
     # Pages first: their routes match only browsers and let JSON clients through.
     app.include_router(pages.router)
-    for module in (upload, status, lifecycle, download, health, metrics, thumbnails):
+    for module in (upload, status, lifecycle, download, health, metrics, thumbnails, docs):
         app.include_router(module.router)
     app.include_router(pages.request_pages)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

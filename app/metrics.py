@@ -7,7 +7,9 @@ an outcome ignored as stale (its claim expired) is not counted. The API serves i
 registry at GET /metrics; a Celery worker serves its own on METRICS_PORT.
 
 No label carries a request id, a URL or a product name: `code` is a failure code (a small
-fixed set), `route` the route's template (`/status/{request_id}`).
+fixed set), `route` the route's template (`/status/{request_id}`) or `unmatched`, `method`
+one of STANDARD_METHODS or `other`, `status` a status code the service sent. Every label
+value comes from a fixed set, never from what a client chose, so no client can add series.
 """
 
 from collections.abc import Sequence
@@ -26,6 +28,14 @@ disable_created_metrics()
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 UNMATCHED_ROUTE = "unmatched"
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+
+
+def method_label(method: str) -> str:
+    """The method as metrics and access lines name it: a client may send any token as its
+    method, and each new label value would be a new series kept for good."""
+    return method if method in STANDARD_METHODS else OTHER_METHOD
 
 
 class ServiceMetrics:

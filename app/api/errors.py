@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import (
@@ -26,6 +28,23 @@ log = logging.getLogger(__name__)
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_TYPE_BASE = "https://errors.batch-image-service.dev/"
+RETRY_AFTER_SECONDS = "5"
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """The database cannot be reached or has no connection to spare, as opposed to a
+    query it refused: the client may try the same request again shortly."""
+    if isinstance(exc, OperationalError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def database_problem(exc: BaseException) -> str:
+    """Why the database is unavailable, in a line: the driver's first line (connection
+    refused, server closed the connection, pool timeout), which names no password."""
+    cause = getattr(exc, "orig", None) or exc
+    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(cause).__name__}: {first_line[:200]}" if first_line else type(cause).__name__
 
 
 # The one place where each kind of error gets its status code.
@@ -128,6 +147,23 @@ def install_error_handlers(app: FastAPI) -> None:
             instance=request.url.path,
             headers={"Retry-After": "5"},
         )
+
+    async def _database_away(request: Request, exc: Exception):
+        if not database_unavailable(exc):
+            return await _unexpected(request, exc)
+        problem = database_problem(exc)
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, problem)
+        return problem_response(
+            503,
+            "Service unavailable",
+            f"the database does not answer ({problem}); try again shortly",
+            slug="unavailable",
+            instance=request.url.path,
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+
+    for kind in (DBAPIError, PoolTimeout):
+        app.add_exception_handler(kind, _database_away)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
