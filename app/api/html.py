@@ -21,7 +21,8 @@ TEMPLATES_DIR = APP_ROOT / "templates"
 STATIC_DIR = APP_ROOT / "static"
 
 # Scripts and styles only from files this service serves: a product name or URL that
-# slips past escaping still cannot run. No cookies are used, so there is no CSRF surface.
+# slips past escaping still cannot run. No cookies are used; cross-site form posts are
+# refused by the middleware (app/api/middleware.py) all the same.
 CONTENT_SECURITY_POLICY = "; ".join(
     [
         "default-src 'self'",
