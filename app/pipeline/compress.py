@@ -77,6 +77,10 @@ class Encoding:
             if self.progressive:
                 params["progressive"] = True
             return params
+        if self.output_format == "AVIF":
+            # libavif starts a thread per core by default: COMPRESS_CONCURRENCY already
+            # decides how many encodes share the cores, and the memory estimate is per thread.
+            return {"quality": self.quality, "max_threads": 1}
         return {"quality": self.quality}
 
 
@@ -144,6 +148,7 @@ def compress_image(
         quality=quality,
         resized=resized != (width, height),
         output_format=encoding.output_format,
+        whole_image_jpeg=encoding.optimize or encoding.progressive,
     )
     with admission(cost) if admission is not None else nullcontext():
         try:
@@ -157,8 +162,9 @@ def compress_image(
                 image = image.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
             width, height = image.size
             params = encoding.save_params()
-            if icc_profile:
-                params["icc_profile"] = icc_profile
+            # Explicitly empty when dropped: the AVIF encoder falls back to the profile in
+            # image.info, which may describe the source's colour space, not the output's.
+            params["icc_profile"] = icc_profile or b""
             encoded = _encode(image, encoding.output_format, **params)
             del image  # the pixels go before the output is copied out, so it can reuse them
             output = encoded()
@@ -328,9 +334,29 @@ def jpeg_bytes_bound(pixels: int, quality: int) -> int:
     return pixels * (quality + 12) // 75
 
 
-# Beyond the image, what the WebP and AVIF encoders hold a pixel (their YUV planes and
-# working buffers; libjpeg works in strips). Estimates, not yet measured like the above.
-ENCODER_BYTES_PER_PIXEL = {"WEBP": 6, "AVIF": 8}
+# Beyond the image, what each encoder holds a pixel at its peak (YUV planes, analysis and
+# token buffers; baseline libjpeg works in strips and holds nothing). Measured as the
+# figures above, less the image, input and output, photo-like and noise sources, 4 and
+# 12 MP, quality 10 to 100 (tests/test_encoder_memory.py checks the bound per format):
+#   JPEG optimized or progressive: 3.0 up to quality 90, 3.5 at 100 (every DCT
+#     coefficient, two bytes, of Y at full and Cb, Cr at quarter resolution, kept for the
+#     second pass)
+#   WebP: 9.8 at quality 10, 14.2 at 50, 16.3 at 75, 21.4 at 90, 28.5 at 100 (noise;
+#     photo-like images take less), hence 11 + quality^2 / 500
+#   AVIF, one thread: 23.8 at quality 10, 24.7 at 50, 25.7 at 90, 27.2 at 100; its output
+#     may exceed the JPEG bound by a little (1.53 bytes a pixel at 100): 29 covers both
+JPEG_WHOLE_IMAGE_BYTES_PER_PIXEL = 4
+AVIF_BYTES_PER_PIXEL = 29
+
+
+def encoder_bytes_per_pixel(output_format: str, quality: int, *, whole_image_jpeg: bool = False) -> float:
+    """What the encoder holds a pixel beyond the image; `whole_image_jpeg`: an optimized or
+    progressive JPEG, which libjpeg encodes in two passes over every coefficient."""
+    if output_format == "WEBP":
+        return 11 + quality * quality / 500
+    if output_format == "AVIF":
+        return AVIF_BYTES_PER_PIXEL
+    return JPEG_WHOLE_IMAGE_BYTES_PER_PIXEL if whole_image_jpeg else 0
 
 
 def peak_memory_bytes(
@@ -341,6 +367,7 @@ def peak_memory_bytes(
     quality: int,
     resized: bool = False,
     output_format: str = "JPEG",
+    whole_image_jpeg: bool = False,
 ) -> int:
     """Upper bound of the memory compress_image takes at its peak for this opened (not
     yet decoded) image, beyond the input itself: a copy some decoders read it into, the decoded
@@ -358,7 +385,7 @@ def peak_memory_bytes(
         # a rotated WebP 17.2 bytes a pixel, not 16).
         source = decoded + decoding if converting == 0 else final
         per_pixel = max(per_pixel, source + final)
-    per_pixel += ENCODER_BYTES_PER_PIXEL.get(output_format, 0)
+    per_pixel += encoder_bytes_per_pixel(output_format, quality, whole_image_jpeg=whole_image_jpeg)
     return round(per_pixel * pixels) + input_bytes + jpeg_bytes_bound(pixels, quality)
 
 
