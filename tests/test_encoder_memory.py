@@ -10,6 +10,7 @@ from PIL import Image
 
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.options import avif_supported
+from app.pipeline.stages import THUMBNAIL_LONG_SIDE
 from tests import images
 
 SIZE = (2400, 1800)
@@ -30,7 +31,7 @@ def _status_bytes(field: str) -> int:
 
 
 def _measure_in_child(data: bytes, encoding: Encoding, answers) -> None:
-    """Estimated and measured peak of one compress."""
+    """Estimated and measured peak of one compress, thumbnail included, as the stage runs it."""
     from app.pipeline.compress import warm_up
     from app.workers.processes import _keep_image_memory_for_reuse
 
@@ -48,7 +49,9 @@ def _measure_in_child(data: bytes, encoding: Encoding, answers) -> None:
         yield
         figures["used"] = _status_bytes("VmHWM") - baseline
 
-    result = compress_image(data, encoding, max_pixels=SIZE[0] * SIZE[1], admission=measure)
+    result = compress_image(
+        data, encoding, max_pixels=SIZE[0] * SIZE[1], admission=measure, thumbnail_side=THUMBNAIL_LONG_SIDE
+    )
     # The output's in-memory file is shared memory that RSS does not show; count it.
     answers.put((figures["estimate"], figures["used"] + len(result.data)))
 

@@ -21,9 +21,19 @@ from app.pipeline.failures import ImageFailure
 from app.pipeline.fetch import HttpFetcher
 from app.pipeline.memory import MemoryBudget
 from app.pipeline.options import OutputOptions
-from app.storage import JPEG_CONTENT_TYPE, ImageStorage, StorageConfig, build_storage, output_key
+from app.storage import (
+    JPEG_CONTENT_TYPE,
+    ImageStorage,
+    StorageConfig,
+    build_storage,
+    output_key,
+    thumbnail_key,
+)
 
 log = logging.getLogger(__name__)
+
+# The pages show outputs at most this large (app/static/pages.js scales <img> to it).
+THUMBNAIL_LONG_SIDE = 240
 
 
 @dataclass(frozen=True)
@@ -200,6 +210,7 @@ class ImageStages:
                 self.encoding(unit.options),
                 max_pixels=self.max_image_pixels,
                 admission=admitted,
+                thumbnail_side=THUMBNAIL_LONG_SIDE,
             )
             compress_seconds = _seconds_since(admitted_at[0])
             extension, content_type = (
@@ -209,6 +220,9 @@ class ImageStages:
             )
             key = output_key(unit.request_id, unit.image_id, extension)
             stored_from = time.perf_counter()
+            # The thumbnail first: an output stored from now on always has one beside it.
+            if compressed.thumbnail is not None:
+                self.storage.save(thumbnail_key(unit.request_id, unit.image_id), compressed.thumbnail)
             self.storage.save(key, compressed.data, content_type)
             store_seconds = _seconds_since(stored_from)
         except ImageFailure as failure:
