@@ -29,6 +29,11 @@ def thumbnail_key(request_id: str, image_id: int) -> str:
     return f"{request_id}/thumbs/{image_id}.jpg"
 
 
+def request_prefix(request_id: str) -> str:
+    """The prefix of every key stored for a request (outputs and thumbnails)."""
+    return f"{request_id}/"
+
+
 class ImageStorage(Protocol):
     def save(self, key: str, data: bytes, content_type: str = JPEG_CONTENT_TYPE) -> None:
         """Store data under key, whole or not at all; raises StoreFailure."""
@@ -44,6 +49,11 @@ class ImageStorage(Protocol):
 
     def check(self) -> str | None:
         """None when outputs can be stored; otherwise a sentence saying what is wrong."""
+
+
+def delete_requests_outputs(storage: ImageStorage, request_ids: set[str]) -> int:
+    """Remove everything stored for these requests; returns how many keys went."""
+    return sum(storage.delete_prefix(request_prefix(request_id)) for request_id in sorted(request_ids))
 
 
 @dataclass(frozen=True)
