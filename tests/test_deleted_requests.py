@@ -1,6 +1,6 @@
-"""Nothing stays stored for a request that no longer exists: a stale claim holder (a
-worker that lost its lease) can still be fetching, compressing and storing while DELETE
-runs."""
+"""Nothing stays stored for a request that no longer exists, and nothing of a deleted
+request's images reaches a new request: a stale claim holder (a worker that lost its
+lease) can still be fetching, compressing and storing while DELETE runs."""
 
 import threading
 from collections.abc import Iterator
@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.composition import stage_config
-from app.db.models import Image, ProcessingRequest
+from app.db.models import Image, ImageStatus, ProcessingRequest
 from app.main import create_app
 from app.pipeline.stages import ImageOutcome, ImageStages, WorkUnit
 from tests import images
@@ -140,3 +140,62 @@ def test_an_output_stored_while_delete_runs_does_not_stay(app_client, settings, 
     assert recorded == [[]] and outcomes[0].succeeded
     assert _stored_for(media_root, request_id) == []
 
+
+def test_a_stale_outcome_of_a_deleted_requests_image_changes_nothing_in_a_new_request(
+    app_client, image_server
+):
+    old_request_id, stale_unit = _finished_request(app_client, image_server.add(SOURCE))
+    assert app_client.delete(f"/requests/{old_request_id}").status_code == 204
+
+    # The new request's image is claimed (attempt 1) and being fetched when the stale
+    # outcome of the deleted request's image arrives.
+    slow = GatedImage(image_server, free=0)
+    try:
+        new_request_id = upload(app_client, csv_of([(1, "B", [slow.url])])).json()["request_id"]
+        assert slow.waiting.wait(10)
+        stale = ImageOutcome(stale_unit, error_code="not_found", error_message="the source answered 404")
+        assert app_client.app.state.ledger.record_outcomes([stale]) == []
+        with app_client.app.state.sessions() as session:
+            new_image = session.execute(
+                select(Image.id, Image.status, Image.error_code)
+                .join(ProcessingRequest, ProcessingRequest.id == Image.request_pk)
+                .where(ProcessingRequest.request_id == new_request_id)
+            ).one()
+        assert new_image.id != stale_unit.image_id
+        assert (new_image.status, new_image.error_code) == (ImageStatus.PROCESSING, None)
+    finally:
+        slow.gate.set()
+    status = wait_finished(app_client, new_request_id)
+    assert status["status"] == "completed"
+    assert (status["progress"]["processed_images"], status["progress"]["failed_images"]) == (1, 0)
+
+
+def test_the_migration_keeps_image_ids_and_never_hands_one_out_again(tmp_path):
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from app.db.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'ids.db'}"
+    config = alembic_config(url)
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "0011")
+    engine = create_engine(url)
+    insert = text(
+        "INSERT INTO images (request_pk, product_id, position, input_url, status, attempts) "
+        "VALUES (1, :product, 0, 'http://127.0.0.1/a.jpg', 'pending', 0)"
+    )
+    with engine.begin() as connection:
+        connection.execute(insert, {"product": 1})
+        connection.execute(insert, {"product": 2})
+        connection.execute(text("DELETE FROM images WHERE id = 2"))
+    command.upgrade(config, "head")
+    with engine.begin() as connection:
+        assert connection.scalars(text("SELECT id FROM images")).all() == [1]
+        connection.execute(insert, {"product": 3})
+        connection.execute(text("DELETE FROM images WHERE product_id = 3"))
+        connection.execute(insert, {"product": 4})
+        # Id 2 went before the migration (SQLite's default then reuses it once); from now
+        # on, an id once given is never given again.
+        assert connection.scalars(text("SELECT id FROM images ORDER BY id")).all() == [1, 3]
+    engine.dispose()
