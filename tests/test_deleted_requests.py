@@ -7,9 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import create_engine, select, text
 
+from alembic import command
 from app.composition import stage_config
+from app.db.migrate import alembic_config
 from app.db.models import Image, ImageStatus, ProcessingRequest
 from app.main import create_app
 from app.pipeline.stages import ImageOutcome, ImageStages, WorkUnit
@@ -171,11 +173,6 @@ def test_a_stale_outcome_of_a_deleted_requests_image_changes_nothing_in_a_new_re
 
 
 def test_the_migration_keeps_image_ids_and_never_hands_one_out_again(tmp_path):
-    from alembic import command
-    from sqlalchemy import create_engine, text
-
-    from app.db.migrate import alembic_config
-
     url = f"sqlite:///{tmp_path / 'ids.db'}"
     config = alembic_config(url)
     config.attributes["configure_logging"] = False
