@@ -21,7 +21,7 @@ from app.pipeline.decoding import NOTES_DIR_NAME, charge_dead_notes, open_note
 from app.pipeline.memory import MIB
 from app.pipeline.processes import ImageProcesses
 from app.pipeline.stages import ImageStages, StageConfig, StageRunner
-from app.storage import ImageStorage, StorageConfig, build_storage
+from app.storage import ImageStorage, StorageConfig, build_storage, delete_requests_outputs
 from app.storage.local import LocalFileStorage
 from app.webhooks.delivery import PARALLEL_DELIVERIES, WebhookDeliverer
 
@@ -126,6 +126,7 @@ def build_parts(
     webhook_http = guarded_session(
         AddressPolicy(parse_allowlist(settings.webhook_allow_private_hosts)), pool_size=PARALLEL_DELIVERIES
     )
+    storage = storage or build_storage(storage_config(settings))
     ledger = ImageLedger(
         sessions=writer_sessions,
         reader_sessions=reader_sessions,
@@ -134,13 +135,14 @@ def build_parts(
         retry_base_seconds=settings.transient_retry_base_seconds,
         retry_max_seconds=settings.transient_retry_max_seconds,
         on_recorded=metrics.count_outcomes,
+        on_requests_gone=lambda request_ids: delete_requests_outputs(storage, request_ids),
     )
     parts = Parts(
         settings=settings,
         engine=engine,
         reader_sessions=reader_sessions,
         writer_sessions=writer_sessions,
-        storage=storage or build_storage(storage_config(settings)),
+        storage=storage,
         ledger=ledger,
         deliverer=WebhookDeliverer(
             sessions=writer_sessions,

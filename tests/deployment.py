@@ -32,6 +32,7 @@ from standardwebhooks import Webhook
 from app.config import PROJECT_ROOT
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine
+from app.storage import thumbnail_key
 from tests import images
 from tests.conftest import csv_of
 from tests.servers import delayed
@@ -392,14 +393,20 @@ def assert_completed_with_one_output_each(
     deployment: Deployment, request_id: str, image_count: int, stored_keys: list[str]
 ) -> None:
     """The request completed, each image has its own output key, and the storage holds
-    exactly those outputs: one file or object per image, nothing more."""
+    exactly those outputs, one file or object per image, each with its thumbnail beside
+    it, nothing more."""
     state = deployment.request_state(request_id)
     assert (state.status, state.processed, state.failed) == ("completed", image_count, 0), state
     keys = deployment.output_keys(request_id)
     assert None not in keys
     assert len(keys) == len(set(keys)) == image_count
     assert len(stored_keys) == len(set(stored_keys))
-    assert sorted(stored_keys) == sorted(keys)
+    outputs = [key for key in stored_keys if "/thumbs/" not in key]
+    assert sorted(outputs) == sorted(keys)
+    thumbnails = [key for key in stored_keys if "/thumbs/" in key]
+    assert sorted(thumbnails) == sorted(
+        thumbnail_key(request_id, int(key.split("/")[1].split(".")[0])) for key in keys
+    )
 
 
 def assert_webhook_delivered_once(

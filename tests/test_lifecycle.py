@@ -288,10 +288,10 @@ def test_delete_removes_the_objects_with_the_s3_backend(
         ).json()["request_id"]
         wait_finished(client, kept)
         wait_finished(client, doomed)
-        assert len(objects(f"{doomed}/")) == 3
+        assert len(objects(f"{doomed}/")) == 3 + 3  # outputs and their thumbnails
         assert client.delete(f"/requests/{doomed}").status_code == 204
         assert objects(f"{doomed}/") == []
-        assert len(objects(f"{kept}/")) == 1
+        assert len(objects(f"{kept}/")) == 1 + 1
 
 
 # -- retention -------------------------------------------------------------------------

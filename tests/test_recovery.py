@@ -63,7 +63,7 @@ def assert_complete_and_fetchable(service, body, media_root):
     assert len(outputs) == IMAGE_COUNT == len(set(outputs))
     for url in outputs:
         assert service.http.get(url, timeout=10).status_code == 200
-    assert len(list(media_root.rglob("*.jpg"))) == IMAGE_COUNT
+    assert len(list(media_root.glob("*/*.jpg"))) == IMAGE_COUNT  # outputs; thumbnails are in */thumbs/
     assert not list((media_root / ".incoming").glob("*.part"))
 
 

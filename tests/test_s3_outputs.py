@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.storage import thumbnail_key
 from tests import images
 from tests.conftest import csv_of, stored_keys, upload, wait_finished
 from tests.s3_server import TEST_REGION
@@ -50,7 +51,9 @@ def test_a_batch_stores_its_outputs_as_objects_served_through_presigned_redirect
             result["output_url"].removeprefix("http://testserver/processed_images/") for result in results
         ]
         assert all(key.startswith(f"{request_id}/") and key.endswith(".jpg") for key in keys)
-        assert stored_keys(s3_admin, bucket) == sorted(f"outputs/{key}" for key in keys)
+        # Each output with its thumbnail beside it, made by the stage.
+        thumbnails = [thumbnail_key(request_id, int(key.split("/")[1].split(".")[0])) for key in keys]
+        assert stored_keys(s3_admin, bucket) == sorted(f"outputs/{key}" for key in keys + thumbnails)
 
         for key, result in zip(keys, results, strict=True):
             head = s3_admin.head_object(Bucket=bucket, Key=f"outputs/{key}")

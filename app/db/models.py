@@ -114,6 +114,9 @@ class Image(Base):
             sqlite_where=text("source_image_id IS NOT NULL"),
             postgresql_where=text("source_image_id IS NOT NULL"),
         ),
+        # A claim names an image by id: an id must never come back for a new row after a
+        # DELETE, as SQLite's default (largest + 1) would (migration 0012).
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

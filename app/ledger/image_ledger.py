@@ -131,11 +131,15 @@ class ImageLedger:
         retry_base_seconds: float,
         retry_max_seconds: float,
         on_recorded: Callable[[Sequence[ImageOutcome]], None] | None = None,
+        on_requests_gone: Callable[[set[str]], None] | None = None,
     ):
         """`sessions` write (they take SQLite's write lock at BEGIN), `reader_sessions`
         only read. `on_recorded` is told, after each commit, the outcomes that commit
-        recorded (never one ignored as stale), e.g. to count them (app/metrics.py)."""
+        recorded (never one ignored as stale), e.g. to count them (app/metrics.py).
+        `on_requests_gone` is told the request ids (uuids) of outcomes whose request no
+        longer exists, to remove what their stages stored (app/composition.py)."""
         self.on_recorded = on_recorded
+        self.on_requests_gone = on_requests_gone
         self.sessions = sessions
         self.reader_sessions = reader_sessions
         self.lease = timedelta(seconds=lease_seconds)
@@ -343,10 +347,32 @@ class ImageLedger:
                 )
                 if event_id is not None:
                     events.append(event_id)
+            # After the store, so either a DELETE that removed the request's outputs
+            # before its rows sees this output (it removes them once more after the rows:
+            # app/services/lifecycle.py), or this read sees the rows gone.
+            unit_request_ids = {o.unit.request_id for o in outcomes}
+            requests_gone = unit_request_ids - set(
+                session.scalars(
+                    select(ProcessingRequest.request_id).where(
+                        ProcessingRequest.request_id.in_(unit_request_ids)
+                    )
+                )
+            )
         if self.on_recorded is not None and current:
             self.on_recorded(current)
         _log_recorded(current)
+        if requests_gone and self.on_requests_gone is not None:
+            self._remove_stored_for(requests_gone)
         return events
+
+    def _remove_stored_for(self, request_ids: set[str]) -> None:
+        """What a stage stored for requests deleted meanwhile (a stale claim's output,
+        its thumbnail) must not stay public; the outcomes are recorded already."""
+        log.info("removing what was stored for %d deleted requests", len(request_ids))
+        try:
+            self.on_requests_gone(request_ids)  # type: ignore[misc]
+        except Exception:
+            log.exception("could not remove the outputs stored for deleted requests %s", sorted(request_ids))
 
     def cancel(self, request_pk: int) -> Cancellation:
         """Cancel a request: its pending images (waiting for a retry too) become cancelled,

@@ -53,6 +53,8 @@ class CompressedImage:
     height: int
     source_format: str
     kept_original: bool = False  # keep_smaller: the input was smaller, so it is the output
+    # A small JPEG of the output (make_thumbnail), made from its pixels before they go.
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class Encoding:
             if self.progressive:
                 params["progressive"] = True
             return params
+        if self.output_format == "AVIF":
+            # libavif starts a thread per core by default: COMPRESS_CONCURRENCY already
+            # decides how many encodes share the cores, and the memory estimate is per thread.
+            return {"quality": self.quality, "max_threads": 1}
         return {"quality": self.quality}
 
 
@@ -99,11 +105,17 @@ def compress_to_jpeg(
 
 
 def compress_image(
-    data: bytes | bytearray, encoding: Encoding, *, max_pixels: int, admission: Admission | None = None
+    data: bytes | bytearray,
+    encoding: Encoding,
+    *,
+    max_pixels: int,
+    admission: Admission | None = None,
+    thumbnail_side: int = 0,
 ) -> CompressedImage:
     """Decode, normalise and encode one image. `admission(cost_bytes)`, if given, is entered
     with the estimated peak memory once the header is read, and held while pixels exist:
-    it may wait for memory, or refuse the image by raising an ImageFailure."""
+    it may wait for memory, or refuse the image by raising an ImageFailure. With a
+    thumbnail_side, the result carries a JPEG thumbnail of the output that fits in it."""
     quality = encoding.quality
     try:
         with warnings.catch_warnings():
@@ -144,6 +156,8 @@ def compress_image(
         quality=quality,
         resized=resized != (width, height),
         output_format=encoding.output_format,
+        whole_image_jpeg=encoding.optimize or encoding.progressive,
+        thumbnail=thumbnail_side > 0,
     )
     with admission(cost) if admission is not None else nullcontext():
         try:
@@ -157,9 +171,11 @@ def compress_image(
                 image = image.transpose(TRANSPOSE_FOR_ORIENTATION[orientation])
             width, height = image.size
             params = encoding.save_params()
-            if icc_profile:
-                params["icc_profile"] = icc_profile
+            # Explicitly empty when dropped: the AVIF encoder falls back to the profile in
+            # image.info, which may describe the source's colour space, not the output's.
+            params["icc_profile"] = icc_profile or b""
             encoded = _encode(image, encoding.output_format, **params)
+            thumbnail = make_thumbnail(image, thumbnail_side) if thumbnail_side > 0 else None
             del image  # the pixels go before the output is copied out, so it can reuse them
             output = encoded()
         except (
@@ -176,8 +192,25 @@ def compress_image(
         and resized == image_size
         and len(data) <= len(output)
     ):
-        return CompressedImage(bytes(data), width, height, source_format, kept_original=True)
-    return CompressedImage(output, width, height, source_format)
+        return CompressedImage(
+            bytes(data), width, height, source_format, kept_original=True, thumbnail=thumbnail
+        )
+    return CompressedImage(output, width, height, source_format, thumbnail=thumbnail)
+
+
+THUMBNAIL_QUALITY = 75
+
+
+def make_thumbnail(image: Image.Image, long_side: int) -> bytes:
+    """A JPEG of an L or RGB image at most long_side pixels on its long side (the image's
+    own size when smaller)."""
+    size = fitted_size(image.width, image.height, (long_side, long_side))
+    # reducing_gap: a box reduction first, so a large image costs at most a quarter-size
+    # copy (peak_memory_bytes counts it) and a few milliseconds.
+    small = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0) if size != image.size else image
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True, icc_profile=b"", comment=b"")
+    return buffer.getvalue()
 
 
 def _header_orientation(image: Image.Image) -> int | None:
@@ -328,9 +361,29 @@ def jpeg_bytes_bound(pixels: int, quality: int) -> int:
     return pixels * (quality + 12) // 75
 
 
-# Beyond the image, what the WebP and AVIF encoders hold a pixel (their YUV planes and
-# working buffers; libjpeg works in strips). Estimates, not yet measured like the above.
-ENCODER_BYTES_PER_PIXEL = {"WEBP": 6, "AVIF": 8}
+# Beyond the image, what each encoder holds a pixel at its peak (YUV planes, analysis and
+# token buffers; baseline libjpeg works in strips and holds nothing). Measured as the
+# figures above, less the image, input and output, photo-like and noise sources, 4 and
+# 12 MP, quality 10 to 100 (tests/test_encoder_memory.py checks the bound per format):
+#   JPEG optimized or progressive: 3.0 up to quality 90, 3.5 at 100 (every DCT
+#     coefficient, two bytes, of Y at full and Cb, Cr at quarter resolution, kept for the
+#     second pass)
+#   WebP: 9.8 at quality 10, 14.2 at 50, 16.3 at 75, 21.4 at 90, 28.5 at 100 (noise;
+#     photo-like images take less), hence 11 + quality^2 / 500
+#   AVIF, one thread: 23.8 at quality 10, 24.7 at 50, 25.7 at 90, 27.2 at 100; its output
+#     may exceed the JPEG bound by a little (1.53 bytes a pixel at 100): 29 covers both
+JPEG_WHOLE_IMAGE_BYTES_PER_PIXEL = 4
+AVIF_BYTES_PER_PIXEL = 29
+
+
+def encoder_bytes_per_pixel(output_format: str, quality: int, *, whole_image_jpeg: bool = False) -> float:
+    """What the encoder holds a pixel beyond the image; `whole_image_jpeg`: an optimized or
+    progressive JPEG, which libjpeg encodes in two passes over every coefficient."""
+    if output_format == "WEBP":
+        return 11 + quality * quality / 500
+    if output_format == "AVIF":
+        return AVIF_BYTES_PER_PIXEL
+    return JPEG_WHOLE_IMAGE_BYTES_PER_PIXEL if whole_image_jpeg else 0
 
 
 def peak_memory_bytes(
@@ -341,11 +394,14 @@ def peak_memory_bytes(
     quality: int,
     resized: bool = False,
     output_format: str = "JPEG",
+    whole_image_jpeg: bool = False,
+    thumbnail: bool = False,
 ) -> int:
     """Upper bound of the memory compress_image takes at its peak for this opened (not
     yet decoded) image, beyond the input itself: a copy some decoders read it into, the decoded
     image and the decoder's buffers, each conversion's output while its input lives, the
-    resized and transposed copies, the encoder's buffers, and the output."""
+    resized and transposed copies, the encoder's buffers or the thumbnail's copy, and the
+    output."""
     pixels = image.width * image.height
     decoded = _stored_bytes_per_pixel(image.mode)
     decoding, decoder_kept = _decoder_bytes_per_pixel(image)
@@ -358,7 +414,10 @@ def peak_memory_bytes(
         # a rotated WebP 17.2 bytes a pixel, not 16).
         source = decoded + decoding if converting == 0 else final
         per_pixel = max(per_pixel, source + final)
-    per_pixel += ENCODER_BYTES_PER_PIXEL.get(output_format, 0)
+    # The thumbnail is made once the encoder's buffers are gone, from the final image: a
+    # box-reduced copy of at most a quarter of its pixels.
+    encoder = encoder_bytes_per_pixel(output_format, quality, whole_image_jpeg=whole_image_jpeg)
+    per_pixel += max(encoder, final / 4 if thumbnail else 0)
     return round(per_pixel * pixels) + input_bytes + jpeg_bytes_bound(pixels, quality)
 
 

@@ -28,9 +28,13 @@ from app.storage import (
     StoreFailure,
     build_storage,
     output_key,
+    thumbnail_key,
 )
 
 log = logging.getLogger(__name__)
+
+# The pages show outputs at most this large (app/static/pages.js scales <img> to it).
+THUMBNAIL_LONG_SIDE = 240
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,7 @@ class ImageStages:
                 self.encoding(unit.options),
                 max_pixels=self.max_image_pixels,
                 admission=admitted,
+                thumbnail_side=THUMBNAIL_LONG_SIDE,
             )
             compress_seconds = _seconds_since(admitted_at[0])
             extension, content_type = (
@@ -166,6 +171,9 @@ class ImageStages:
             )
             key = output_key(unit.request_id, unit.image_id, extension)
             stored_from = time.perf_counter()
+            # The thumbnail first: an output stored from now on always has one beside it.
+            if compressed.thumbnail is not None:
+                self.storage.save(thumbnail_key(unit.request_id, unit.image_id), compressed.thumbnail)
             self.storage.save(key, compressed.data, content_type)
             store_seconds = _seconds_since(stored_from)
         except (ImageFailure, StoreFailure) as failure:

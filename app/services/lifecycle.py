@@ -30,7 +30,7 @@ from app.db.models import (
 )
 from app.errors import Conflict, ServiceUnavailable
 from app.ledger.image_ledger import Cancellation, ImageLedger
-from app.storage import ImageStorage, StoreFailure
+from app.storage import ImageStorage, StoreFailure, request_prefix
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def delete_request(
 
 
 def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: int, request_id: str) -> None:
-    removed = storage.delete_prefix(f"{request_id}/")
+    removed = storage.delete_prefix(request_prefix(request_id))
     for table in (Image, Product):
         while True:
             with sessions.begin() as session:
@@ -90,6 +90,13 @@ def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: 
             .where(ProcessingRequest.id == request_pk)
             .execution_options(synchronize_session=False)
         )
+    # Once more now the rows are gone: an output a stale claim stored since the first
+    # pass goes here; one stored after this, its recording finds the request gone and
+    # removes (ImageLedger.record_outcomes).
+    try:
+        removed += storage.delete_prefix(request_prefix(request_id))
+    except StoreFailure as failure:  # the rows are gone: the request is deleted all the same
+        log.warning("request %s: a late output may be left: %s", request_id, failure.message)
     log.info("deleted request %s and %d outputs", request_id, removed, extra={"request_id": request_id})
 
 

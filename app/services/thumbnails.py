@@ -1,53 +1,40 @@
-"""Small JPEGs of the outputs, for pages that show hundreds of them at once.
+"""Thumbnails as the web process serves them: stored bytes, never a decode.
 
-Made from the stored output on first request and kept in the same storage under the
-request's prefix (`{request_id}/thumbs/{image_id}.jpg`), so deleting a request's outputs
-removes its thumbnails too.
+The image stage makes each output's thumbnail from the output's pixels, under the worker's
+memory budget, and stores it beside the output (`{request_id}/thumbs/{image_id}.jpg`,
+app/storage thumbnail_key), so deleting a request's outputs removes its thumbnails too.
+Outputs stored before the stage made thumbnails have none: they get a placeholder
+rather than a decode in the web process, where nothing bounds the memory it takes.
 """
 
-import io
-import logging
+from dataclasses import dataclass
 
-from PIL import Image
+from app.storage import JPEG_CONTENT_TYPE, ImageStorage, output_key, thumbnail_key
 
-from app.storage import ImageStorage, StoreFailure, output_key
-
-log = logging.getLogger(__name__)
-
-THUMBNAIL_LONG_SIDE = 240
-THUMBNAIL_QUALITY = 75
-
-
-def thumbnail_key(request_id: str, image_id: int) -> str:
-    return f"{request_id}/thumbs/{image_id}.jpg"
+PLACEHOLDER_CONTENT_TYPE = "image/svg+xml"
+PLACEHOLDER = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="240" height="240" viewBox="0 0 240 240">'
+    b'<rect width="240" height="240" fill="#e8e8e8"/>'
+    b'<text x="120" y="126" font-family="sans-serif" font-size="16" text-anchor="middle" '
+    b'fill="#555">no preview</text></svg>'
+)
 
 
-def make_thumbnail(output: bytes, long_side: int = THUMBNAIL_LONG_SIDE) -> bytes:
-    """A JPEG at most long_side pixels on its long side; the output's own when smaller."""
-    with Image.open(io.BytesIO(output)) as image:
-        # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT, so a
-        # large output costs a fraction of a full decode.
-        image.draft("RGB", (long_side, long_side))
-        image.thumbnail((long_side, long_side))
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY, optimize=True)
-        return buffer.getvalue()
+@dataclass(frozen=True)
+class Thumbnail:
+    data: bytes
+    content_type: str
+    placeholder: bool = False  # the output has no stored thumbnail
 
 
-def output_thumbnail(storage: ImageStorage, request_id: str, image_id: int, extension: str = "jpg") -> bytes:
-    """The thumbnail of an output, made and stored the first time it is asked for;
-    FileNotFoundError when the output does not exist."""
-    key = thumbnail_key(request_id, image_id)
+def stored_thumbnail(storage: ImageStorage, request_id: str, image_id: int, extension: str) -> Thumbnail:
+    """The stored thumbnail of an output, or the placeholder for an output stored without
+    one; FileNotFoundError when neither the thumbnail nor the output exists. Raises
+    StoreFailure when the storage cannot be read."""
     try:
-        return storage.open(key)
+        return Thumbnail(storage.open(thumbnail_key(request_id, image_id)), JPEG_CONTENT_TYPE)
     except FileNotFoundError:
         pass
-    thumbnail = make_thumbnail(storage.open(output_key(request_id, image_id, extension)))
-    try:
-        storage.save(key, thumbnail)
-    except StoreFailure as exc:
-        # The thumbnail is still good to send; it is made again next time.
-        log.warning("could not keep the thumbnail %s: %s", key, exc)
-    return thumbnail
+    if not storage.exists(output_key(request_id, image_id, extension)):
+        raise FileNotFoundError(f"no output {output_key(request_id, image_id, extension)}")
+    return Thumbnail(PLACEHOLDER, PLACEHOLDER_CONTENT_TYPE, placeholder=True)

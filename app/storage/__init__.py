@@ -4,7 +4,8 @@
     s3.py      an S3-compatible bucket (AWS, MinIO, Ceph, R2)
 
 The database stores each output's key (`{request_id}/{image_id}.jpg`, or `.webp`/`.avif`
-for a batch that asks for that format), never a URL: URLs
+for a batch that asks for that format), never a URL; its thumbnail is stored beside it
+(`{request_id}/thumbs/{image_id}.jpg`, thumbnail_key). URLs
 are built when read (OutputUrls), so a new PUBLIC_BASE_URL, MEDIA_PUBLIC_BASE_URL or
 storage backend changes every link at once. Keys come from database ids only, and the
 same image always gets the same key, so processing it twice overwrites rather than adds.
@@ -36,6 +37,17 @@ def output_key(request_id: str, image_id: int, extension: str = "jpg") -> str:
     return f"{request_id}/{image_id}.{extension}"
 
 
+def thumbnail_key(request_id: str, image_id: int) -> str:
+    """The thumbnail stored beside an output: under the request's prefix, so it goes with
+    the request's outputs."""
+    return f"{request_id}/thumbs/{image_id}.jpg"
+
+
+def request_prefix(request_id: str) -> str:
+    """The prefix of every key stored for a request (outputs and thumbnails)."""
+    return f"{request_id}/"
+
+
 class ImageStorage(Protocol):
     def save(self, key: str, data: bytes, content_type: str = JPEG_CONTENT_TYPE) -> None:
         """Store data under key, whole or not at all; raises StoreFailure."""
@@ -43,11 +55,19 @@ class ImageStorage(Protocol):
     def open(self, key: str) -> bytes:
         """The bytes stored under key; FileNotFoundError when there are none."""
 
+    def exists(self, key: str) -> bool:
+        """Whether something is stored under key, without reading it; raises StoreFailure."""
+
     def delete_prefix(self, key_prefix: str) -> int:
         """Remove every output under key_prefix (e.g. "{request_id}/"); returns how many."""
 
     def check(self) -> str | None:
         """None when outputs can be stored; otherwise a sentence saying what is wrong."""
+
+
+def delete_requests_outputs(storage: ImageStorage, request_ids: set[str]) -> int:
+    """Remove everything stored for these requests; returns how many keys went."""
+    return sum(storage.delete_prefix(request_prefix(request_id)) for request_id in sorted(request_ids))
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,9 @@ class LocalFileStorage:
         with open(self.path_for(key), "rb") as stored:
             return stored.read()
 
+    def exists(self, key: str) -> bool:
+        return self.path_for(key).is_file()
+
     def delete_prefix(self, key_prefix: str) -> int:
         folder = self.root / key_prefix
         if not key_prefix.strip("/") or not folder.is_dir():

@@ -155,6 +155,18 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StoreFailure(f"could not read {object_key}: {self._describe(exc)}", retryable=True) from exc
 
+    def exists(self, key: str) -> bool:
+        object_key = self._object_key(key)
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=object_key)
+        except ClientError as exc:
+            if _error_code(exc) in {"NoSuchKey", "404"}:
+                return False
+            raise StoreFailure(f"could not read {object_key}: {self._describe(exc)}", retryable=True) from exc
+        except BotoCoreError as exc:
+            raise StoreFailure(f"could not read {object_key}: {self._describe(exc)}", retryable=True) from exc
+        return True
+
     def delete_prefix(self, key_prefix: str) -> int:
         """Delete every object whose key starts with prefix + key_prefix; return how many.
 
