@@ -33,7 +33,7 @@ from app.tasks import (
     record_outcomes,
     renew_leases_until,
 )
-from app.webhooks.delivery import WebhookDeliverer
+from app.webhooks.delivery import WebhookDeliverer, log_attempt_failure
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ class InProcessRunner:
                                 continue
                             in_flight.add(event_id)
                         future = pool.submit(self.deliverer.attempt, event_id)
+                        future.add_done_callback(log_attempt_failure)
                         future.add_done_callback(lambda _, event_id=event_id: finished(event_id))
                     wait = self.deliverer.seconds_until_next_due()
                 except Exception:
