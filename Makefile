@@ -27,8 +27,8 @@ install-dev: $(VENV)/.dev-installed ## Add the test and lint tools
 run: install ## Apply migrations and serve on HOST:PORT (settings from the environment or .env)
 	$(PY) -m app
 
-worker: install ## Start a Celery worker (TASK_BACKEND=celery; same settings as `make run`)
-	$(PY) -m celery --app app.runners.celery_worker worker --loglevel INFO --without-gossip --without-mingle
+worker: install ## Start a Celery worker (TASK_BACKEND=celery; same settings as `make run`; run several per host)
+	$(PY) -m app.runners
 
 migrate: install ## Apply Alembic migrations to DATABASE_URL
 	$(PY) -m alembic upgrade head

@@ -35,8 +35,11 @@ def storage_config(settings: Settings) -> StorageConfig:
         s3_bucket=settings.s3_bucket,
         s3_prefix=settings.s3_prefix,
         s3_endpoint_url=settings.s3_endpoint_url,
-        s3_region=settings.s3_region,
+        s3_region=settings.s3_region or settings.aws_default_region,
         s3_presign_seconds=settings.s3_presign_seconds,
+        s3_access_key_id=settings.aws_access_key_id,
+        s3_secret_access_key=settings.aws_secret_access_key,
+        s3_session_token=settings.aws_session_token,
     )
 
 

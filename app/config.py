@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     s3_endpoint_url: str = ""
     s3_region: str = ""
     s3_presign_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    # boto3 reads only the process environment; read here, they also work from .env.
+    aws_access_key_id: str = ""
+    aws_secret_access_key: str = ""
+    aws_session_token: str = ""
+    aws_default_region: str = ""
+    # Celery node name of a worker (`make worker`); empty: worker-<pid>@<host>, unique per host.
+    worker_name: str = ""
 
     jpeg_quality: int = Field(50, ge=1, le=95)
     jpeg_optimize: bool = True
@@ -149,9 +156,19 @@ class Settings(BaseSettings):
         return self
 
 
+ENV_FILE_VARIABLE = "ENV_FILE"
+
+
+def env_file() -> str | None:
+    """The dotenv file the settings read: .env in the working directory, another file
+    named by ENV_FILE, or none when ENV_FILE is set empty (the tests do, so that a
+    developer's .env never reaches the processes they start)."""
+    return os.environ.get(ENV_FILE_VARIABLE, ".env") or None
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    return Settings(_env_file=env_file())
 
 
 def settings_or_exit() -> Settings:

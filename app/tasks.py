@@ -26,7 +26,7 @@ from app.ledger.image_ledger import ImageLedger
 from app.ledger.units import ImageOutcome, WorkUnit
 from app.pipeline.processes import ImageProcessCrashed, ImageProcessLost
 from app.pipeline.stages import StageRunner
-from app.webhooks.delivery import PARALLEL_DELIVERIES, WebhookDeliverer
+from app.webhooks.delivery import PARALLEL_DELIVERIES, WebhookDeliverer, log_attempt_failure
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,7 @@ class WebhookSender:
         with self._lock:
             self._in_flight.discard(event_id)
             send_left_out, self._left_out = self._left_out, False
-        if not future.cancelled() and future.exception() is not None:
-            log.error("webhook event %s: the attempt failed", event_id, exc_info=future.exception())
+        log_attempt_failure(future)
         try:
             if send_left_out:
                 self.send_due()

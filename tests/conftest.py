@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 from fastapi.testclient import TestClient
+
+# No dotenv file for the settings of this process or of any process the tests start: a
+# developer's .env in the checkout must not change what the tests run against.
+os.environ["ENV_FILE"] = ""
+
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 

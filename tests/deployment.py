@@ -97,10 +97,15 @@ def _kill_pids(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-class WorkerProcess:
-    """One Celery worker (`make worker`'s command) with a node name of its own."""
+# What `make worker` runs: the node name is the worker's own choice (unique on the host).
+MAKE_WORKER_COMMAND = [sys.executable, "-m", "app.runners"]
 
-    def __init__(self, env: dict[str, str], log_path: Path, name: str):
+
+class WorkerProcess:
+    """One Celery worker with the node name given, or, without one, `make worker`'s
+    command choosing its own."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str | None):
         self.env = env
         self.log_path = log_path
         self.name = name
@@ -111,8 +116,9 @@ class WorkerProcess:
     def spawn(self) -> None:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        command = MAKE_WORKER_COMMAND if self.name is None else [*WORKER_COMMAND, "--hostname", self.name]
         self.process = subprocess.Popen(
-            [*WORKER_COMMAND, "--hostname", self.name],
+            command,
             cwd=PROJECT_ROOT,
             env=self.env,
             stdout=log,
@@ -229,21 +235,22 @@ class Deployment:
     def kill_api(self) -> None:
         self.api.kill()
 
-    def start_worker(self) -> int:
-        worker = self._spawn_worker()
+    def start_worker(self, named: bool = True) -> int:
+        """Start a worker and wait until it is ready; `named=False` starts it as `make
+        worker` does, naming itself."""
+        worker = self._spawn_worker(named)
         worker.wait_ready()
         return len(self.workers) - 1
 
     def kill_worker(self, index: int) -> None:
         self.workers[index].kill()
 
-    def _spawn_worker(self) -> WorkerProcess:
+    def _spawn_worker(self, named: bool = True) -> WorkerProcess:
         if not self.celery:
             raise RuntimeError("an in-process deployment has no workers: its API does the work")
         index = len(self.workers)
-        worker = WorkerProcess(
-            self.worker_env, self.log_dir / f"worker-{index}.log", f"w{index}-{self.queue}@127.0.0.1"
-        )
+        name = f"w{index}-{self.queue}@127.0.0.1" if named else None
+        worker = WorkerProcess(self.worker_env, self.log_dir / f"worker-{index}.log", name)
         worker.spawn()
         self.workers.append(worker)
         return worker

@@ -20,8 +20,11 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
+    def __init__(
+        self, env: dict[str, str], log_path: Path, port: int | None = None, cwd: Path = PROJECT_ROOT
+    ):
         self.port = port or free_port()
+        self.cwd = cwd
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
@@ -38,7 +41,7 @@ class ServiceProcess:
     def start(self, timeout: float = 30) -> "ServiceProcess":
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log
+            [sys.executable, "-m", "app"], cwd=self.cwd, env=self.env, stdout=log, stderr=log
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -55,6 +55,7 @@ CLOSE_SECONDS = 2.0
 # Decoding and encoding the largest allowed image takes seconds; this is far beyond that.
 STUCK_AFTER_DOWNLOAD_SECONDS = 300.0
 READY = "ready"
+REQUESTED_STOP_EXIT_CODES = frozenset({-signal.SIGTERM, -signal.SIGINT})
 # glibc mallopt parameters (malloc.h) and the values the workers use.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 MMAP_THRESHOLD_BYTES = 256 * 1024 * 1024
@@ -292,10 +293,14 @@ class ImageProcesses:
             worker.tasks.close()
         if closing and not lost:
             return
-        log.error(
-            "image worker %s stopped (exit code %s) holding %d images, decoding %d of them",
+        # SIGTERM or SIGINT to the process group (a service manager's stop, Ctrl-C) reaches
+        # the image workers too: a requested stop, not a fault.
+        requested = worker.process.exitcode in REQUESTED_STOP_EXIT_CODES
+        log.log(
+            logging.INFO if requested else logging.ERROR,
+            "image worker %s stopped (%s) holding %d images, decoding %d of them",
             worker.process.pid,
-            worker.process.exitcode,
+            "on request" if requested else f"exit code {worker.process.exitcode}",
             len(lost),
             len(crashed),
         )

@@ -26,6 +26,19 @@ PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step"
 STORAGE_CHECK_SECONDS = 5.0
 
 
+def worker_settings_problem(settings: Settings) -> str | None:
+    """Why a Celery worker must not start with these settings, if it must not: the API
+    would never publish to it (TASK_BACKEND=inprocess does the work in the web process).
+    SQLite with celery is refused by the settings themselves."""
+    if settings.task_backend != "celery":
+        return (
+            f"a Celery worker needs TASK_BACKEND=celery (it is {settings.task_backend}: the web "
+            "process does the work itself), with a database every worker reaches, such as "
+            "PostgreSQL (DATABASE_URL=postgresql+psycopg2://...)"
+        )
+    return None
+
+
 def make_celery(settings: Settings) -> Celery:
     celery = Celery("image_service", broker=settings.celery_broker_url, set_as_current=False)
     celery.conf.update(

@@ -22,14 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from amqp.exceptions import ChannelError
 from celery import signals
+from celery.apps.worker import install_worker_int_handler
+from celery.platforms import EX_OK
 from prometheus_client import start_http_server
 from sqlalchemy import text
 
 from app.composition import Parts, build_parts
 from app.config import settings_or_exit
+from app.db.migrate import database_or_exit
 from app.ledger.held import HeldClaims, renew_leases_until
 from app.logs import configure_logging, secrets_of
-from app.runners.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery
+from app.runners.celery_app import DELIVER_WEBHOOKS, PROCESS_IMAGES, make_celery, worker_settings_problem
 from app.runners.celery_app import publish as publish_hint
 from app.services.lifecycle import purge_expired
 from app.tasks import RetentionSweep, WebhookSender, claim_batch_size, process_next_images
@@ -185,8 +188,15 @@ def waiting_hints() -> int:
 @signals.worker_init.connect
 def _start_runtime(**_) -> None:
     global _runtime
+    problem = worker_settings_problem(settings)
+    if problem:
+        raise SystemExit(f"the worker cannot start: {problem}")
+    database_or_exit(settings.database_url)
     configure_logging(settings.log_format, settings.log_level, secrets=secrets_of(settings))
     parts = build_parts(settings, runs_images=True)
+    storage_problem = parts.storage.check()
+    if storage_problem:  # images wait until it is fixed; say so now, not at the first image
+        log.error("storage check at start-up: %s", storage_problem)
     _runtime = WorkerRuntime(parts)
     if settings.metrics_port:
         # Each worker its own port: scrape every worker (docs/operations.md, Metrics).
@@ -195,6 +205,15 @@ def _start_runtime(**_) -> None:
         )
         log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     _runtime.start()
+
+
+@signals.worker_ready.connect
+def _ctrl_c_is_a_requested_stop(sender, **_) -> None:
+    """Celery ends the warm shutdown of a first Ctrl-C with exit status 1, as for a
+    failure (`make worker` then reports an error); it is a stop asked for, as SIGTERM
+    is, so it exits 0. A second Ctrl-C still forces a cold shutdown. Installed once the
+    worker is ready: Celery installs its own handlers as it starts."""
+    install_worker_int_handler(sender.controller, exitcode=EX_OK)
 
 
 @signals.worker_shutting_down.connect

@@ -12,7 +12,7 @@ same image always gets the same key, so processing it twice overwrites rather th
 Every failure to store is transient (StoreFailure): the image waits and is tried again.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -81,6 +81,10 @@ class StorageConfig:
     s3_endpoint_url: str = ""
     s3_region: str = ""
     s3_presign_seconds: int = 3600
+    # Empty: boto3's standard chain (environment, profile, instance role).
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = field(default="", repr=False)
+    s3_session_token: str = field(default="", repr=False)
 
 
 def build_storage(config: StorageConfig, *, connections: int = 16) -> ImageStorage:
@@ -93,6 +97,9 @@ def build_storage(config: StorageConfig, *, connections: int = 16) -> ImageStora
             endpoint_url=config.s3_endpoint_url or None,
             region=config.s3_region or None,
             presign_seconds=config.s3_presign_seconds,
+            access_key_id=config.s3_access_key_id or None,
+            secret_access_key=config.s3_secret_access_key or None,
+            session_token=config.s3_session_token or None,
             max_pool_connections=connections,
         )
     from app.storage.local import LocalFileStorage

@@ -7,8 +7,9 @@ throttled or failing service, and also a refused or missing bucket, which an ope
 fixes in the configuration; none of them says anything about the customer's image, which
 waits and is tried again (the ledger's retry_at backoff).
 
-Credentials come from boto3's standard chain (environment, profiles, instance roles) and
-never appear in messages.
+Credentials are the settings' AWS_* values when given (so they work from .env too), else
+boto3's standard chain (environment, profiles, instance roles); they never appear in
+messages.
 """
 
 import boto3
@@ -65,6 +66,9 @@ class S3Storage:
         endpoint_url: str | None = None,
         region: str | None = None,
         presign_seconds: int = 3600,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
         client: BaseClient | None = None,
         max_pool_connections: int = 16,
         connect_timeout: float = 3.0,
@@ -84,6 +88,11 @@ class S3Storage:
             else self._build_client(
                 endpoint_url=endpoint_url,
                 region=region,
+                credentials={
+                    "aws_access_key_id": access_key_id,
+                    "aws_secret_access_key": secret_access_key,
+                    "aws_session_token": session_token,
+                },
                 max_pool_connections=max_pool_connections,
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
@@ -96,6 +105,7 @@ class S3Storage:
         *,
         endpoint_url: str | None,
         region: str | None,
+        credentials: dict[str, str | None],
         max_pool_connections: int,
         connect_timeout: float,
         read_timeout: float,
@@ -118,7 +128,9 @@ class S3Storage:
             options["response_checksum_validation"] = "when_required"
         # A session of its own: boto3's default session is not safe to share across threads.
         session = boto3.session.Session()
-        return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options))
+        return session.client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=Config(**options), **credentials
+        )
 
     def _object_key(self, key: str) -> str:
         if not key or key.startswith("/"):

@@ -9,6 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 
 import requests
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
 from app.db.models import WebhookDelivery, WebhookEvent, WebhookState
-from app.net.failures import NetworkFailure
+from app.net.failures import BlockedAddress, InvalidUrl, NetworkFailure
 from app.net.guard import wall_clock_deadline
 from app.net.urls import check_url
 from app.webhooks.signing import signature_headers
@@ -30,6 +31,8 @@ PARALLEL_DELIVERIES = 4
 RESPONSE_EXCERPT_CHARS = 500
 MAX_RETRY_AFTER = timedelta(hours=24)
 CLAIM_LEASE = timedelta(minutes=5)
+# The receiver's address is refused by the guard: asking again later gets the same answer.
+PERMANENT_FAILURES = (BlockedAddress, InvalidUrl)
 
 
 def parse_retry_after(value: str | None, now: datetime) -> timedelta | None:
@@ -135,7 +138,7 @@ class WebhookDeliverer:
         if claimed is None:
             return False
 
-        status_code, error, excerpt, retry_after, duration_ms = self._send(
+        status_code, error, excerpt, retry_after, duration_ms, permanent = self._send(
             claimed.url, claimed.webhook_id, claimed.payload
         )
         finished_at = utcnow()
@@ -144,13 +147,38 @@ class WebhookDeliverer:
         if delivered:
             values = {"state": WebhookState.DELIVERED, "delivered_at": finished_at}
             outcome = "delivered"
-        elif attempts_in_budget >= self.max_attempts:
+        elif permanent or attempts_in_budget >= self.max_attempts:
             values = {"state": WebhookState.FAILED}
             outcome = "exhausted"
         else:
             outcome = "failed"
             wait = max(self.backoff(attempts_in_budget), retry_after or timedelta(0))
             values = {"next_attempt_at": finished_at + wait}
+        try:
+            self._record_attempt(claimed, event_id, now, status_code, error, excerpt, duration_ms, values)
+        except Exception:
+            self._after_unrecorded_attempt(
+                event_id,
+                claimed.webhook_id,
+                claimed.attempts,
+                error,
+                finished_at + self.backoff(attempts_in_budget),
+            )
+            return True
+        if self.on_attempt is not None:
+            self.on_attempt(outcome)
+        if not delivered:
+            log.info(
+                "webhook %s attempt %d failed: %s",
+                claimed.webhook_id,
+                claimed.attempts,
+                error,
+            )
+        return True
+
+    def _record_attempt(
+        self, claimed, event_id, now, status_code, error, excerpt, duration_ms, values
+    ) -> None:
         with self.sessions.begin() as session:
             session.add(
                 WebhookDelivery(
@@ -179,21 +207,44 @@ class WebhookDeliverer:
                     **values,
                 )
             )
-        if self.on_attempt is not None:
-            self.on_attempt(outcome)
-        if not delivered:
-            log.info(
-                "webhook %s attempt %d failed: %s",
-                claimed.webhook_id,
-                claimed.attempts,
-                error,
+
+    def _after_unrecorded_attempt(
+        self, event_id: int, webhook_id: str, attempt: int, error: str | None, retry_at: datetime
+    ) -> None:
+        """The attempt was made but its delivery row could not be written. An event whose
+        request was deleted meanwhile went with it: nothing is left to deliver. Any other
+        event is released for a later attempt rather than staying claimed for CLAIM_LEASE;
+        a delivery that succeeded may then be sent twice, as at-least-once allows."""
+        what = f"webhook {webhook_id} attempt {attempt} ({error or 'delivered'})"
+        try:
+            with self.sessions.begin() as session:
+                released = session.execute(
+                    update(WebhookEvent)
+                    .where(WebhookEvent.id == event_id, WebhookEvent.attempts == attempt)
+                    .values(claimed_at=None, next_attempt_at=retry_at)
+                ).rowcount
+                exists = released or session.scalar(
+                    select(WebhookEvent.id).where(WebhookEvent.id == event_id)
+                )
+        except Exception:
+            log.exception(
+                "%s could not be recorded, nor its claim released: it is attempted again once "
+                "the claim expires",
+                what,
             )
-        return True
+            return
+        if released:
+            log.exception("%s could not be recorded; the event is released for another attempt", what)
+        elif exists:
+            log.exception("%s could not be recorded; the event was attempted again meanwhile", what)
+        else:
+            log.warning("%s not recorded: its request was deleted meanwhile", what)
 
     def _send(self, url: str, webhook_id: str, payload: str):
         """Never raises: whatever goes wrong becomes the attempt's error, so the attempt is
         recorded and the event retried or failed instead of staying claimed."""
         start = time.perf_counter()
+        permanent = False  # True when no later attempt can succeed either
         try:
             body = payload.encode()
             headers = {"content-type": "application/json"}
@@ -203,6 +254,7 @@ class WebhookDeliverer:
                 return self._post(url, body, headers, start)
         except NetworkFailure as failure:
             error = f"{failure.code}: {failure.message}"
+            permanent = isinstance(failure, PERMANENT_FAILURES)
         except requests.exceptions.RequestException as exc:
             # The deadline reaper's shutdown surfaces as a connection error: time decides.
             timed_out = isinstance(exc, requests.exceptions.Timeout) or (
@@ -217,7 +269,7 @@ class WebhookDeliverer:
             # The receiver's owner reads this error; the details are for the operator's log.
             log.exception("webhook %s: the attempt could not be made", webhook_id)
             error = f"internal_error: the request could not be prepared or sent ({exc.__class__.__name__})"
-        return None, error, None, None, _ms(start)
+        return None, error, None, None, _ms(start), permanent
 
     def _post(self, url: str, body: bytes, headers: dict, start: float):
         response = self.http.post(
@@ -231,7 +283,17 @@ class WebhookDeliverer:
             excerpt = head.decode("utf-8", "replace")[:RESPONSE_EXCERPT_CHARS] or None
             error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
             retry_after = parse_retry_after(response.headers.get("retry-after"), utcnow())
-            return response.status_code, error, excerpt, retry_after, _ms(start)
+            return response.status_code, error, excerpt, retry_after, _ms(start), False
+
+
+def log_attempt_failure(future: Future) -> None:
+    """A done-callback for a future running WebhookDeliverer.attempt: what it raised is
+    logged, never dropped with the future."""
+    if future.cancelled():
+        return
+    error = future.exception()
+    if error is not None:
+        log.error("a webhook attempt failed", exc_info=error)
 
 
 def _ms(start: float) -> int:
