@@ -106,4 +106,10 @@ def configure_logging(
 
 def secrets_of(settings) -> list[str]:
     """The configured values that must never be logged."""
-    return [*settings.api_key_list, settings.webhook_secret, settings.metrics_token]
+    return [
+        *settings.api_key_list,
+        settings.webhook_secret,
+        settings.metrics_token,
+        settings.aws_secret_access_key,
+        settings.aws_session_token,
+    ]

@@ -34,7 +34,12 @@ def lines(stream: io.StringIO) -> list[dict]:
 
 
 def test_json_lines_name_images_and_requests_and_hide_secrets(make_settings, image_server, json_log):
-    settings = make_settings(api_keys="key-secret-1", webhook_secret=SECRET)
+    settings = make_settings(
+        api_keys="key-secret-1",
+        webhook_secret=SECRET,
+        aws_secret_access_key="aws-secret-2",
+        aws_session_token="aws-token-3",
+    )
     configure_logging("json", "INFO", secrets=secrets_of(settings), stream=json_log)
     missing = f"{image_server.base_url}/missing.jpg"
     with TestClient(create_app(settings)) as client:
@@ -44,7 +49,8 @@ def test_json_lines_name_images_and_requests_and_hide_secrets(make_settings, ima
         ).json()["request_id"]
         wait_finished(client, request_id, headers=auth)
         logging.getLogger("app.test").warning(
-            "a careless line: key-secret-1 %s https://b.s3.amazonaws.com/k.jpg?X-Amz-Signature=abc123&x=1",
+            "a careless line: key-secret-1 %s aws-secret-2 aws-token-3 "
+            "https://b.s3.amazonaws.com/k.jpg?X-Amz-Signature=abc123&x=1",
             SECRET,
         )
 
@@ -56,6 +62,7 @@ def test_json_lines_name_images_and_requests_and_hide_secrets(make_settings, ima
     assert any(e["route"] == "/status/{request_id}" and "duration_ms" in e for e in access)
     text = json_log.getvalue()
     assert "key-secret-1" not in text and SECRET not in text and "abc123" not in text
+    assert "aws-secret-2" not in text and "aws-token-3" not in text
     assert "X-Amz-Signature=[redacted]" in text
 
 
