@@ -185,3 +185,36 @@ def test_only_the_owning_key_retries(make_settings, image_server):
         assert retried.status_code == 202 and retried.json()["retried_images"] == 1
         assert wait_finished(client, request_id, headers=owner)["status"] == "failed"
         assert image_server.hits_for(missing) == 2
+
+
+def test_retries_at_once_retry_each_image_once_and_finish_once(make_settings, image_server, webhook_receiver):
+    missing = [image_server.add(b"gone", "text/plain", status=404, suffix=".jpg") for _ in range(6)]
+    hook = webhook_receiver.new_url()
+    with TestClient(create_app(make_settings())) as client:
+        rows = [(1, "P", missing), (2, "Q", missing[:3])]  # 3 copies
+        request_id = upload(client, csv_of(rows), hook).json()["request_id"]
+        assert wait_finished(client, request_id)["status"] == "failed"
+        webhook_receiver.wait_for(hook)
+        start = threading.Barrier(4)
+        answers = []
+
+        def retry():
+            start.wait()
+            answers.append(client.post(f"/requests/{request_id}/retry"))
+
+        threads = [threading.Thread(target=retry) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        retried = [answer.json()["retried_images"] for answer in answers if answer.status_code == 202]
+        assert sorted(retried)[-1] == 9 and sum(retried) == 9, [a.json() for a in answers]
+        assert all(answer.status_code in (202, 409) for answer in answers)
+
+        status = wait_finished(client, request_id)
+        assert status["status"] == "failed"
+        assert (status["progress"]["processed_images"], status["progress"]["failed_images"]) == (0, 9)
+        assert all(image_server.hits_for(url) == 2 for url in missing)
+        assert len(webhook_receiver.wait_for(hook, count=2)) == 2
+        time.sleep(0.5)
+        assert len(webhook_receiver.received(hook)) == 2
