@@ -14,21 +14,7 @@ from app.db.session import build_engine
 from app.main import create_app
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.servers import send
-
-
-class UnpublishedImage:
-    """An image its server answers 404 for until it is published, then 200."""
-
-    def __init__(self, body: bytes):
-        self.body = body
-        self.published = threading.Event()
-
-    def __call__(self, request) -> None:
-        if self.published.is_set():
-            send(request, 200, self.body, {"Content-Type": "image/jpeg"})
-        else:
-            send(request, 404, b"not yet", {"Content-Type": "text/plain"})
+from tests.servers import UnpublishedImage, send
 
 
 def gated_image(gate: threading.Event, body: bytes):
