@@ -90,6 +90,20 @@ def delayed(body: bytes, seconds: float, content_type: str = "image/jpeg") -> Ha
     return handler
 
 
+class UnpublishedImage:
+    """An image its server answers 404 for until it is published, then 200."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+        self.published = threading.Event()
+
+    def __call__(self, request) -> None:
+        if self.published.is_set():
+            send(request, 200, self.body, {"Content-Type": "image/jpeg"})
+        else:
+            send(request, 404, b"not yet", {"Content-Type": "text/plain"})
+
+
 class LocalServer(_BaseServer):
     """Serves registered bodies or custom handlers by path."""
 

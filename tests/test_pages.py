@@ -27,7 +27,7 @@ from app.pipeline import failures
 from app.storage.local import LocalFileStorage
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.servers import Handler, delayed
+from tests.servers import Handler, UnpublishedImage, delayed
 from tests.service_process import ServiceProcess
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
@@ -467,6 +467,36 @@ def test_a_bad_csv_shows_each_problem_by_line_and_stores_nothing(chromium, start
     assert page.get_by_label("CSV file").is_visible()
     assert service.get("/requests").json()["items"] == []
     assert browser.errors_besides(422) == []
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_retry_failed_images_from_the_request_page(
+    chromium, start_service, image_server, webhook_receiver, tmp_path
+):
+    service = start_service()
+    unpublished = UnpublishedImage(images.jpeg((300, 200)))
+    late = image_server.add_handler(unpublished, ".jpg")
+    good = image_server.add(images.jpeg(), suffix=".jpg")
+    hook = webhook_receiver.new_url()
+    browser = BrowserPage(chromium, service.base_url)
+    page = browser.page
+    upload_through_the_page(page, write_csv(tmp_path, [(1, "Shoe", [good, late])]), hook)
+    page.wait_for_url(re.compile(r"/requests/[0-9a-f-]{36}$"))
+    page.get_by_text("completed, with errors").wait_for(timeout=30_000)
+    retry = page.get_by_role("button", name="Retry failed images")
+    assert retry.is_visible()
+    assert page.locator("code", has_text="http_404").is_visible()
+
+    unpublished.published.set()
+    retry.click()
+    page.get_by_text("The retried images are done.").wait_for(timeout=30_000)
+    assert page.locator("#request-status").inner_text() == "completed"
+    assert "2 of 2 images finished: 2 succeeded, 0 failed" in page.locator("#counts").inner_text()
+    assert not retry.is_visible()  # nothing failed any more
+    wait_until_true(page, "document.querySelectorAll('#products img').length === 2")
+    assert len(webhook_receiver.wait_for(hook, 2)) == 2
+    assert browser.errors == []
 
 
 @pytest.mark.slow

@@ -8,14 +8,20 @@ The Celery runners need PostgreSQL (TEST_DATABASE_URL); on SQLite they are skipp
 """
 
 import pytest
+from standardwebhooks import Webhook
 
+from tests import images
+from tests.conftest import csv_of
 from tests.deployment import (
     RUNNERS,
+    WEBHOOK_SECRET,
+    RequestState,
     assert_completed_with_one_output_each,
     assert_webhook_delivered_once,
     local_stored_keys,
     slow_batch,
 )
+from tests.servers import UnpublishedImage
 
 pytestmark = pytest.mark.slow
 
@@ -76,3 +82,31 @@ def test_sigkill_of_the_process_doing_the_work_mid_batch(
         deployment, request_id, count, local_stored_keys(tmp_path / "media")
     )
     assert_webhook_delivered_once(deployment, webhook_receiver, hook, request_id)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_retried_failed_images_are_done_by_the_runner_and_the_request_finishes_again(
+    runner, deploy, image_server, webhook_receiver
+):
+    deployment = deploy(runner)
+    unpublished = [UnpublishedImage(images.jpeg((64, 48))) for _ in range(4)]
+    late = [image_server.add_handler(image, ".jpg") for image in unpublished]
+    good = [image_server.add(images.jpeg((64, 48)), suffix=".jpg") for _ in range(2)]
+    hook = webhook_receiver.new_url()
+    request_id = deployment.upload(csv_of([(1, "P", late[:2] + good), (2, "Q", late[2:])]), hook)
+    assert deployment.wait_done(request_id, timeout=60) == RequestState("completed_with_errors", 6, 2, 4)
+    (first,) = webhook_receiver.wait_for(hook, 1, timeout=30)
+
+    for image in unpublished:
+        image.published.set()
+    retried = deployment.api.post(f"/requests/{request_id}/retry")
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["status"] == "processing" and retried.json()["retried_images"] == 4
+
+    assert deployment.wait_done(request_id, timeout=60) == RequestState("completed", 6, 6, 0)
+    received = webhook_receiver.wait_for(hook, 2, timeout=30)
+    assert len(received) == 2
+    assert received[1].headers["webhook-id"] != first.headers["webhook-id"]
+    payload = Webhook(WEBHOOK_SECRET).verify(received[1].body, received[1].headers)
+    assert (payload["status"], payload["processed_images"], payload["failed_images"]) == ("completed", 6, 0)
+    assert all(key is not None for key in deployment.output_keys(request_id))

@@ -6,6 +6,8 @@ whole (ERROR_SENTENCES_FOR_PAGES), so the browser and describe_image_error() agr
 
 import re
 
+from app.errors import InvalidInput
+
 IMAGE_ERROR_SENTENCES: dict[str, str] = {
     "invalid_url": "the URL is not a valid http or https address: check the URL",
     "blocked_address": "the URL points to a private or local network address, which is not fetched",
@@ -50,3 +52,20 @@ def describe_image_error(code: str) -> str:
         template = HTTP_STATUS_SENTENCES.get(status) or HTTP_STATUS_SENTENCES[family]
         return template.format(status=status)
     return IMAGE_ERROR_SENTENCES.get(code, f"the image failed ({code})")
+
+
+def parse_error_codes(text: str | None) -> frozenset[str] | None:
+    """Error codes given as `http_404,http_429` (commas or spaces between them); None when
+    none is given. A code no image can fail with is refused, naming each such code."""
+    codes = frozenset(code for code in re.split(r"[\s,]+", text or "") if code)
+    if not codes:
+        return None
+    unknown = sorted(
+        code for code in codes if code not in IMAGE_ERROR_SENTENCES and not _HTTP_CODE.fullmatch(code)
+    )
+    if unknown:
+        raise InvalidInput(
+            f"codes: unknown error codes: {', '.join(c[:64] for c in unknown[:20])}",
+            unknown_codes=[c[:64] for c in unknown[:20]],
+        )
+    return codes

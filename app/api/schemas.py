@@ -195,6 +195,12 @@ class OutputOptionsOut(BaseModel):
     progressive: bool = False
 
 
+class RetryAccepted(RequestSummary):
+    retried_images: int = Field(
+        description="images (rows) back to pending; 0 when the request had no failed image with those codes"
+    )
+
+
 class RequestStatusOut(RequestSummary):
     options: OutputOptionsOut = Field(description="the output options the request was uploaded with")
     webhook: WebhookStatus | None

@@ -12,6 +12,9 @@
                                             request ends `cancelled` when nothing of it is
                                             in flight any more (at once, or when the last
                                             outcome is recorded)
+    retry_failed(session, request_pk, codes) failed images of a finished request back to
+                                            pending, their copies with them; the request
+                                            runs (and finishes) again
 
 What happens between a claim and its outcome (fetch -> compress -> store) is the
 stages' business (app/pipeline/), and which process does it is the runner's
@@ -25,7 +28,7 @@ are not the image's fault and charge nothing.
 """
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -118,6 +121,50 @@ class Cancellation:
     cancelled_images: int
     event_id: int | None = None
     finished_before: bool = False  # the request had already finished (not by a cancel)
+
+
+@dataclass(frozen=True)
+class FailedImagesRetry:
+    """What a retry did: the request's status before it, and how many images (copies
+    included) went back to pending; none when the request was not retryable or had no
+    failed image with the codes asked for."""
+
+    status_before: str
+    retried_images: int
+
+    @property
+    def retryable(self) -> bool:
+        return self.status_before in RETRYABLE_REQUEST_STATUSES
+
+
+# A cancelled request is not run again: its cancel would end it again at once.
+RETRYABLE_REQUEST_STATUSES = (
+    RequestStatus.COMPLETED,
+    RequestStatus.COMPLETED_WITH_ERRORS,
+    RequestStatus.FAILED,
+)
+
+# What an image's earlier try left behind; a retried image starts clean but keeps its
+# attempts, the token that makes an outcome of an earlier claim stale.
+_CLEARED_BY_RETRY = {
+    name: None
+    for name in (
+        "output_key",
+        "error_code",
+        "error_message",
+        "input_bytes",
+        "output_bytes",
+        "width",
+        "height",
+        "source_format",
+        "fetch_ms",
+        "compress_ms",
+        "kept_original",
+        "claimed_at",
+        "retry_at",
+        "finished_at",
+    )
+}
 
 
 class ImageLedger:
@@ -412,6 +459,65 @@ class ImageLedger:
                 select(ProcessingRequest.status).where(ProcessingRequest.id == request_pk)
             )
         return Cancellation(status, cancelled, event_id)
+
+    def retry_failed(
+        self, session: Session, request_pk: int, error_codes: Collection[str] | None = None
+    ) -> FailedImagesRetry:
+        """Put the failed images of a finished request (those with one of `error_codes`,
+        or all) back to pending, in the caller's transaction; their copies become copies
+        again and take the new result. The request is `processing` again, its
+        failed_images less those images, so _count_and_maybe_finish finishes it once more,
+        with a new webhook event, when they are recorded. Changes nothing on a request
+        that is not retryable or has no such image."""
+        connection = session.connection()
+        # The request row first, unlike cancel: a finished request has no image in flight,
+        # so no claim or recording holds one of its images while waiting for this row;
+        # two retries at once queue here and the second finds it running.
+        status_before = connection.scalar(
+            select(ProcessingRequest.status).where(ProcessingRequest.id == request_pk).with_for_update()
+        )
+        if status_before not in RETRYABLE_REQUEST_STATUSES:
+            return FailedImagesRetry(status_before, 0)
+        chosen = [Image.error_code.in_(sorted(error_codes))] if error_codes else []
+        sources = connection.execute(
+            update(Image.__table__)
+            .where(
+                Image.request_pk == request_pk,
+                Image.status == ImageStatus.FAILED,
+                Image.source_image_id.is_(None),
+                *chosen,
+            )
+            .values(status=ImageStatus.PENDING, transient_failures=0, crash_count=0, **_CLEARED_BY_RETRY)
+        ).rowcount
+        if not sources:
+            return FailedImagesRetry(status_before, 0)
+        # A subquery, not a list of ids: a request may have more failed images than a
+        # statement may have parameters. Only the sources just retried are pending.
+        source = Image.__table__.alias("source")
+        retried_sources = (
+            select(source.c.id)
+            .where(source.c.request_pk == request_pk, source.c.status == ImageStatus.PENDING)
+            .scalar_subquery()
+        )
+        copies = connection.execute(
+            update(Image.__table__)
+            .where(
+                Image.request_pk == request_pk,
+                Image.status == ImageStatus.FAILED,
+                Image.source_image_id.in_(retried_sources),
+            )
+            .values(status=ImageStatus.COPY, **_CLEARED_BY_RETRY)
+        ).rowcount
+        connection.execute(
+            update(ProcessingRequest.__table__)
+            .where(ProcessingRequest.id == request_pk)
+            .values(
+                status=RequestStatus.PROCESSING,
+                completed_at=None,
+                failed_images=ProcessingRequest.failed_images - (sources + copies),
+            )
+        )
+        return FailedImagesRetry(status_before, sources + copies)
 
     def _put_back_to_wait(
         self,

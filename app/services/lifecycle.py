@@ -1,6 +1,7 @@
 """The end of a request's life: cancelling it, deleting it, and retention.
 
     cancel_request   its images not yet started never will be (the ledger decides)
+    retry_failed_images  the failed images of a finished request are tried again
     delete_request   outputs, rows (products, images, webhook events and deliveries,
                      idempotency key) of a finished request
     purge_expired    what RETENTION_DAYS no longer keeps, deleted as delete_request
@@ -27,9 +28,10 @@ from app.db.models import (
     Image,
     ProcessingRequest,
     Product,
+    RequestStatus,
 )
 from app.errors import Conflict, ServiceUnavailable
-from app.ledger.image_ledger import Cancellation, ImageLedger
+from app.ledger.image_ledger import Cancellation, FailedImagesRetry, ImageLedger
 from app.storage import ImageStorage, StoreFailure, request_prefix
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,30 @@ def cancel_request(ledger: ImageLedger, request: ProcessingRequest) -> Cancellat
             request_status=cancellation.status,
         )
     return cancellation
+
+
+def retry_failed_images(
+    session: Session,
+    ledger: ImageLedger,
+    request: ProcessingRequest,
+    error_codes: frozenset[str] | None = None,
+) -> FailedImagesRetry:
+    """Put a finished request's failed images (with one of `error_codes`, or all) back to
+    pending in the caller's transaction; the caller dispatches the work after the commit.
+    A request with no such image is left as it is; one still running, or cancelled, is
+    a Conflict."""
+    retry = ledger.retry_failed(session, request.id, error_codes)
+    if not retry.retryable:
+        advice = (
+            "a cancelled request is not run again: upload its CSV again"
+            if retry.status_before == RequestStatus.CANCELLED
+            else "retry its failed images once it has finished"
+        )
+        raise Conflict(
+            f"request {request.request_id} is {retry.status_before}; {advice}",
+            request_status=retry.status_before,
+        )
+    return retry
 
 
 def delete_request(

@@ -185,6 +185,7 @@ function setUpRequestPage() {
   const cursors = [null]; // the cursor of every page up to the one shown
   let nextCursor = null;
   let timer = null;
+  let retrying = false; // a retry was sent from this page and has not finished yet
 
   // Mirrors app/api/image_errors.py:describe_image_error, from the table it sends.
   function describeError(code) {
@@ -286,6 +287,13 @@ function setUpRequestPage() {
     previousButton.hidden = cursors.length === 1;
 
     document.getElementById("finished").hidden = !FINISHED.has(status.status);
+    if (retrying && FINISHED.has(status.status)) {
+      retrying = false;
+      document.getElementById("retry-status").textContent = "The retried images are done.";
+    }
+    // A cancelled request is not run again (the service answers 409).
+    document.getElementById("retry").hidden =
+      !FINISHED.has(status.status) || status.status === "cancelled" || progress.failed_images === 0;
     const webhook = document.getElementById("webhook");
     webhook.hidden = !status.webhook || !FINISHED.has(status.status);
     if (status.webhook) document.getElementById("webhook-state").textContent = describeWebhook(status.webhook);
@@ -346,6 +354,27 @@ function setUpRequestPage() {
     link.click();
     link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  });
+
+  document.getElementById("retry-failed").addEventListener("click", async (event) => {
+    const button = event.currentTarget;
+    const result = document.getElementById("retry-status");
+    button.disabled = true;
+    try {
+      const response = await apiFetch(`/requests/${encodeURIComponent(requestId)}/retry`, { method: "POST" });
+      if (response.ok) {
+        const { retried_images: retried } = await response.json();
+        retrying = retried > 0;
+        result.textContent = retried
+          ? `${retried} failed image${retried === 1 ? " is" : "s are"} being tried again; the progress updates here.`
+          : "No image has failed: nothing to retry.";
+      } else {
+        result.textContent = sentence((await readProblem(response)).detail);
+      }
+      refresh();
+    } finally {
+      button.disabled = false;
+    }
   });
 
   document.getElementById("redeliver-webhook").addEventListener("click", async (event) => {

@@ -1,6 +1,8 @@
-"""Cancelling and deleting a request (app/services/lifecycle.py)."""
+"""Cancelling, retrying and deleting a request (app/services/lifecycle.py)."""
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, Response
 
 from app.api.deps import (
     LedgerDep,
@@ -9,17 +11,21 @@ from app.api.deps import (
     RunnerDep,
     SettingsDep,
     StorageDep,
+    WriterSessionDep,
     WriterSessionsDep,
+    after_commit,
 )
+from app.api.image_errors import parse_error_codes
 from app.api.routes.problems import PROBLEM_RESPONSES
-from app.api.schemas import RequestSummary
-from app.services.lifecycle import cancel_request, delete_request
+from app.api.schemas import RequestSummary, RetryAccepted
+from app.services.lifecycle import cancel_request, delete_request, retry_failed_images
 from app.services.results import get_request
 
 router = APIRouter(tags=["batches"], responses=PROBLEM_RESPONSES)
 
 CONFLICT = {
-    "description": "the request has already finished (cancel) or is still running (delete)",
+    "description": "the request has already finished (cancel), is still running (retry, delete) "
+    "or was cancelled (retry)",
     "content": {"application/problem+json": {}},
 }
 
@@ -51,6 +57,45 @@ def cancel(
     with sessions() as session:
         fresh = get_request(session, request.request_id, None)
         return RequestSummary.of(fresh, settings.base_url)
+
+
+CODES_DESCRIPTION = (
+    "error codes of the images to retry, e.g. `http_404,http_429`; all failed images when not given"
+)
+
+
+@router.post(
+    "/requests/{request_id}/retry",
+    status_code=202,
+    response_model=RetryAccepted,
+    responses={409: CONFLICT},
+    summary="Retry the failed images of a finished request",
+    description=(
+        "The failed images of a finished request (those with one of the error codes in "
+        "`codes`, a form field or query parameter, or all) go back to pending, and rows "
+        "naming the same URL follow them. The request is `processing` again at once, "
+        "finishes once more when they are done, and its webhook fires again with a new "
+        "`webhook-id`; the result CSV then holds the new outputs. A request with no such "
+        "failed image answers 202 and is left as it is (`retried_images: 0`). An unknown "
+        "code is a 422 naming it; a request still running, or cancelled, is a 409."
+    ),
+)
+def retry_failed(
+    request: ProcessingRequestDep,
+    session: WriterSessionDep,
+    ledger: LedgerDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    codes: Annotated[str | None, Query(description=CODES_DESCRIPTION)] = None,
+    form_codes: Annotated[str | None, Form(alias="codes", description=CODES_DESCRIPTION)] = None,
+) -> RetryAccepted:
+    error_codes = parse_error_codes(" ".join(filter(None, (codes, form_codes))))
+    retry = retry_failed_images(session, ledger, request, error_codes)
+    if retry.retried_images:
+        request_pk = request.id
+        after_commit(session, lambda: runner.dispatch(request_pk))
+    fresh = get_request(session, request.request_id, None)
+    return RetryAccepted.of(fresh, settings.base_url, retried_images=retry.retried_images)
 
 
 @router.delete(
