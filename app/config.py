@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -40,16 +40,21 @@ class Settings(BaseSettings):
         env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
     )
 
+    # -- the service: where it listens, its database, its runner -------------------------
     host: str = "127.0.0.1"
     port: int = 8000
     database_url: str = f"sqlite:///{PROJECT_ROOT / 'data' / 'images.db'}"
-    media_root: Path = PROJECT_ROOT / "processed_images"
     public_base_url: str = ""
     # Host names besides PUBLIC_BASE_URL's and HOST's that requests may name; "*" allows any.
     allowed_hosts: str = ""
     task_backend: Literal["inprocess", "celery"] = "inprocess"
     celery_broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     celery_queue: str = Field("image_service", min_length=1)
+    # Celery node name of a worker (`make worker`); empty: worker-<pid>@<host>, unique per host.
+    worker_name: str = ""
+
+    # -- outputs: where they are stored and published --------------------------------------
+    media_root: Path = PROJECT_ROOT / "processed_images"
     storage_backend: Literal["local", "s3"] = "local"
     media_public_base_url: str = ""
     s3_bucket: str = ""
@@ -62,13 +67,17 @@ class Settings(BaseSettings):
     aws_secret_access_key: str = ""
     aws_session_token: str = ""
     aws_default_region: str = ""
-    # Celery node name of a worker (`make worker`); empty: worker-<pid>@<host>, unique per host.
-    worker_name: str = ""
 
+    # -- images: encoding, limits, and the processes that do the work ----------------------
     jpeg_quality: int = Field(50, ge=1, le=95)
     jpeg_optimize: bool = True
     jpeg_progressive: bool = False
-    worker_concurrency: int = Field(default_factory=_default_concurrency, ge=1)
+    # Images in flight per runner (downloads waiting on the network included).
+    image_concurrency: int = Field(
+        default_factory=_default_concurrency,
+        ge=1,
+        validation_alias=AliasChoices("image_concurrency", "worker_concurrency"),
+    )
     compress_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     image_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0)
     image_process_niceness: int = Field(10, ge=0, le=19)
@@ -77,29 +86,35 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(100_000_000, gt=0)
     # Enough for the costliest 100 MP image the estimate knows (an EXIF-rotated WebP,
     # about 2.2 GB at quality 95), so the default MAX_IMAGE_PIXELS is never refused for memory.
-    worker_memory_mb: int = Field(2304, gt=0)
+    image_memory_mb: int = Field(
+        2304, gt=0, validation_alias=AliasChoices("image_memory_mb", "worker_memory_mb")
+    )
+    allow_private_hosts: str = ""
+
+    # -- the ledger: claims, recovery, waiting after a transient failure ------------------
     lease_seconds: float = Field(30.0, gt=0)
     recovery_interval_seconds: float = Field(30.0, gt=0)
     shutdown_grace_seconds: float = Field(20.0, ge=0)
     transient_retry_base_seconds: float = Field(1.0, gt=0)
     transient_retry_max_seconds: float = Field(60.0, gt=0)
 
+    # -- uploads ---------------------------------------------------------------------------
     max_csv_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_line_bytes: int = Field(1024 * 1024, gt=0)
     max_rows: int = Field(200_000, gt=0)
     max_urls_per_row: int = Field(50, gt=0)
     idempotency_key_ttl_seconds: float = Field(24 * 3600, gt=0)
     csv_escape_formulas: bool = True
-
-    allow_private_hosts: str = ""
     api_keys: str = ""
 
+    # -- webhooks --------------------------------------------------------------------------
     webhook_secret: str = ""
     webhook_allow_private_hosts: str = ""
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_max_attempts: int = Field(8, ge=1)
     webhook_retry_base_seconds: float = Field(60.0, gt=0)
 
+    # -- operations: logs, metrics, retention ----------------------------------------------
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics_token: str = ""

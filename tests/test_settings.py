@@ -71,3 +71,12 @@ def test_celery_on_sqlite_stops_the_service_at_start_up_saying_why(tmp_path):
         assert "TASK_BACKEND=celery needs a database every worker can reach" in done.stderr
         assert "Traceback" not in done.stderr
         assert not (tmp_path / "images.db").exists()
+
+
+def test_renamed_settings_still_read_their_old_names(monkeypatch):
+    monkeypatch.setenv("WORKER_CONCURRENCY", "3")
+    monkeypatch.setenv("WORKER_MEMORY_MB", "100")
+    settings = Settings(_env_file=None)
+    assert (settings.image_concurrency, settings.image_memory_mb) == (3, 100)
+    monkeypatch.setenv("IMAGE_CONCURRENCY", "5")
+    assert Settings(_env_file=None).image_concurrency == 5

@@ -108,7 +108,7 @@ class CorruptImage(CompressFailure):
 
 
 class OverMemoryBudget(CompressFailure):
-    """Decoding the image would take more memory than a worker may use (WORKER_MEMORY_MB)
+    """Decoding the image would take more memory than an image process may use (IMAGE_MEMORY_MB)
     even with nothing else running: refused from its header, before any pixel is decoded."""
 
     code = "over_memory_budget"

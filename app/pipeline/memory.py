@@ -31,8 +31,8 @@ class MemoryBudget:
     def reserve(self, cost_bytes: int) -> Iterator[None]:
         if cost_bytes > self.limit_bytes:
             raise OverMemoryBudget(
-                f"decoding this image needs about {cost_bytes / MIB:,.0f} MB; a worker's memory "
-                f"budget (WORKER_MEMORY_MB) is {self.limit_bytes / MIB:,.0f} MB"
+                f"decoding this image needs about {cost_bytes / MIB:,.0f} MB; an image process's "
+                f"memory budget (IMAGE_MEMORY_MB, once WORKER_MEMORY_MB) is {self.limit_bytes / MIB:,.0f} MB"
             )
         with self._changed:
             if self._queue or self.reserved_bytes + cost_bytes > self.limit_bytes:

@@ -57,9 +57,9 @@ class WorkerRuntime:
         self.parts = parts
         self.settings = parts.settings
         self.held = HeldClaims()
-        self.image_pool = ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="image")
+        self.image_pool = ThreadPoolExecutor(self.settings.image_concurrency, thread_name_prefix="image")
         self.webhooks = WebhookSender(parts.deliverer)
-        self.claim_batch = claim_batch_size(self.settings.worker_concurrency)
+        self.claim_batch = claim_batch_size(self.settings.image_concurrency)
         self.last_request_served = 0  # this worker's place in the requests' turns
         self.retention = RetentionSweep(
             lambda: purge_expired(

@@ -2,7 +2,7 @@
 app/tasks.py until stopped, the database as the queue.
 
     images     process_next_images, again and again: claim fairly, run on a pool of
-               WORKER_CONCURRENCY threads (the stages run there or in the image
+               IMAGE_CONCURRENCY threads (the stages run there or in the image
                processes, app/pipeline/processes.py), record, claim again
     webhooks   WebhookSender.send_due whenever an event is created or comes due
     heartbeat  renews the leases of the claims it holds
@@ -86,7 +86,7 @@ class InProcessRunner:
             parts.ledger,
             parts.stages,
             parts.deliverer,
-            concurrency=settings.worker_concurrency,
+            concurrency=settings.image_concurrency,
             lease_seconds=settings.lease_seconds,
             recovery_interval_seconds=settings.recovery_interval_seconds,
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
