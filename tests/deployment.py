@@ -32,6 +32,7 @@ from standardwebhooks import Webhook
 from app.config import PROJECT_ROOT
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine
+from app.runners.__main__ import worker_command
 from app.storage import thumbnail_key
 from tests import images
 from tests.conftest import csv_of
@@ -43,18 +44,6 @@ RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "12"))
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 BROKER_URLS = {"celery-rabbitmq": RABBITMQ_URL, "celery-redis": REDIS_URL}
-WORKER_COMMAND = [
-    sys.executable,
-    "-m",
-    "celery",
-    "--app",
-    "app.runners.celery_worker",
-    "worker",
-    "--loglevel",
-    "INFO",
-    "--without-gossip",
-    "--without-mingle",
-]
 READY_TIMEOUT_SECONDS = 60
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 FINISHED = {"completed", "completed_with_errors", "failed"}
@@ -116,7 +105,7 @@ class WorkerProcess:
     def spawn(self) -> None:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        command = MAKE_WORKER_COMMAND if self.name is None else [*WORKER_COMMAND, "--hostname", self.name]
+        command = MAKE_WORKER_COMMAND if self.name is None else worker_command(self.name, [])
         self.process = subprocess.Popen(
             command,
             cwd=PROJECT_ROOT,

@@ -43,7 +43,7 @@ from app.db.models import (
     ProcessingRequest,
     RequestStatus,
 )
-from app.ledger.copies import record_copies
+from app.ledger.copies import RESULT_COLUMNS, record_copies
 from app.ledger.turns import (
     expired_claim_ids,
     next_claimable_ids,
@@ -148,22 +148,8 @@ RETRYABLE_REQUEST_STATUSES = (
 # attempts, the token that makes an outcome of an earlier claim stale.
 _CLEARED_BY_RETRY = {
     name: None
-    for name in (
-        "output_key",
-        "error_code",
-        "error_message",
-        "input_bytes",
-        "output_bytes",
-        "width",
-        "height",
-        "source_format",
-        "fetch_ms",
-        "compress_ms",
-        "kept_original",
-        "claimed_at",
-        "retry_at",
-        "finished_at",
-    )
+    for name in (*RESULT_COLUMNS, "fetch_ms", "compress_ms", "claimed_at", "retry_at")
+    if name != "status"
 }
 
 
