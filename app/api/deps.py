@@ -18,6 +18,7 @@ from app.config import Settings
 from app.db.models import ProcessingRequest
 from app.errors import Unauthorized
 from app.ledger.image_ledger import ImageLedger
+from app.metrics import ServiceMetrics
 from app.runners import Runner
 from app.services.results import get_request
 from app.storage import ImageStorage, OutputUrls
@@ -43,6 +44,10 @@ async def get_storage(request: Request) -> ImageStorage:
 
 async def get_output_urls(request: Request) -> OutputUrls:
     return request.app.state.output_urls
+
+
+async def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
 
 
 async def get_engine(request: Request) -> Engine:
@@ -116,6 +121,7 @@ LedgerDep = Annotated[ImageLedger, Depends(get_ledger)]
 StorageDep = Annotated[ImageStorage, Depends(get_storage)]
 OutputUrlsDep = Annotated[OutputUrls, Depends(get_output_urls)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 ReaderSessionsDep = Annotated[sessionmaker[Session], Depends(get_reader_sessions)]
 WriterSessionsDep = Annotated[sessionmaker[Session], Depends(get_writer_sessions)]
 

@@ -5,7 +5,7 @@ import hmac
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.deps import SettingsDep, owner_of
+from app.api.deps import MetricsDep, SettingsDep, owner_of
 from app.errors import Unauthorized
 
 router = APIRouter(tags=["health"])
@@ -26,7 +26,7 @@ def _bearer(request: Request) -> str:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
-def metrics(request: Request, settings: SettingsDep) -> Response:
+def metrics(request: Request, settings: SettingsDep, service_metrics: MetricsDep) -> Response:
     if settings.metrics_token:
         if not hmac.compare_digest(_bearer(request).encode(), settings.metrics_token.encode()):
             raise Unauthorized(
@@ -35,4 +35,4 @@ def metrics(request: Request, settings: SettingsDep) -> Response:
             )
     else:
         owner_of(request, settings)  # open unless API_KEYS is set
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(service_metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -5,8 +5,9 @@ bytes are served: the image stage made the thumbnail (app/services/thumbnails.py
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Response
 
+from app.api.deps import StorageDep
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.errors import NotFound
 from app.services.thumbnails import stored_thumbnail
@@ -36,15 +37,13 @@ PLACEHOLDER_CACHE_CONTROL = "public, max-age=3600"
 def get_thumbnail(
     request_id: str,
     image_file: Annotated[str, Path(description="the output's file name: {image_id}.jpg, .webp or .avif")],
-    request: Request,
+    storage: StorageDep,
 ) -> Response:
     image_name = _IMAGE_FILE.fullmatch(image_file)
     if not _REQUEST_ID.fullmatch(request_id) or image_name is None:
         raise NotFound("no such output image")
     try:
-        thumbnail = stored_thumbnail(
-            request.app.state.storage, request_id, int(image_name.group(1)), image_name.group(2)
-        )
+        thumbnail = stored_thumbnail(storage, request_id, int(image_name.group(1)), image_name.group(2))
     except FileNotFoundError:
         raise NotFound("no such output image") from None
     cache_control = PLACEHOLDER_CACHE_CONTROL if thumbnail.placeholder else THUMBNAIL_CACHE_CONTROL
