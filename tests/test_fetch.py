@@ -2,6 +2,7 @@
 
 import gzip
 import ipaddress
+import socket
 import time
 
 import pytest
@@ -115,6 +116,32 @@ def test_a_refusal_does_not_tell_the_uploader_which_address_the_host_has(outside
         fetcher.fetch(f"http://localhost:{outside_server.port}/x")
     assert "'localhost' resolves to a non-public address" in failure.value.message
     assert "127.0.0.1" not in failure.value.message and "::1" not in failure.value.message
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ["93.184.215.14", "127.0.0.1"],
+        ["127.0.0.1", "93.184.215.14"],
+        ["2606:4700::1", "93.184.215.14", "::1"],
+    ],
+)
+def test_a_host_resolving_to_a_public_and_a_private_address_is_blocked(monkeypatch, addresses):
+    """Every address is checked, not the first: the connection may go to any of them.
+    The resolver is the test's, so nothing is sent to the public addresses."""
+
+    def resolve(host, port, *args, **kwargs):
+        assert host == "mixed.example"
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in addresses
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with pytest.raises(BlockedAddress):
+        AddressPolicy().resolve("mixed.example", 80, timeout=1)
+    addresses[:] = [a for a in addresses if is_public_address(ipaddress.ip_address(a))]
+    assert [info[4][0] for info in AddressPolicy().resolve("mixed.example", 80, timeout=1)] == addresses
 
 
 @pytest.mark.parametrize(
