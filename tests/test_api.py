@@ -335,6 +335,46 @@ def test_browsers_get_an_html_status_page_with_user_text_escaped(client, image_s
     assert client.get(f"/status/{request_id}").headers["content-type"] == "application/json"
 
 
+def test_format_html_gets_the_status_page_whatever_the_accept_header(client, image_server):
+    request_id = upload(client, csv_of([(1, "Boot <b>", [image_server.add(images.jpeg())])])).json()[
+        "request_id"
+    ]
+    wait_finished(client, request_id)
+    for accept in ("application/json", "*/*"):
+        page = client.get(f"/status/{request_id}", params={"format": "html"}, headers={"Accept": accept})
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "Boot &lt;b&gt;" in page.text and f"/download/{request_id}" in page.text
+    assert client.get(f"/status/{request_id}", params={"format": "xml"}).status_code == 422
+
+
+def test_a_large_upload_on_postgresql_analyzes_its_tables(client, image_server, database_url):
+    """10,000 rows of one URL: one download, the rest copies of it."""
+    import time
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    if make_url(database_url).get_backend_name() != "postgresql":
+        pytest.skip("ANALYZE is for PostgreSQL's planner")
+    stats = create_engine(database_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    count_query = text("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'images'")
+
+    def analyzed() -> int:
+        with stats.connect() as connection:
+            return connection.scalar(count_query)
+
+    before = analyzed()
+    url = image_server.add(images.jpeg((16, 16)))
+    response = upload(client, csv_of([(n, f"P{n}", [url]) for n in range(1, 10_001)]))
+    assert response.status_code == 202 and response.json()["total_images"] == 10_000
+    deadline = time.monotonic() + 30  # the statistics reach other sessions within seconds
+    while analyzed() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert analyzed() > before
+    wait_finished(client, response.json()["request_id"], timeout=120)
+
+
 def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, image_server):
     import gzip
 
