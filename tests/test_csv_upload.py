@@ -230,18 +230,15 @@ def test_a_long_line_is_refused_as_soon_as_it_passes_the_limit():
     assert body.tell() < (1 << 20) + 2 * READ_BLOCK_BYTES
 
 
-def test_an_upload_with_a_long_line_gets_a_422_naming_the_line_quickly(client):
-    import time
-
+def test_an_upload_with_a_long_line_gets_a_422_naming_the_line(client):
+    # How soon it is refused is measured in bytes read, not seconds (a loaded machine
+    # stretches seconds): test_a_long_line_is_refused_as_soon_as_it_passes_the_limit.
     body = f"{HEADER}\n1,Shirt,{URL}\n2,Shirt,".encode() + b"x" * 24_000_000
-    start = time.monotonic()
     response = upload(client, body)
-    elapsed = time.monotonic() - start
     assert response.status_code == 422
     assert response.json()["errors"] == [
         {"line": 3, "column": None, "message": "the line is longer than 1048576 bytes"}
     ]
-    assert elapsed < 10, f"{elapsed:.1f} s"
     assert client.get("/requests").json()["items"] == []
 
 
@@ -263,6 +260,7 @@ def test_an_upload_beside_a_large_one_being_parsed_answers_at_once(make_settings
     seconds, answered_during = [], 0
     with TestClient(create_app(service_settings)) as client:
         large_upload = threading.Thread(target=lambda: answers.setdefault("large", upload(client, large)))
+        large_started = time.monotonic()
         large_upload.start()
         while large_upload.is_alive():
             start = time.monotonic()
@@ -271,9 +269,12 @@ def test_an_upload_beside_a_large_one_being_parsed_answers_at_once(make_settings
             assert response.status_code == 202, response.text
             answered_during += large_upload.is_alive()
         large_upload.join()
+        large_seconds = time.monotonic() - large_started
     assert answers["large"].status_code == 422
     assert answers["large"].json()["errors"][0]["line"] == 400_001
-    assert max(seconds) < 5, [round(s, 2) for s in seconds]
+    # Relative, so a loaded machine slows both alike: held up by a lock, a small upload
+    # would take about as long as the large one.
+    assert max(seconds) < large_seconds / 2, (round(large_seconds, 2), [round(s, 2) for s in seconds])
     # Two in a row: with the lock held while parsing, the first small upload would end
     # with the large one, and the second would start after it.
     assert answered_during >= 2, [round(s, 2) for s in seconds]
