@@ -227,6 +227,10 @@ def test_requests_lists_only_the_calling_keys_requests(make_settings, image_serv
         ]
         first = client.get("/requests", params={"limit": 1}, headers=two).json()
         assert first["next_cursor"] is None
+        page = client.get("/requests", params={"limit": 1}, headers=one).json()
+        assert [item["request_id"] for item in page["items"]] == mine[-1:]
+        rest = client.get("/requests", params={"limit": 1, "cursor": page["next_cursor"]}, headers=one).json()
+        assert [item["request_id"] for item in rest["items"]] == mine[:1] and rest["next_cursor"] is None
         for request_id in mine:
             wait_finished(client, request_id, headers=one)
         wait_finished(client, theirs, headers=two)
