@@ -1,5 +1,7 @@
 """Idempotency-Key on uploads."""
 
+import pytest
+
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
 
@@ -34,6 +36,7 @@ def test_same_key_with_a_different_file_is_refused(client, image_server):
     other = upload(client, csv_of([(1, "B", [url])]), headers={"Idempotency-Key": "k"})
     assert other.status_code == 422
     assert other.headers["content-type"] == "application/problem+json"
+    assert "used for a different upload" in other.json()["detail"]
     assert len(client.get("/requests").json()["items"]) == 1
 
 
@@ -152,7 +155,24 @@ def test_a_key_whose_first_request_is_being_created_answers_409(client, image_se
     assert second.status_code == 409, second.text
     assert second.headers["content-type"] == "application/problem+json"
     assert second.headers["retry-after"] == "1"
+    assert "being processed" in second.json()["detail"]
     assert [item["request_id"] for item in client.get("/requests").json()["items"]] == [
         first.json()["request_id"]
     ]
     wait_finished(client, first.json()["request_id"])
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 256, "tab\there", "new\nline"])
+def test_a_key_that_is_empty_too_long_or_not_printable_is_refused(client, image_server, key):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    response = upload(client, data, headers={"Idempotency-Key": key})
+    assert response.status_code == 422, response.text
+    assert "1 to 255 printable characters" in response.json()["detail"]
+    assert client.get("/requests").json()["items"] == []
+
+
+def test_a_key_of_255_printable_characters_is_accepted(client, image_server):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    response = upload(client, data, headers={"Idempotency-Key": " " + "k" * 255 + " "})
+    assert response.status_code == 202, response.text
+    wait_finished(client, response.json()["request_id"])
