@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 POSTGRES_TEST_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run worker migrate test test-postgres test-all lint format bench postman clean
+.PHONY: help install install-dev run worker migrate test test-postgres test-all lint format bench postman mutate clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's|$$(POSTGRES_TEST_URL)|$(POSTGRES_TEST_URL)|g' \
@@ -54,6 +54,14 @@ bench: install-dev ## Benchmark the service against local servers; prints a tabl
 
 postman: install ## Run docs/postman's collection with newman (pinned, into .ci/node) against the service
 	PY=$(PY) bash tests/postman/run.sh
+
+mutate: install-dev ## Mutation testing of the guards, ledger, idempotency and webhooks (~30 min; not in CI; MUTANTS='app.ledger.*' for some)
+	rm -rf mutants
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	@$(VENV)/bin/mutmut export-cicd-stats >/dev/null
+	@$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
+	k = s['killed'] + s['timeout']; n = k + s['survived'] + s['no_tests'] + s['suspicious'] + s['segfault']; \
+	print(f'mutation score: {k} killed of {n} ({100 * k / max(n, 1):.0f}%)')"
 
 clean: ## Remove the venv, caches, the default SQLite database and processed images
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis data

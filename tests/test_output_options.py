@@ -13,6 +13,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from app.composition import build_parts
+from app.db.models import Image as ImageRow
 from app.db.models import ProcessingRequest
 from app.db.session import writer_sessionmaker
 from app.ledger.held import HeldClaims
@@ -21,7 +22,7 @@ from app.pipeline import options as options_module
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.options import OutputOptions, avif_supported
 from app.services.batches import create_batch
-from app.tasks import process_next_images
+from app.tasks import process_image, process_next_images
 from tests import images
 from tests.conftest import csv_of, wait_finished
 from tests.test_process import LIMITS
@@ -217,3 +218,85 @@ def test_avif_without_a_pillow_that_writes_it_is_a_422_saying_so(client, image_s
     assert response.status_code == 422
     (error,) = response.json()["errors"]
     assert error["field"] == "format" and "cannot write AVIF" in error["message"]
+
+
+def run_one(client: TestClient, image_server, data: bytes) -> dict:
+    response = upload_with(client, csv_of([(1, "A", [image_server.add(data)])]))
+    assert response.status_code == 202, response.text
+    (image,) = wait_finished(client, response.json()["request_id"])["products"][0]["images"]
+    return image
+
+
+def test_jpeg_quality_and_jpeg_progressive_settings_are_the_defaults_of_a_batch(make_settings, image_server):
+    """Both where a batch's options come from (upload) and where a request stored without
+    options (created before options existed) is encoded (the stages' default)."""
+    settings = make_settings(jpeg_quality=80, jpeg_progressive=True)
+    reference = Image.open(io.BytesIO(images.encode(images.photo_like((64, 64)), "JPEG", quality=80)))
+    with TestClient(create_app(settings)) as client:
+        status, _, output = run_batch(client, image_server, images.jpeg((200, 150)))
+    out = Image.open(io.BytesIO(output.content))
+    assert out.quantization == reference.quantization and out.info.get("progressive")
+    assert status["options"]["quality"] == 80 and status["options"]["progressive"] is True
+
+    services = build_parts(settings, runs_images=True)
+    try:
+        with writer_sessionmaker(services.engine).begin() as session:
+            rows = csv_of([(1, "A", [image_server.add(images.jpeg((200, 150)))])])
+            request = create_batch(session, io.BytesIO(rows), LIMITS, webhook_url=None, owner=None)
+            assert request.options is None
+            image_id = session.scalar(select(ImageRow.id).where(ImageRow.request_pk == request.id))
+        process_image(services.ledger, services.stages, image_id)
+        with writer_sessionmaker(services.engine)() as session:
+            output_key = session.get(ImageRow, image_id).output_key
+    finally:
+        services.close()
+    out = Image.open(settings.media_root / output_key)
+    assert out.quantization == reference.quantization and out.info.get("progressive")
+
+
+def test_max_image_pixels_setting_refuses_a_larger_image_on_each_runner(
+    make_settings, image_server, runner_processes
+):
+    source = images.jpeg((40, 30))
+    with TestClient(
+        create_app(make_settings(max_image_pixels=40 * 30, image_processes=runner_processes))
+    ) as client:
+        assert run_one(client, image_server, source)["status"] == "succeeded"
+    with TestClient(
+        create_app(make_settings(max_image_pixels=40 * 30 - 1, image_processes=runner_processes))
+    ) as client:
+        assert run_one(client, image_server, source)["error"]["code"] == "decompression_bomb"
+
+
+def test_worker_memory_mb_setting_is_the_budget_on_each_runner(make_settings, image_server, runner_processes):
+    source = images.jpeg((1000, 1000))  # about 3 MB of pixels, more once encoded
+    with TestClient(
+        create_app(make_settings(worker_memory_mb=1, image_processes=runner_processes))
+    ) as client:
+        image = run_one(client, image_server, source)
+    assert image["error"]["code"] == "over_memory_budget" and "is 1 MB" in image["error"]["message"]
+    with TestClient(
+        create_app(make_settings(worker_memory_mb=64, image_processes=runner_processes))
+    ) as client:
+        assert run_one(client, image_server, source)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "image_format",
+    [
+        "webp",
+        pytest.param(
+            "avif", marks=pytest.mark.skipif(not avif_supported(), reason="this Pillow cannot write AVIF")
+        ),
+    ],
+)
+def test_the_quality_option_changes_webp_and_avif_outputs(client, image_server, image_format):
+    source = images.jpeg((320, 240))
+    sizes = {}
+    for quality in ("10", "90"):
+        _, _, output = run_batch(client, image_server, source, format=image_format, quality=quality)
+        sizes[quality] = len(output.content)
+        if image_format == "webp":  # libwebp's output is the same for the same input and settings
+            expected = Encoding(int(quality), output_format="WEBP")
+            assert output.content == compress_image(source, expected, max_pixels=10**8).data
+    assert sizes["10"] < sizes["90"]

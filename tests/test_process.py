@@ -233,6 +233,29 @@ def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, servi
         assert next_claimable_ids(session, 2, last_served)[0] == []
 
 
+def test_a_turn_gives_each_request_its_share_and_turns_rotate(engine, services, image_server):
+    """Six requests of five images, claims of four: a turn serves four requests one image
+    each (not four images of the oldest), and the next turn starts after the last served."""
+    url = image_server.add(images.jpeg())
+    batches = [
+        make_batch(engine, [(n, f"P{n}", [f"{url}?{r}-{n}"]) for n in range(1, 6)])[1] for r in range(6)
+    ]
+    claimed_per_turn = []
+    last_served = 0
+    for _ in range(3):
+        units, last_served = services.ledger.claim_next(4, last_served)
+        claimed_per_turn.append(sorted(unit.image_id for unit in units))
+    assert claimed_per_turn == [
+        sorted(batches[0][:1] + batches[1][:1] + batches[2][:1] + batches[3][:1]),
+        sorted(batches[4][:1] + batches[5][:1] + batches[0][1:2] + batches[1][1:2]),
+        sorted(batches[2][1:2] + batches[3][1:2] + batches[4][1:2] + batches[5][1:2]),
+    ]
+    # Fewer requests than the claim: the claim is shared between them, oldest images first.
+    with writer_sessionmaker(engine)() as session:
+        ids, _ = next_claimable_ids(session, 10, 0)  # a share of 10 / 6, rounded up
+    assert ids == sorted(image_id for batch in batches for image_id in batch[2:4])
+
+
 def test_hand_backs_and_expired_leases_charge_no_crash(engine, services, image_server, settings):
     url = image_server.add(images.jpeg())
     request_pk, (image_id,) = make_batch(engine, [(1, "A", [url])])

@@ -292,3 +292,24 @@ def test_a_slow_receiver_does_not_hold_up_other_webhooks(make_settings, image_se
         (delivered,) = webhook_receiver.wait_for(fast_hook, 1)
         assert wait_webhook_state(signed_client, first, "delivered")["attempts"] == 1
     assert delivered.at < slow_run.ended_at  # while the slow receiver was still answering
+
+
+def test_a_retry_waits_as_long_as_the_receivers_retry_after_says(make_settings, image_server):
+    """The backoff here is about 0.05 s; the receiver asks for 2 s."""
+    from tests.servers import send
+
+    answers = [(503, {"Retry-After": "2"}), (200, {})]
+
+    def receiver(request):
+        request.rfile.read(int(request.headers["Content-Length"]))
+        status, headers = answers.pop(0) if answers else (200, {})
+        send(request, status, b"busy" if status >= 300 else b"ok", headers)
+
+    settings = make_settings(webhook_secret=SECRET, webhook_max_attempts=4, webhook_retry_base_seconds=0.05)
+    with TestClient(create_app(settings)) as client:
+        request_id = finished_request(client, image_server, image_server.add_handler(receiver))
+        webhook = wait_webhook_state(client, request_id, "delivered")
+        log = client.get(f"/requests/{request_id}/webhook-deliveries").json()["deliveries"]
+    assert webhook["attempts"] == 2 and [d["status_code"] for d in log] == [503, 200]
+    first, second = (datetime.fromisoformat(d["attempted_at"]) for d in log)
+    assert (second - first).total_seconds() >= 2, log
