@@ -68,8 +68,8 @@ from pathlib import Path
 from PIL import Image, ImageFilter
 
 from app.config import PROJECT_ROOT, Settings
-from tests.servers import LocalServer, WebhookReceiver
-from tests.service_process import ServiceProcess
+from tests.support.servers import LocalServer, WebhookReceiver
+from tests.support.service_process import ServiceProcess
 
 RESULTS_DIR = PROJECT_ROOT / "bench-results"
 # The encoder settings the service runs with (the environment, else the defaults), so

@@ -25,11 +25,11 @@ from app.db.base import Base
 from app.db.migrate import upgrade_to_head
 from app.db.session import build_engine
 from app.main import create_app
-from tests.s3_server import TEST_CREDENTIALS, TEST_REGION, MotoServer, PausableTcpProxy
-from tests.servers import LocalServer, WebhookReceiver
+from tests.support.s3_server import TEST_CREDENTIALS, TEST_REGION, MotoServer, PausableTcpProxy
+from tests.support.servers import LocalServer, WebhookReceiver
 
 if TYPE_CHECKING:  # tests/deployment.py imports this module
-    from tests.deployment import Deployment
+    from tests.support.deployment import Deployment
 
 FINISHED = {"completed", "completed_with_errors", "failed", "cancelled"}
 
@@ -132,7 +132,7 @@ def media_root(settings) -> Path:
 def deployment_env(database_url, tmp_path, image_server, webhook_receiver) -> dict[str, str]:
     """Settings for every process of a deployment, chosen so that recovery is quick: short
     leases and sweeps, quick retries, and one image worker process each on 2 cores."""
-    from tests.deployment import WEBHOOK_SECRET
+    from tests.support.deployment import WEBHOOK_SECRET
 
     hosts = f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}"
     return {
@@ -156,7 +156,7 @@ def deployment_env(database_url, tmp_path, image_server, webhook_receiver) -> di
 @pytest.fixture
 def deploy(deployment_env, tmp_path) -> Iterator[Callable[..., "Deployment"]]:
     """deploy(runner, workers=2, **settings): a started Deployment, stopped after the test."""
-    from tests.deployment import Deployment
+    from tests.support.deployment import Deployment
 
     started: list[Deployment] = []
 

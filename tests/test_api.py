@@ -10,9 +10,9 @@ from PIL import Image
 from standardwebhooks import Webhook
 
 from app.main import create_app
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.servers import send
+from tests.support import images
+from tests.support.servers import send
 from tests.test_compress import STANDARD_LUMINANCE_TABLE
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -382,7 +382,7 @@ def test_a_large_upload_on_postgresql_analyzes_its_tables(client, image_server, 
 def test_hostile_urls_fail_alone_and_private_servers_see_nothing(make_settings, image_server):
     import gzip
 
-    from tests.servers import LocalServer, dripping_body, observed
+    from tests.support.servers import LocalServer, dripping_body, observed
 
     settings = make_settings(download_timeout_seconds=1.5, max_image_bytes=2_000_000)
     dripping, dripping_run = observed(dripping_body(0.05))  # 50 s to send its body

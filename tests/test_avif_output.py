@@ -7,7 +7,7 @@ from PIL import Image, ImageCms
 
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.options import avif_supported
-from tests import images
+from tests.support import images
 
 pytestmark = pytest.mark.skipif(not avif_supported(), reason="this Pillow cannot write AVIF")
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from app.pipeline.compress import compress_to_jpeg
 from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
-from tests import images
+from tests.support import images
 
 # libjpeg's quality 50 uses the standard (ITU-T T.81 Annex K) tables unscaled.
 STANDARD_LUMINANCE_TABLE = [

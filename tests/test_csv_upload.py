@@ -16,8 +16,8 @@ from app.main import create_app
 from app.net.urls import url_list_is_fine, url_problem
 from app.services.csv_checks import CsvLimits, most_rows
 from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
-from tests import images
 from tests.conftest import csv_of, upload
+from tests.support import images
 
 HEADER = "S. No.,Product Name,Input Image Urls"
 URL = "https://images.example.com/a.jpg"

@@ -16,9 +16,9 @@ from app.db.models import Image, ImageStatus, ProcessingRequest
 from app.ledger.units import ImageOutcome, WorkUnit
 from app.main import create_app
 from app.pipeline.stages import ImageStages
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.servers import send
+from tests.support import images
+from tests.support.servers import send
 
 SOURCE = images.jpeg((400, 300))
 

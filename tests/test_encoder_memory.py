@@ -11,7 +11,7 @@ from PIL import Image
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.options import avif_supported
 from app.pipeline.stages import THUMBNAIL_LONG_SIDE
-from tests import images
+from tests.support import images
 
 SIZE = (2400, 1800)
 # Noise is the worst case for the WebP and AVIF encoders: their buffers grow with what

@@ -8,7 +8,7 @@ from PIL import Image
 
 from app.pipeline.compress import Encoding, compress_image, fitted_size
 from app.pipeline.options import avif_supported
-from tests import images
+from tests.support import images
 from tests.test_compress import STANDARD_LUMINANCE_TABLE
 
 MAX_PIXELS = 50_000_000

@@ -10,9 +10,9 @@ The Celery runners need PostgreSQL (TEST_DATABASE_URL); on SQLite they are skipp
 import pytest
 from standardwebhooks import Webhook
 
-from tests import images
 from tests.conftest import csv_of
-from tests.deployment import (
+from tests.support import images
+from tests.support.deployment import (
     RUNNERS,
     WEBHOOK_SECRET,
     RequestState,
@@ -21,7 +21,7 @@ from tests.deployment import (
     local_stored_keys,
     slow_batch,
 )
-from tests.servers import UnpublishedImage
+from tests.support.servers import UnpublishedImage
 
 pytestmark = pytest.mark.slow
 

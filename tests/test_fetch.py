@@ -19,8 +19,8 @@ from app.pipeline.failures import (
     UpstreamTimeout,
 )
 from app.pipeline.fetch import HttpFetcher
-from tests import images
-from tests.servers import LocalServer, dripping_body, dripping_headers, observed, send
+from tests.support import images
+from tests.support.servers import LocalServer, dripping_body, dripping_headers, observed, send
 
 
 @pytest.fixture

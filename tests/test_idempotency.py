@@ -2,8 +2,8 @@
 
 import pytest
 
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
+from tests.support import images
 
 
 def test_same_key_and_file_returns_the_original_and_creates_nothing(client, image_server):

@@ -15,10 +15,10 @@ from sqlalchemy import select
 from app.db.models import Image
 from app.db.session import build_engine
 from app.main import create_app
-from tests import images
 from tests.conftest import csv_of
-from tests.servers import send
-from tests.service_process import ServiceProcess
+from tests.support import images
+from tests.support.servers import send
+from tests.support.service_process import ServiceProcess
 from tests.test_api import upload, wait_finished
 
 pytestmark = pytest.mark.slow

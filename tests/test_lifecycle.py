@@ -20,9 +20,9 @@ from app.db.models import (
 )
 from app.db.session import build_engine
 from app.main import create_app
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.servers import send
+from tests.support import images
+from tests.support.servers import send
 
 
 def gated_image(gate: threading.Event, body: bytes):

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 from app.logs import configure_logging, secrets_of
 from app.main import create_app
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
+from tests.support import images
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

@@ -16,7 +16,7 @@ from app.pipeline.failures import OverMemoryBudget
 from app.pipeline.memory import MIB, MemoryBudget
 from app.pipeline.stages import ImageStages, StageConfig
 from app.storage import StorageConfig
-from tests import images
+from tests.support import images
 
 # What the measured process may hold beyond the reservations: the downloads (a few
 # hundred KB each), thread stacks, the allocator's slack.

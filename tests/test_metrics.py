@@ -5,8 +5,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.main import create_app
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
+from tests.support import images
 
 
 def scrape(client: TestClient, headers=None) -> dict[str, list]:

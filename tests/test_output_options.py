@@ -23,8 +23,8 @@ from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.options import OutputOptions, avif_supported
 from app.services.batches import create_batch
 from app.tasks import process_image, process_next_images
-from tests import images
 from tests.conftest import csv_of, wait_finished
+from tests.support import images
 from tests.test_process import LIMITS
 
 RUNNERS = {"threads": 0, "image processes": 1}

@@ -25,10 +25,10 @@ from app.config import PROJECT_ROOT
 from app.main import create_app
 from app.pipeline import failures
 from app.storage.local import LocalFileStorage
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.servers import Handler, UnpublishedImage, delayed
-from tests.service_process import ServiceProcess
+from tests.support import images
+from tests.support.servers import Handler, UnpublishedImage, delayed
+from tests.support.service_process import ServiceProcess
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 HOSTILE_NAME = '<script>alert("x")</script><img src=x onerror=alert(1)> Shoe'

@@ -16,9 +16,9 @@ from app.pipeline.stages import ImageStages
 from app.services.batches import create_batch
 from app.services.csv_checks import CsvLimits
 from app.tasks import MAX_WORKER_CRASHES, process_image
-from tests import images
 from tests.conftest import csv_of
-from tests.storage import FillableStorage
+from tests.support import images
+from tests.support.storage import FillableStorage
 
 LIMITS = CsvLimits(1_000_000, 1 << 20, 1000, 50)
 

@@ -10,10 +10,10 @@ from standardwebhooks import Webhook
 from app.db.models import Image, ImageStatus
 from app.db.session import build_engine
 from app.pipeline.decoding import NOTES_DIR_NAME, read_notes
-from tests import images
 from tests.conftest import FINISHED, csv_of
-from tests.servers import delayed
-from tests.service_process import ServiceProcess
+from tests.support import images
+from tests.support.servers import delayed
+from tests.support.service_process import ServiceProcess
 from tests.test_api import SECRET
 
 pytestmark = pytest.mark.slow

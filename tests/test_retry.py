@@ -12,9 +12,9 @@ from sqlalchemy import select
 from app.db.models import Image, ProcessingRequest
 from app.db.session import build_engine
 from app.main import create_app
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.servers import UnpublishedImage, send
+from tests.support import images
+from tests.support.servers import UnpublishedImage, send
 
 
 def gated_image(gate: threading.Event, body: bytes):

@@ -4,7 +4,7 @@ only the process environment."""
 from app.composition import storage_config
 from app.config import Settings
 from app.storage import build_storage
-from tests.s3_server import TEST_REGION
+from tests.support.s3_server import TEST_REGION
 
 
 def test_s3_credentials_in_the_env_file_are_used(tmp_path, monkeypatch, moto_server, s3_admin, bucket):

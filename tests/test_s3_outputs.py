@@ -10,9 +10,9 @@ from PIL import Image
 
 from app.main import create_app
 from app.storage import thumbnail_key
-from tests import images
 from tests.conftest import csv_of, stored_keys, upload, wait_finished
-from tests.s3_server import TEST_REGION
+from tests.support import images
+from tests.support.s3_server import TEST_REGION
 
 pytestmark = pytest.mark.slow
 

@@ -15,14 +15,14 @@ import time
 import pytest
 
 from tests.conftest import stored_keys
-from tests.deployment import (
+from tests.support.deployment import (
     CELERY_RUNNERS,
     assert_completed_with_one_output_each,
     assert_webhook_delivered_once,
     local_stored_keys,
     slow_batch,
 )
-from tests.s3_server import TEST_REGION
+from tests.support.s3_server import TEST_REGION
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("runner", CELERY_RUNNERS)]
 

@@ -6,8 +6,8 @@ from sqlalchemy import select
 from app.db.models import Image
 from app.db.session import writer_sessionmaker
 from app.tasks import process_image
-from tests import images
 from tests.conftest import csv_of, unique_path, upload, wait_finished
+from tests.support import images
 from tests.test_process import event_count, make_batch, request_row, services  # noqa: F401
 
 

@@ -17,8 +17,8 @@ import pytest
 from amqp.exceptions import NotFound
 
 from app.config import PROJECT_ROOT
-from tests.deployment import RABBITMQ_URL
-from tests.service_process import ServiceProcess, free_port
+from tests.support.deployment import RABBITMQ_URL
+from tests.support.service_process import ServiceProcess, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from app.composition import stage_config
 from app.main import create_app
 from app.pipeline.stages import ImageStages
 from app.storage.local import LocalFileStorage
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.storage import FillableStorage
+from tests.support import images
+from tests.support.storage import FillableStorage
 
 
 def wait_all_waiting(client: TestClient, request_id: str, timeout: float = 30) -> dict:

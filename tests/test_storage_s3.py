@@ -11,7 +11,7 @@ import app.storage.s3
 from app.storage import StoreFailure
 from app.storage.s3 import CACHE_CONTROL, S3Storage, normalise_prefix
 from tests.conftest import stored_keys
-from tests.s3_server import TEST_REGION
+from tests.support.s3_server import TEST_REGION
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,10 @@ from app.config import PROJECT_ROOT
 from app.main import create_app
 from app.metrics import OTHER_METHOD, STANDARD_METHODS, UNMATCHED_ROUTE
 from app.pipeline.stages import ImageStages
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
-from tests.s3_server import PausableTcpProxy
-from tests.storage import FillableStorage
+from tests.support import images
+from tests.support.s3_server import PausableTcpProxy
+from tests.support.storage import FillableStorage
 from tests.test_pages import BROWSER, BrowserPage, chromium, needs_chromium, start_service
 from tests.test_storage_failures import wait_all_waiting
 

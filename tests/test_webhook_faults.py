@@ -15,9 +15,9 @@ from app.db.migrate import alembic_config
 from app.db.models import ProcessingRequest, WebhookEvent
 from app.db.session import build_engine
 from app.main import create_app
-from tests import images
 from tests.conftest import csv_of, upload
-from tests.servers import WebhookReceiver, send
+from tests.support import images
+from tests.support.servers import WebhookReceiver, send
 from tests.test_webhooks import finished_request, wait_webhook_state
 
 

@@ -10,8 +10,8 @@ from standardwebhooks import Webhook
 from app.main import create_app
 from app.webhooks.delivery import parse_retry_after
 from app.webhooks.signing import sign
-from tests import images
 from tests.conftest import csv_of, upload, wait_finished
+from tests.support import images
 from tests.test_api import SECRET
 
 
@@ -135,7 +135,7 @@ def test_redeliver_without_a_webhook_is_a_409_problem(signed_client, image_serve
 
 
 def test_webhook_to_a_blocked_address_fails_without_a_request(make_settings, image_server):
-    from tests.servers import WebhookReceiver
+    from tests.support.servers import WebhookReceiver
 
     with (
         WebhookReceiver() as outside,
@@ -151,7 +151,7 @@ def test_webhook_to_a_blocked_address_fails_without_a_request(make_settings, ima
 def test_an_image_host_on_the_image_allowlist_is_refused_as_a_webhook_target(
     make_settings, image_server, webhook_receiver
 ):
-    from tests.servers import send
+    from tests.support.servers import send
 
     settings = make_settings(
         webhook_max_attempts=1,
@@ -229,8 +229,8 @@ def test_retry_after_is_understood():
 
 
 def test_a_receiver_down_until_after_a_restart_still_gets_the_event(make_settings, image_server):
-    from tests.servers import WebhookReceiver
-    from tests.service_process import free_port
+    from tests.support.servers import WebhookReceiver
+    from tests.support.service_process import free_port
 
     port = free_port()  # nothing listens here yet: connections are refused
     settings = make_settings(
@@ -272,7 +272,7 @@ def test_backoff_grows_exponentially_within_its_jitter():
 def test_a_slow_receiver_does_not_hold_up_other_webhooks(make_settings, image_server, webhook_receiver):
     import time
 
-    from tests.servers import observed, send
+    from tests.support.servers import observed, send
 
     def slow(request):
         request.rfile.read(int(request.headers["Content-Length"]))
@@ -296,7 +296,7 @@ def test_a_slow_receiver_does_not_hold_up_other_webhooks(make_settings, image_se
 
 def test_a_retry_waits_as_long_as_the_receivers_retry_after_says(make_settings, image_server):
     """The backoff here is about 0.05 s; the receiver asks for 2 s."""
-    from tests.servers import send
+    from tests.support.servers import send
 
     answers = [(503, {"Retry-After": "2"}), (200, {})]
 

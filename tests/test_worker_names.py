@@ -4,7 +4,7 @@ ResourceLocked), unless WORKER_NAME names it."""
 
 import pytest
 
-from tests.deployment import BROKER_URLS, NEEDS_POSTGRES, slow_batch
+from tests.support.deployment import BROKER_URLS, NEEDS_POSTGRES, slow_batch
 
 pytestmark = pytest.mark.slow
 

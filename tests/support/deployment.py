@@ -34,10 +34,10 @@ from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine
 from app.runners.__main__ import worker_command
 from app.storage import thumbnail_key
-from tests import images
 from tests.conftest import csv_of
-from tests.servers import delayed
-from tests.service_process import ServiceProcess
+from tests.support import images
+from tests.support.servers import delayed
+from tests.support.service_process import ServiceProcess
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 # The tests own Redis databases 10-15; the brokers' tests use this one (FLUSHDB included).

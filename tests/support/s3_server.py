@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from tests.service_process import free_port
+from tests.support.service_process import free_port
 
 TEST_REGION = "us-east-1"
 # Dummy credentials: moto accepts any, and a client built with these can reach nothing real.
