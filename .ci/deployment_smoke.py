@@ -30,8 +30,8 @@ from standardwebhooks import Webhook
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import images  # noqa: E402
 from tests.conftest import csv_of  # noqa: E402
+from tests.support import images  # noqa: E402
 from tests.support.s3_server import TEST_REGION, MotoServer  # noqa: E402
 from tests.support.servers import LocalServer, WebhookReceiver  # noqa: E402
 from tests.support.service_process import free_port  # noqa: E402
