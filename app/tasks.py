@@ -137,6 +137,7 @@ def process_next_images(
     claim_every_seconds: float = 0.0,
     cancelled: Callable[[WorkUnit], bool] | None = None,
     health: StageHealth | None = None,
+    abandon: threading.Event | None = None,
 ) -> ClaimRound:
     """Claim up to `limit` images fairly (requests take turns; expired claims too), run
     them on `pool`, and record their outcomes in batches as they finish.
@@ -146,7 +147,9 @@ def process_next_images(
     is set (new work was committed) and every so many seconds (claims expire, retries come
     due). Each claim takes turns again, so a new small batch gets in at once. Returns when
     nothing runs any more and no claim is due, or when `stopping` is set and what runs is
-    done; units not started by then are handed back, not run.
+    done; units not started by then are handed back, not run. When `abandon` is set (a
+    stop whose grace ran out), it returns at once and records nothing more: the caller
+    hands back what is still held.
 
     `on_claimed` is told how many the first claim took, before any is run (a Celery
     worker publishes the next message then, so other workers join in); `on_events` is
@@ -202,7 +205,11 @@ def process_next_images(
     first = claim()
     if on_claimed is not None:
         on_claimed(first)
-    while running:
+
+    def abandoned() -> bool:
+        return abandon is not None and abandon.is_set()
+
+    while running and not abandoned():
         idle = max(0.0, next_timed_claim - time.monotonic()) if claim_every_seconds > 0 else None
         woken = wait_for_signal(idle if idle is not None else 3600.0)
         done = {future for future in running if future.done()}
@@ -216,6 +223,8 @@ def process_next_images(
             wait_for_signal(remaining)
             done = {future for future in running if future.done()}
             claim_if_due(woken=False)
+        if abandoned():
+            break
         running -= done
         outcomes = [outcome for future in done if (outcome := future.result()) is not None]
         for outcome in outcomes:

@@ -86,3 +86,26 @@ def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settin
             stages.let_go[attempt].set()
         runner.stop()
         services.close()
+
+
+def test_an_image_still_running_when_the_grace_runs_out_is_handed_back_not_recorded(make_settings):
+    settings = make_settings(shutdown_grace_seconds=0.5)
+    stages = StagesHeldByTheTest()
+    services = build_parts(settings, runs_images=True, stages=stages)
+    engine = services.engine
+    runner = InProcessRunner.from_parts(services)
+    _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
+    runner.start()
+    try:
+        unit = stages.started.get(timeout=10)
+        runner.stop()
+        # Nothing of the runner's is left to record the late outcome.
+        assert not any(thread.is_alive() for thread in runner._threads)
+        stages.let_go[unit.attempt].set()
+        with writer_sessionmaker(engine)() as session:
+            image = session.get(Image, image_id)
+            assert (image.status, image.claimed_at) == ("pending", None)
+    finally:
+        for attempt in range(1, 3):
+            stages.let_go[attempt].set()
+        services.close()

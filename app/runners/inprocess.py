@@ -74,6 +74,7 @@ class InProcessRunner:
         self._wake_images = threading.Event()
         self._wake_webhooks = threading.Event()
         self._stopping = threading.Event()
+        self._abandon = threading.Event()  # the grace ran out: record nothing more
         self._webhooks = WebhookSender(deliverer, on_finished=self._wake_webhooks.set)
         self._image_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
@@ -131,6 +132,10 @@ class InProcessRunner:
         self._wake_webhooks.set()
         if self._image_thread is not None:
             self._image_thread.join(timeout=self.shutdown_grace_seconds)
+            # Images still running past the grace are handed back below, and nothing of
+            # theirs is recorded once stop() has returned.
+            self._abandon.set()
+            self._image_thread.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._held.hand_back(self.ledger, self._held.units())
         for thread in self._threads:
@@ -176,6 +181,7 @@ class InProcessRunner:
                 claim_every_seconds=idle_seconds,
                 cancelled=self._was_cancelled,
                 health=self._health,
+                abandon=self._abandon,
             )
             last_request_served = result.last_request_served
             if result.claimed == 0:
