@@ -136,6 +136,21 @@ def test_a_claim_keeps_a_host_to_its_limit_while_other_hosts_flow(parts_of, orig
     assert [unit.host for unit in again] == [f"127.0.0.1:{busy.port}"]
 
 
+def test_requests_take_turns_even_when_their_host_has_room_for_one(parts_of, origins):
+    origin = start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=1)
+    first, _ = make_batch(parts.engine, origin.urls(5))
+    second, _ = make_batch(parts.engine, origin.urls(5))
+    served, order = 0, []
+    for _ in range(4):
+        claim = parts.ledger.claim_next(8, served)
+        (unit,) = claim.units
+        served = claim.last_request_served
+        order.append(unit.request_pk)
+        parts.ledger.record_outcomes([parts.stages.run(unit)])
+    assert order == [first, second, first, second]
+
+
 def test_a_request_naming_several_hosts_looks_past_a_host_at_its_limit(parts_of, origins):
     busy, other = start_origin(origins), start_origin(origins)
     parts = parts_of(fetch_per_host_concurrency=2)

@@ -104,6 +104,8 @@ def next_claimable(
             return [], served
         share = -(-limit // len(turn))  # ceiling division
         picked: list[tuple[int, str | None]] = []
+        passed_over_before = room.passed_over if room is not None else 0
+        last_given = served
         for request_pk, host_count in turn:
             parameters = {"request_pk": request_pk, "share": share, "now": now}
             if room is None:
@@ -119,7 +121,12 @@ def next_claimable(
                     if room.take(host):
                         taken.append((image_id, host))
             picked += taken
-        served = turn[-1].id
+            if taken:
+                last_given = request_pk
+        # When hosts ran out of room, the turn ends with the last request given images:
+        # the ones passed over come first next time, so a tight limit keeps the turns fair.
+        cut_short = room is not None and room.passed_over > passed_over_before and picked
+        served = last_given if cut_short else turn[-1].id
         if picked or len(turn) < limit:  # a short turn held every unfinished request
             return sorted(picked), served
         seen.update(row.id for row in turn)
