@@ -58,6 +58,18 @@ _TROUBLED_HOSTS = select(Host.name, Host.backoff_until, Host.consecutive_failure
 _IN_FLIGHT_BY_HOST = (
     select(Image.host, func.count()).where(PROCESSING, Image.host.is_not(None)).group_by(Image.host)
 )
+# Built once, as the claim statements in turns.py: the claim runs these for every batch.
+_THESE_HOSTS = (
+    select(Host.name, Host.backoff_until, Host.consecutive_failures)
+    .where(Host.name.in_(bindparam("names", expanding=True)))
+    .order_by(Host.name)
+)
+_THESE_HOSTS_LOCKED = _THESE_HOSTS.with_for_update()
+_IN_FLIGHT_OF_THESE_HOSTS = (
+    select(Image.host, func.count())
+    .where(PROCESSING, Image.host.in_(bindparam("names", expanding=True)))
+    .group_by(Image.host)
+)
 
 
 @dataclass
@@ -83,26 +95,20 @@ class HostRoom:
         transaction), their rows are locked first on PostgreSQL, in name order, so claims
         touching a host take turns and each counts what the one before it claimed;
         SQLite's write lock already serialises them."""
-        troubled = _TROUBLED_HOSTS
-        in_flight = _IN_FLIGHT_BY_HOST
+        parameters = {}
+        troubled, in_flight = _TROUBLED_HOSTS, _IN_FLIGHT_BY_HOST
         if hosts is not None:
-            names = sorted(set(hosts))
-            troubled = (
-                select(Host.name, Host.backoff_until, Host.consecutive_failures)
-                .where(Host.name.in_(names))
-                .order_by(Host.name)
-            )
-            if lock:
-                troubled = troubled.with_for_update()
-            in_flight = in_flight.where(Image.host.in_(names))
+            parameters = {"names": sorted(set(hosts))}
+            troubled = _THESE_HOSTS_LOCKED if lock else _THESE_HOSTS
+            in_flight = _IN_FLIGHT_OF_THESE_HOSTS
         room = cls(politeness.per_host)
         limits: dict[str, int] = {}
-        for name, backoff_until, failures in connection.execute(troubled):
+        for name, backoff_until, failures in connection.execute(troubled, parameters):
             if backoff_until is not None and backoff_until > now:
                 room.blocked.add(name)
             elif failures >= politeness.breaker_failures:
                 limits[name] = 1  # the breaker is open: one probe at a time
-        counts = dict(connection.execute(in_flight).all())
+        counts = dict(connection.execute(in_flight, parameters).all())
         for name in limits.keys() | counts.keys():
             left = limits.get(name, politeness.per_host) - counts.get(name, 0)
             if left <= 0:

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from app.db.models import Host, Image, ImageStatus
-from app.net.urls import url_host
+from app.net.urls import UrlHosts
 from app.services.csv_checks import URL_SEPARATOR
 
 
@@ -66,6 +66,8 @@ def insert_images(
     hosts = set() if hosts is None else hosts
 
     def images() -> Iterator[tuple]:
+        host_of = UrlHosts()
+        last_host, host_value = None, ""
         for product_id, (_, _, urls) in numbered_rows:
             for position, url in enumerate(urls.split(URL_SEPARATOR)):
                 status = pending
@@ -74,9 +76,11 @@ def insert_images(
                     copies[url] += 1
                 else:
                     seen.add(url)
-                host = url_host(url)
-                hosts.add(host)
-                yield (request_pk, product_id, position, urls_value(url), status, 0, urls_value(host))
+                host = host_of(url)
+                if host is not last_host:
+                    last_host, host_value = host, urls_value(host)
+                    hosts.add(host)
+                yield (request_pk, product_id, position, urls_value(url), status, 0, host_value)
 
     bulk_insert(connection, Image.__table__, IMAGE_INSERT_COLUMNS, images())
     return copies
