@@ -145,6 +145,9 @@ def deployment_env(database_url, tmp_path, image_server, webhook_receiver) -> di
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
         "SHUTDOWN_GRACE_SECONDS": "5",
+        # Every test image comes from one local server: room for both workers on it, so
+        # crash and fault tests see work spread; tests of politeness set their own limit.
+        "FETCH_PER_HOST_CONCURRENCY": "64",
     }
 
 
