@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
+from app.ledger.hosts import HostPoliteness
 from app.ledger.image_ledger import ImageLedger
 from app.metrics import ServiceMetrics
 from app.net.guard import AddressPolicy, guarded_session, parse_allowlist
@@ -107,6 +108,17 @@ class Parts:
         self.engine.dispose()
 
 
+def host_politeness(settings: Settings) -> HostPoliteness:
+    return HostPoliteness(
+        per_host=settings.fetch_per_host_concurrency,
+        retry_window_seconds=settings.fetch_retry_window_seconds,
+        retry_after_max_seconds=settings.fetch_retry_after_max_seconds,
+        backoff_base_seconds=settings.fetch_host_backoff_base_seconds,
+        backoff_max_seconds=settings.fetch_host_backoff_max_seconds,
+        breaker_failures=settings.fetch_breaker_failures,
+    )
+
+
 def build_parts(
     settings: Settings,
     *,
@@ -137,8 +149,10 @@ def build_parts(
         public_base_url=settings.base_url,
         retry_base_seconds=settings.transient_retry_base_seconds,
         retry_max_seconds=settings.transient_retry_max_seconds,
+        politeness=host_politeness(settings),
         on_recorded=metrics.count_outcomes,
         on_requests_gone=lambda request_ids: delete_requests_outputs(storage, request_ids),
+        on_host_backoffs=metrics.count_host_backoffs,
     )
     parts = Parts(
         settings=settings,

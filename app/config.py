@@ -97,6 +97,16 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(20.0, ge=0)
     transient_retry_base_seconds: float = Field(1.0, gt=0)
     transient_retry_max_seconds: float = Field(60.0, gt=0)
+    # Per-host politeness (docs/fetching.md): images of one origin host in flight at once,
+    # across every process; how long an image waits for a failing origin; how long a host
+    # backs off (Retry-After capped, else exponential with jitter); and after how many
+    # failed rounds in a row the host gets one image at a time until it answers.
+    fetch_per_host_concurrency: int = Field(8, ge=1)
+    fetch_retry_window_seconds: float = Field(900.0, ge=0)
+    fetch_retry_after_max_seconds: float = Field(600.0, ge=0)
+    fetch_host_backoff_base_seconds: float = Field(1.0, gt=0)
+    fetch_host_backoff_max_seconds: float = Field(120.0, gt=0)
+    fetch_breaker_failures: int = Field(5, ge=1)
 
     # -- uploads ---------------------------------------------------------------------------
     max_csv_bytes: int = Field(50 * 1024 * 1024, gt=0)

@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
             settings, runs_images=runs_images, stages=stages, metrics=service_metrics, storage=storage
         )
         pending = service_metrics.watch_pending_images(parts.reader_sessions)
+        hosts_in_backoff = service_metrics.watch_hosts_in_backoff(parts.reader_sessions)
         runner = build_runner(parts)
         app.state.settings = settings
         app.state.engine = parts.engine
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
         finally:
             runner.stop()
             service_metrics.registry.unregister(pending)
+            service_metrics.registry.unregister(hosts_in_backoff)
             parts.close()
 
     app = FastAPI(

@@ -19,7 +19,9 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db.base import utcnow
 from app.db.models import UNFINISHED_REQUEST_STATUSES, Image, ImageStatus, ProcessingRequest
+from app.ledger.hosts import hosts_in_backoff
 from app.ledger.units import ImageOutcome
 
 # The *_created series double every family and nobody graphs them.
@@ -74,6 +76,20 @@ class ServiceMetrics:
             buckets=HTTP_BUCKETS,
             registry=registry,
         )
+        self.origin_slow_downs = Counter(
+            "image_service_origin_slow_downs",
+            "Answers of image origins asking for fewer requests (HTTP 429 or 503), by status",
+            ["status"],
+            registry=registry,
+        )
+        self.host_backoffs = Counter(
+            "image_service_host_backoffs",
+            "Times an origin host was put in backoff after failing (a round of its images)",
+            registry=registry,
+        )
+        self._slow_downs = {
+            f"http_{status}": self.origin_slow_downs.labels(str(status)) for status in (429, 503)
+        }
         # Children resolved once: .labels() costs more than the increment it leads to.
         self._fetch = self.stage_seconds.labels("fetch")
         self._compress = self.stage_seconds.labels("compress")
@@ -95,6 +111,8 @@ class ServiceMetrics:
                 self._compress.observe(outcome.compress_seconds)
             if outcome.store_seconds is not None:
                 self._store.observe(outcome.store_seconds)
+            if outcome.origin_failure and outcome.error_code in self._slow_downs:
+                self._slow_downs[outcome.error_code].inc()
             if outcome.retry_later:
                 continue
             if outcome.error_code is None:
@@ -111,6 +129,9 @@ class ServiceMetrics:
                     )
                 counter.inc()
 
+    def count_host_backoffs(self, hosts: int) -> None:
+        self.host_backoffs.inc(hosts)
+
     def count_webhook_attempt(self, outcome: str) -> None:
         self.webhook_deliveries.labels(outcome).inc()
 
@@ -119,6 +140,11 @@ class ServiceMetrics:
 
     def watch_pending_images(self, sessions: sessionmaker[Session]) -> "PendingImages":
         collector = PendingImages(sessions)
+        self.registry.register(collector)
+        return collector
+
+    def watch_hosts_in_backoff(self, sessions: sessionmaker[Session]) -> "HostsInBackoff":
+        collector = HostsInBackoff(sessions)
         self.registry.register(collector)
         return collector
 
@@ -149,3 +175,22 @@ class PendingImages:
                 )
             )
         yield GaugeMetricFamily(self.NAME, self.HELP, value=pending or 0)
+
+
+class HostsInBackoff:
+    """`image_service_hosts_in_backoff`, counted when scraped (a partial index holds only
+    hosts with trouble). No host name as a label: their number is unbounded."""
+
+    NAME = "image_service_hosts_in_backoff"
+    HELP = "Origin hosts whose images wait for their backoff to run out"
+
+    def __init__(self, sessions: sessionmaker[Session]):
+        self.sessions = sessions
+
+    def describe(self):
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self):
+        with self.sessions() as session:
+            count = hosts_in_backoff(session.connection(), utcnow())
+        yield GaugeMetricFamily(self.NAME, self.HELP, value=count)

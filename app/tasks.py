@@ -178,16 +178,17 @@ def process_next_images(
     def claim() -> int:
         nonlocal next_timed_claim
         next_timed_claim = time.monotonic() + claim_every_seconds
-        units, result.last_request_served = ledger.claim_next(
-            limit, result.last_request_served, expired_too=True
-        )
+        taken = ledger.claim_next(limit, result.last_request_served, expired_too=True)
+        units, result.last_request_served = taken.units, taken.last_request_served
         held.add(units)
         for unit in units:
             future = pool.submit(run, unit)
             future.add_done_callback(finished)
             running.add(future)
         result.claimed += len(units)
-        result.more_waiting = len(units) >= limit
+        # Images passed over for their host's limit may be claimed as soon as this
+        # process's images of it finish: claim again then, as after a full claim.
+        result.more_waiting = len(units) >= limit or (taken.passed_over_hosts and bool(running))
         return len(units)
 
     def claim_if_due(woken: bool) -> None:

@@ -241,6 +241,9 @@ def service_env(bench: Bench, config: Configuration) -> dict[str, str]:
         "WEBHOOK_ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{bench.receiver.port}",
         "CELERY_BROKER_URL": bench.broker_url,
         "CELERY_QUEUE": f"bench-{os.getpid()}",
+        # Every image comes from one local origin: measure the service's own ceiling, not
+        # the politeness a CDN gets (8 in flight by default; docs/fetching.md).
+        "FETCH_PER_HOST_CONCURRENCY": "64",
     }
 
 

@@ -102,6 +102,8 @@ def make_settings(database_url, tmp_path, image_server, webhook_receiver) -> Cal
             # (and the subprocess tests, on the defaults) run them in worker processes.
             "image_processes": 0,
             "shutdown_grace_seconds": 2,
+            # Every test image comes from one local server; tests of politeness set their own.
+            "fetch_per_host_concurrency": 64,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)
@@ -150,6 +152,9 @@ def deployment_env(database_url, tmp_path, image_server, webhook_receiver) -> di
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "WEBHOOK_RETRY_BASE_SECONDS": "0.2",
         "SHUTDOWN_GRACE_SECONDS": "5",
+        # Every test image comes from one local server: room for both workers on it, so
+        # crash and fault tests see work spread; tests of politeness set their own limit.
+        "FETCH_PER_HOST_CONCURRENCY": "64",
     }
 
 

@@ -4,6 +4,7 @@ import gzip
 import ipaddress
 import socket
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -18,7 +19,7 @@ from app.pipeline.failures import (
     TooManyRedirects,
     UpstreamTimeout,
 )
-from app.pipeline.fetch import HttpFetcher
+from app.pipeline.fetch import HttpFetcher, retry_after_seconds
 from tests.support import images
 from tests.support.servers import LocalServer, dripping_body, dripping_headers, observed, send
 
@@ -61,7 +62,7 @@ def test_5xx_is_retried_then_succeeds(fetcher, image_server):
     def flaky(request):
         calls.append(1)
         if len(calls) < 3:
-            send(request, 503, b"busy")
+            send(request, 502, b"bad gateway")
         else:
             send(request, 200, data, {"Content-Type": "image/jpeg"})
 
@@ -69,12 +70,35 @@ def test_5xx_is_retried_then_succeeds(fetcher, image_server):
     assert len(calls) == 3
 
 
-def test_429_is_retried_a_bounded_number_of_times(fetcher, image_server):
-    url = image_server.add(b"slow down", status=429)
+@pytest.mark.parametrize("status", [429, 503])
+def test_slow_down_answers_are_not_retried_at_once_and_carry_retry_after(fetcher, image_server, status):
+    url = image_server.add(b"slow down", status=status, headers={"Retry-After": "7"})
     with pytest.raises(HttpError) as failure:
         fetcher.fetch(url)
-    assert failure.value.code == "http_429"
-    assert image_server.hits_for(url) == fetcher.retries + 1
+    assert failure.value.code == f"http_{status}"
+    assert image_server.hits_for(url) == 1  # the host backs off as a whole instead (app/ledger)
+    assert failure.value.transient and failure.value.retry_after_seconds == 7
+
+
+def test_retry_after_as_an_http_date(fetcher, image_server):
+    url = image_server.add(b"slow down", status=429, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    with pytest.raises(HttpError) as failure:
+        fetcher.fetch(url)
+    assert failure.value.retry_after_seconds == 0  # a date in the past: no wait
+    assert (
+        retry_after_seconds("Thu, 03 Dec 2026 10:00:40 GMT", datetime(2026, 12, 3, 10, 0, tzinfo=UTC)) == 40
+    )
+    assert retry_after_seconds("soon") is None
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"), [(404, False), (403, False), (500, True), (504, True), (408, True)]
+)
+def test_which_answers_are_transient(fetcher, image_server, status, transient):
+    fetcher.retry_backoff_seconds = 0.01
+    with pytest.raises(HttpError) as failure:
+        fetcher.fetch(image_server.add(b"no", status=status))
+    assert failure.value.transient is transient
 
 
 def test_redirects_are_followed(fetcher, image_server):
@@ -298,8 +322,9 @@ def test_connection_refused_is_a_connection_error(image_server):
         max_bytes=1000,
         retry_backoff_seconds=0.01,
     )
-    with pytest.raises(ConnectionFailed):
+    with pytest.raises(ConnectionFailed) as failure:
         fetcher.fetch(f"http://127.0.0.1:{port}/x")
+    assert failure.value.transient  # the image waits for its origin (app/ledger)
 
 
 def test_pooled_connections_still_work_after_a_deadline_cut(fetcher, image_server):

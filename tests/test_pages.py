@@ -27,7 +27,7 @@ from app.pipeline import failures
 from app.storage.local import LocalFileStorage
 from tests.conftest import csv_of, upload, wait_finished
 from tests.support import images
-from tests.support.servers import Handler, UnpublishedImage, delayed
+from tests.support.servers import Handler, Origin, UnpublishedImage, delayed
 from tests.support.service_process import ServiceProcess
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
@@ -565,3 +565,26 @@ def test_every_page_fits_390_px_without_sideways_scrolling(chromium, start_servi
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Skip to the content"
     assert browser.errors == []
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_an_image_waiting_for_its_origin_says_for_which_host_and_how_long(
+    chromium, start_service, image_server
+):
+    with Origin(images.jpeg(), max_in_flight=0, retry_after="40") as origin:
+        allowed = f"127.0.0.1:{image_server.port},127.0.0.1:{origin.port}"
+        service = start_service(ALLOW_PRIVATE_HOSTS=allowed)
+        accepted = service.post(
+            "/upload", files={"file": ("p.csv", csv_of([(1, "Throttled", origin.urls(1))]), "text/csv")}
+        )
+        request_id = accepted.json()["request_id"]
+        browser = BrowserPage(chromium, service.base_url)
+        browser.page.goto(f"/requests/{request_id}")
+        waiting = browser.page.get_by_text(
+            re.compile(rf"waiting for 127\.0\.0\.1:{origin.port} \(429, retry in \d+ s\)")
+        )
+        waiting.wait_for(timeout=30_000)
+        seconds = int(re.search(r"retry in (\d+) s", waiting.inner_text())[1])
+        assert 30 <= seconds <= 40
+        assert browser.errors == []

@@ -243,8 +243,9 @@ def test_a_turn_gives_each_request_its_share_and_turns_rotate(engine, services, 
     claimed_per_turn = []
     last_served = 0
     for _ in range(3):
-        units, last_served = services.ledger.claim_next(4, last_served)
-        claimed_per_turn.append(sorted(unit.image_id for unit in units))
+        claim = services.ledger.claim_next(4, last_served)
+        last_served = claim.last_request_served
+        claimed_per_turn.append(sorted(unit.image_id for unit in claim.units))
     assert claimed_per_turn == [
         sorted(batches[0][:1] + batches[1][:1] + batches[2][:1] + batches[3][:1]),
         sorted(batches[4][:1] + batches[5][:1] + batches[0][1:2] + batches[1][1:2]),

@@ -59,6 +59,11 @@ class ImageResult(BaseModel):
     kept_original: bool = Field(
         False, description="keep_smaller: the input was smaller than its re-encoding, so it is the output"
     )
+    retry_at: datetime | None = Field(
+        None,
+        description="a pending image that failed transiently (its origin or the storage): "
+        "not tried again before this; `error` holds the last failure",
+    )
 
     @classmethod
     def of(cls, image: Row, urls: OutputUrls) -> "ImageResult":
@@ -68,6 +73,7 @@ class ImageResult(BaseModel):
             # A copy waits for the row of the same URL that is processed.
             status=ImageStatus.PENDING if image.status == ImageStatus.COPY else image.status,
             kept_original=bool(image.kept_original),
+            retry_at=image.retry_at if image.status == ImageStatus.PENDING and image.error_code else None,
             error=ImageError(code=image.error_code, message=image.error_message or "")
             if image.error_code
             else None,

@@ -66,6 +66,9 @@ class ProcessingRequest(Base):
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)  # retention
     # app.ledger.units.OutputOptions as JSON; NULL (requests from before) means the settings.
     options: Mapped[str | None] = mapped_column(Text)
+    # Origin hosts its images name: with more than one, a claim looks past the images of a
+    # host at its limit (app/ledger/turns.py). NULL before 0012.
+    host_count: Mapped[int | None] = mapped_column(Integer)
 
 
 class Product(Base):
@@ -106,6 +109,13 @@ class Image(Base):
             "retry_at",
             sqlite_where=text("retry_at IS NOT NULL"),
             postgresql_where=text("retry_at IS NOT NULL"),
+        ),
+        # Images of a host being processed, counted by each claim (the per-host limit).
+        Index(
+            "ix_images_processing_host",
+            "host",
+            sqlite_where=text("status = 'processing'"),
+            postgresql_where=text("status = 'processing'"),
         ),
         # The copies of a source image, found when its outcome is recorded.
         Index(
@@ -148,6 +158,12 @@ class Image(Base):
     # both rows go with their request), and that image counts its copies.
     source_image_id: Mapped[int | None] = mapped_column(Integer)
     copies: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The URL's host (with its port when it names one), lower-cased: the claim keeps at
+    # most FETCH_PER_HOST_CONCURRENCY of a host's images in flight. NULL before 0012.
+    host: Mapped[str | None] = mapped_column(Text)
+    # The first transient failure of its origin in a row: the image waits for the origin
+    # until FETCH_RETRY_WINDOW_SECONDS after it, then fails with its last error.
+    waiting_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WebhookEvent(Base):
@@ -188,6 +204,28 @@ class WebhookDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text)
     response_excerpt: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[int] = mapped_column(Integer)
+
+
+class Host(Base):
+    """An origin host images are downloaded from, as the politeness of the claim sees it."""
+
+    __tablename__ = "hosts"
+    __table_args__ = (
+        # Hosts in backoff: the claim skips them, the idle runner wakes when the first ends.
+        Index(
+            "ix_hosts_backoff_until",
+            "backoff_until",
+            sqlite_where=text("backoff_until IS NOT NULL"),
+            postgresql_where=text("backoff_until IS NOT NULL"),
+        ),
+    )
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    # No image of the host is claimed before this (429/503, Retry-After, a breaker's pause).
+    backoff_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Transient failures in a row; from FETCH_BREAKER_FAILURES on, one image at a time.
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error_code: Mapped[str | None] = mapped_column(String(64))
 
 
 class IdempotencyKey(Base):

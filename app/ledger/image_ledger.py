@@ -1,13 +1,17 @@
 """The ledger: which image is whose, and what became of it. The database is the truth.
 
-    claim_next(limit, turn)  -> WorkUnits   the next images, requests taking turns
-                                            (app/ledger/turns.py), plus expired claims
-    claim_images(ids)        -> WorkUnits   guarded pending -> processing, with a lease
+    claim_next(limit, turn)  -> Claim       the next images, requests taking turns
+                                            (app/ledger/turns.py) and hosts kept to their
+                                            limit (app/ledger/hosts.py), plus expired claims
+    claim_images(ids)        -> WorkUnits   guarded pending -> processing, with a lease,
+                                            within each host's room
     renew_leases / release / charge_crashes  guarded by the claim they name
     record_outcomes(outcomes)               guarded processing -> succeeded/failed/cancelled,
                                             request counters, and the request finished
                                             exactly once; or, after a transient failure,
                                             back to pending, not claimable before retry_at
+                                            (an origin's: its host's backoff, and only for
+                                            FETCH_RETRY_WINDOW_SECONDS)
     cancel(request_pk)                      guarded pending -> cancelled for its images; the
                                             request ends `cancelled` when nothing of it is
                                             in flight any more (at once, or when the last
@@ -29,7 +33,7 @@ are not the image's fault and charge nothing.
 
 import logging
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, bindparam, case, func, or_, select, update
@@ -44,9 +48,10 @@ from app.db.models import (
     RequestStatus,
 )
 from app.ledger.copies import RESULT_COLUMNS, record_copies
+from app.ledger.hosts import HostPoliteness, HostRoom, next_host_back, record_host_answers
 from app.ledger.turns import (
     expired_claim_ids,
-    next_claimable_ids,
+    next_claimable,
     not_waiting_for_retry,
     seconds_until_next_retry,
 )
@@ -113,6 +118,17 @@ def _claims(units: Sequence[WorkUnit]) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """What claim_next took: the units, the last request served (pass it back next time),
+    and whether images were passed over for their host's limit or backoff (more may be
+    claimable as soon as the host's images in flight finish)."""
+
+    units: list[WorkUnit]
+    last_request_served: int
+    passed_over_hosts: bool = False
+
+
+@dataclass(frozen=True)
 class Cancellation:
     """What a cancel did: the request's status after it, how many images it cancelled, and
     the webhook event it created when it finished the request."""
@@ -148,7 +164,7 @@ RETRYABLE_REQUEST_STATUSES = (
 # attempts, the token that makes an outcome of an earlier claim stale.
 _CLEARED_BY_RETRY = {
     name: None
-    for name in (*RESULT_COLUMNS, "fetch_ms", "compress_ms", "claimed_at", "retry_at")
+    for name in (*RESULT_COLUMNS, "fetch_ms", "compress_ms", "claimed_at", "retry_at", "waiting_since")
     if name != "status"
 }
 
@@ -163,16 +179,21 @@ class ImageLedger:
         public_base_url: str,
         retry_base_seconds: float,
         retry_max_seconds: float,
+        politeness: HostPoliteness | None = None,
         on_recorded: Callable[[Sequence[ImageOutcome]], None] | None = None,
         on_requests_gone: Callable[[set[str]], None] | None = None,
+        on_host_backoffs: Callable[[int], None] | None = None,
     ):
         """`sessions` write (they take SQLite's write lock at BEGIN), `reader_sessions`
         only read. `on_recorded` is told, after each commit, the outcomes that commit
-        recorded (never one ignored as stale), e.g. to count them (app/metrics.py).
-        `on_requests_gone` is told the request ids (uuids) of outcomes whose request no
-        longer exists, to remove what their stages stored (app/composition.py)."""
+        recorded (never one ignored as stale), e.g. to count them (app/metrics.py), and
+        `on_host_backoffs` how many hosts it put in backoff. `on_requests_gone` is told
+        the request ids (uuids) of outcomes whose request no longer exists, to remove
+        what their stages stored (app/composition.py)."""
         self.on_recorded = on_recorded
         self.on_requests_gone = on_requests_gone
+        self.on_host_backoffs = on_host_backoffs
+        self.politeness = politeness or HostPoliteness()
         self.sessions = sessions
         self.reader_sessions = reader_sessions
         self.lease = timedelta(seconds=lease_seconds)
@@ -192,22 +213,25 @@ class ImageLedger:
             and_(Image.status == ImageStatus.PROCESSING, Image.claimed_at < cutoff),
         )
 
-    def claim_next(
-        self, limit: int, after_request_pk: int = 0, *, expired_too: bool = False
-    ) -> tuple[list[WorkUnit], int]:
+    def claim_next(self, limit: int, after_request_pk: int = 0, *, expired_too: bool = False) -> Claim:
         """Claim up to `limit` images, requests taking turns from after `after_request_pk`
-        (plus, with expired_too, images whose claim expired because their process died);
-        returns them and the last request served, to pass back next time."""
+        and hosts kept within their room (plus, with expired_too, images whose claim
+        expired because their process died: they hold their host's place already)."""
         with self.reader_sessions() as session:
-            ids = expired_claim_ids(session, self.lease, limit) if expired_too else []
-            pending, last_served = next_claimable_ids(session, limit, after_request_pk)
-        return self.claim_images(ids + pending), last_served
+            expired = expired_claim_ids(session, self.lease, limit) if expired_too else []
+            room = HostRoom.read(session.connection(), self.politeness, utcnow())
+            pending, last_served = next_claimable(session, limit, after_request_pk, room)
+        return Claim(self._claim(pending, expired), last_served, room.passed_over > 0)
 
     def seconds_until_next_retry(self) -> float | None:
-        """How long until the earliest image waiting for a retry may be claimed; None when
-        no image waits."""
+        """How long until the earliest image waiting for a retry, or the first host in
+        backoff, may be claimed; None when nothing waits."""
         with self.reader_sessions() as session:
-            return seconds_until_next_retry(session)
+            image_due = seconds_until_next_retry(session)
+            now = utcnow()
+            host_back = next_host_back(session.connection(), now)
+        host_due = None if host_back is None else max(0.0, (host_back - now).total_seconds())
+        return min((due for due in (image_due, host_due) if due is not None), default=None)
 
     def has_claimable_work(self) -> bool:
         """Whether some image could be claimed now (pending and due, or claimed by a
@@ -215,16 +239,36 @@ class ImageLedger:
         # The claim queries themselves, through their indexes: a plain EXISTS over the
         # condition has no index that leads with the status and would scan finished images.
         with self.reader_sessions() as session:
-            return bool(expired_claim_ids(session, self.lease, 1) or next_claimable_ids(session, 1)[0])
+            if expired_claim_ids(session, self.lease, 1):
+                return True
+            room = HostRoom.read(session.connection(), self.politeness, utcnow())
+            return bool(next_claimable(session, 1, 0, room)[0])
 
     def claim_images(self, image_ids: Sequence[int]) -> list[WorkUnit]:
+        """Claim these images, if claimable and their host has room."""
         if not image_ids:
+            return []
+        with self.reader_sessions() as session:
+            pending = session.execute(select(Image.id, Image.host).where(Image.id.in_(image_ids))).all()
+        return self._claim([(image_id, host) for image_id, host in pending], [])
+
+    def _claim(self, pending: Sequence[tuple[int, str | None]], expired: Sequence[int]) -> list[WorkUnit]:
+        if not pending and not expired:
             return []
         now = utcnow()
         # Core statements on the tables: the ORM's bulk-update bookkeeping cost more than
         # the statements themselves, and the feeder runs this for every claim batch.
         with self.sessions.begin() as session:
             connection = session.connection()
+            hosts = {host for _, host in pending if host is not None}
+            # The hosts' room again, in the write transaction: what the reader saw may
+            # have been taken by another claim since (their rows locked on PostgreSQL).
+            room = HostRoom.read(connection, self.politeness, now, hosts, lock=True) if hosts else None
+            image_ids = list(expired) + [
+                image_id for image_id, host in pending if room is None or room.take(host)
+            ]
+            if not image_ids:
+                return []
             claimed = connection.execute(
                 update(Image.__table__)
                 .where(Image.id.in_(image_ids), self.claimable(now))
@@ -240,6 +284,7 @@ class ImageLedger:
                     Image.input_url,
                     Image.crash_count,
                     Image.copies,
+                    Image.host,
                 )
             ).all()
             if not claimed:
@@ -271,6 +316,7 @@ class ImageLedger:
                 row.crash_count,
                 options=requests[row.request_pk][1],
                 copies=row.copies,
+                host=row.host,
             )
             for row in claimed
         ]
@@ -317,13 +363,18 @@ class ImageLedger:
         failed: dict[int, int] = {}
         cancelled: dict[int, int] = {}
         with self.sessions.begin() as session:
+            # Hosts first, in the order claims lock them: what an origin answered is true
+            # even of an outcome whose claim went stale.
+            host_backoffs, backoff_rounds = record_host_answers(
+                session.connection(), self.politeness, outcomes, now
+            )
             # One guarded read picks the outcomes whose claim is still current (rows
             # locked on PostgreSQL; SQLite's write lock is already held), then one
             # executemany writes them all.
-            transient_failures = {
-                (row.id, row.attempts): row.transient_failures
+            waiting = {
+                (row.id, row.attempts): (row.transient_failures, row.waiting_since)
                 for row in session.execute(
-                    select(Image.id, Image.attempts, Image.transient_failures)
+                    select(Image.id, Image.attempts, Image.transient_failures, Image.waiting_since)
                     .where(
                         Image.id.in_([o.unit.image_id for o in outcomes]),
                         Image.status == ImageStatus.PROCESSING,
@@ -333,15 +384,14 @@ class ImageLedger:
             }
             current = list(
                 {
-                    o.unit.image_id: o
-                    for o in outcomes
-                    if (o.unit.image_id, o.unit.attempt) in transient_failures
+                    o.unit.image_id: o for o in outcomes if (o.unit.image_id, o.unit.attempt) in waiting
                 }.values()
             )
+            current = [self._past_its_window(o, waiting, now) for o in current]
             fresh = [o for o in current if not o.retry_later]
             retry_later = [o for o in current if o.retry_later]
             if retry_later:
-                self._put_back_to_wait(session, retry_later, transient_failures, now)
+                self._put_back_to_wait(session, retry_later, waiting, host_backoffs, now)
             if fresh:
                 session.connection().execute(
                     update(Image.__table__)
@@ -393,6 +443,8 @@ class ImageLedger:
             )
         if self.on_recorded is not None and current:
             self.on_recorded(current)
+        if self.on_host_backoffs is not None and backoff_rounds:
+            self.on_host_backoffs(backoff_rounds)
         _log_recorded(current)
         if requests_gone and self.on_requests_gone is not None:
             self._remove_stored_for(requests_gone)
@@ -505,19 +557,40 @@ class ImageLedger:
         )
         return FailedImagesRetry(status_before, sources + copies)
 
+    def _past_its_window(
+        self,
+        outcome: ImageOutcome,
+        waiting: dict[tuple[int, int], tuple[int, datetime | None]],
+        now: datetime,
+    ) -> ImageOutcome:
+        """The outcome as final when its origin has failed it for FETCH_RETRY_WINDOW_SECONDS
+        since the first time: it fails with the last error."""
+        if not (outcome.retry_later and outcome.origin_failure):
+            return outcome
+        window = self.politeness.retry_window_seconds
+        since = waiting[outcome.unit.image_id, outcome.unit.attempt][1]
+        if window <= 0 or (since is not None and (now - since).total_seconds() >= window):
+            return replace(outcome, retry_later=False)
+        return outcome
+
     def _put_back_to_wait(
         self,
         session: Session,
         outcomes: list[ImageOutcome],
-        transient_failures: dict[tuple[int, int], int],
+        waiting: dict[tuple[int, int], tuple[int, datetime | None]],
+        host_backoffs: dict[str, datetime],
         now: datetime,
     ) -> None:
-        """Pending again, not claimable before its backoff runs out; the request's counters
-        are untouched, so it stays unfinished. The error stays visible while it waits."""
+        """Pending again, not claimable before its backoff runs out (its host's, when the
+        origin failed it); the request's counters are untouched, so it stays unfinished.
+        The error stays visible while it waits."""
         parameters = []
         for outcome in outcomes:
-            failures = transient_failures[outcome.unit.image_id, outcome.unit.attempt]
-            delay = retry_delay_seconds(failures, self.retry_base_seconds, self.retry_max_seconds)
+            failures, since = waiting[outcome.unit.image_id, outcome.unit.attempt]
+            retry_at = host_backoffs.get(outcome.unit.host or "") if outcome.origin_failure else None
+            if retry_at is None:
+                delay = retry_delay_seconds(failures, self.retry_base_seconds, self.retry_max_seconds)
+                retry_at = now + timedelta(seconds=delay)
             parameters.append(
                 {
                     "image_id": outcome.unit.image_id,
@@ -525,7 +598,8 @@ class ImageLedger:
                     "new_error_code": outcome.error_code,
                     "new_error_message": outcome.error_message,
                     "new_transient_failures": failures + 1,
-                    "new_retry_at": now + timedelta(seconds=delay),
+                    "new_retry_at": retry_at,
+                    "new_waiting_since": (since or now) if outcome.origin_failure else since,
                 }
             )
         session.connection().execute(
@@ -538,6 +612,7 @@ class ImageLedger:
                 error_message=bindparam("new_error_message"),
                 transient_failures=bindparam("new_transient_failures"),
                 retry_at=bindparam("new_retry_at"),
+                waiting_since=bindparam("new_waiting_since"),
             ),
             parameters,
         )

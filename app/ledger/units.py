@@ -75,6 +75,7 @@ class WorkUnit:
     crashes: int = 0  # worker crashes charged to this image before this claim
     options: OutputOptions | None = None  # the request's; None: the settings' defaults
     copies: int = 0  # rows of the same request naming the same URL, recorded with this one
+    host: str | None = None  # the URL's origin host (app/net/urls.py url_host); None before 0012
 
     @property
     def log_fields(self) -> dict[str, object]:
@@ -98,6 +99,10 @@ class ImageOutcome:
     compress_seconds: float | None = None
     store_seconds: float | None = None
     retry_later: bool = False  # failed transiently: back to pending with backoff, not final
+    # The origin's passing trouble (429, 503, a timeout...): its host backs off, and the
+    # image waits at most FETCH_RETRY_WINDOW_SECONDS; retry_after_seconds is what it asked.
+    origin_failure: bool = False
+    retry_after_seconds: float | None = None
     # Claimed, then found cancelled before it started: never fetched, recorded as cancelled.
     cancelled: bool = False
     kept_original: bool | None = None  # keep_smaller kept the input bytes

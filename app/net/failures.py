@@ -23,3 +23,9 @@ class BlockedAddress(NetworkFailure):
 class ConnectionFailed(NetworkFailure):
     code = "connection_error"
     retryable = True
+
+
+class UnknownHost(ConnectionFailed):
+    """The resolver says the name does not exist: trying again later will not help."""
+
+    retryable = False

@@ -25,7 +25,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
-from app.net.failures import BlockedAddress, ConnectionFailed
+from app.net.failures import BlockedAddress, ConnectionFailed, UnknownHost
 
 USER_AGENT = "batch-image-service/1.0"
 
@@ -89,7 +89,11 @@ class AddressPolicy:
         """Resolve host and return connectable addrinfo entries, or raise BlockedAddress."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
+        except socket.gaierror as exc:
+            if exc.errno == socket.EAI_NONAME:
+                raise UnknownHost(f"cannot resolve host {host!r}: {exc}") from exc
+            raise ConnectionFailed(f"cannot resolve host {host!r}: {exc}") from exc
+        except UnicodeError as exc:
             raise ConnectionFailed(f"cannot resolve host {host!r}: {exc}") from exc
         if (host.lower().strip("[]"), port) in self.allowed_private:
             return infos

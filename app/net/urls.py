@@ -54,3 +54,46 @@ def check_url(url: str) -> None:
     problem = url_problem(url)
     if problem:
         raise InvalidUrl(problem)
+
+
+_DEFAULT_PORTS = (":80", ":443")
+
+
+def url_host(url: str) -> str:
+    """The origin a URL is fetched from, as per-host politeness counts it: the host,
+    lower-cased, with the port when the URL names one other than its scheme's default
+    (two servers on one machine are two origins). For URLs url_problem accepts."""
+    # String methods, not a regular expression: uploads call this for every URL, and
+    # this is about three times faster.
+    parts = url.split("/", 3)
+    if len(parts) < 3:
+        return ""
+    authority = parts[2]
+    for end in "?#":
+        if end in authority:
+            authority = authority[: authority.index(end)]
+    host = authority.rpartition("@")[2].lower()
+    if host.endswith(_DEFAULT_PORTS):
+        name, _, port = host.rpartition(":")
+        if (port == "80") == (parts[0].lower() == "http:"):
+            return name
+    return host
+
+
+class UrlHosts:
+    """url_host over many URLs, as an upload reads them: a URL that starts with the
+    previous one's scheme and authority (up to the "/" after it) has its host, found with
+    one startswith instead of a split (a CSV's URLs mostly come from one host in a row)."""
+
+    def __init__(self) -> None:
+        self._prefix: str | None = None
+        self._host = ""
+
+    def __call__(self, url: str) -> str:
+        if self._prefix is not None and url.startswith(self._prefix):
+            return self._host
+        self._host = url_host(url)
+        parts = url.split("/", 3)
+        plain = len(parts) == 4 and not any(mark in parts[2] for mark in "?#@")
+        self._prefix = f"{parts[0]}//{parts[2]}/" if plain else None
+        return self._host

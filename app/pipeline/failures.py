@@ -5,11 +5,15 @@ human message.
 
 Two kinds of "try again", on purpose distinct:
 - `retryable` marks upstream trouble worth another request within the same download
-  (timeouts, 429, 5xx): HttpFetcher retries those until the download deadline, and if
-  the deadline passes the image fails for good, because the source is at fault.
+  (timeouts, a refused or reset connection, 5xx but 503): HttpFetcher retries those
+  until the download deadline. A 429 or 503 is never retried at once: the origin asked
+  for fewer requests.
 - `transient` marks a failure that says nothing about the image: the image goes back to
   waiting, with backoff, and is tried again later; the request stays unfinished meanwhile.
-  Every StoreFailure (app/storage: a full disk, storage away or throttling) is one.
+  Every StoreFailure (app/storage: a full disk, storage away or throttling) is one, and
+  so is an origin's passing trouble (TRANSIENT_HTTP_STATUSES, timeouts, connections
+  refused or broken): then the whole host backs off (`retry_after_seconds` when the
+  origin said), and the image waits at most FETCH_RETRY_WINDOW_SECONDS (app/ledger).
 """
 
 from app.net.failures import NetworkFailure
@@ -53,25 +57,35 @@ class BlockedAddress(FetchFailure):
 class UpstreamTimeout(FetchFailure):
     code = "timeout"
     retryable = True
+    transient = True
 
 
 class ConnectionFailed(FetchFailure):
     code = "connection_error"
     retryable = True
+    transient = True
 
 
 class TooManyRedirects(FetchFailure):
     code = "too_many_redirects"
 
 
+# Answers that say the origin is busy or briefly away, not that the image is wrong.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+# Answers that ask for fewer requests: the host backs off, nothing is retried at once.
+SLOW_DOWN_HTTP_STATUSES = frozenset({429, 503})
+
+
 class HttpError(FetchFailure):
-    def __init__(self, status_code: int, reason: str = ""):
+    def __init__(self, status_code: int, reason: str = "", *, retry_after_seconds: float | None = None):
         super().__init__(
             f"the image server answered HTTP {status_code} {reason}".strip(),
             code=f"http_{status_code}",
-            retryable=status_code == 429 or status_code >= 500,
+            retryable=status_code >= 500 and status_code not in SLOW_DOWN_HTTP_STATUSES,
+            transient=status_code in TRANSIENT_HTTP_STATUSES,
         )
         self.status_code = status_code
+        self.retry_after_seconds = retry_after_seconds  # the origin's Retry-After, if any
 
 
 class TooLarge(FetchFailure):
@@ -79,10 +93,12 @@ class TooLarge(FetchFailure):
 
 
 def as_image_failure(failure: NetworkFailure) -> FetchFailure:
-    """The image's failure for a network one: the same code, message and retryability."""
+    """The image's failure for a network one: the same code, message and retryability
+    (a name the resolver says does not exist is neither retried nor waited for)."""
     image_failure = _FETCH_FAILURE_BY_CODE.get(failure.code, FetchFailure)(failure.message)
     image_failure.code = failure.code
     image_failure.retryable = failure.retryable
+    image_failure.transient = image_failure.transient and failure.retryable
     return image_failure
 
 

@@ -10,6 +10,8 @@ import http.client
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin
 
 import urllib3
@@ -50,8 +52,27 @@ class FetchedImage:
     content_type: str | None
 
 
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """A Retry-After header as seconds from now: delay-seconds or an HTTP date (RFC 9110
+    10.2.3); None when absent or unreadable. The caller caps it."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an obsolete date form without a zone: HTTP dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
 class HttpFetcher:
-    """Downloads images with retries on transient failures (timeouts, 429, 5xx)."""
+    """Downloads images, retrying at once within the deadline what may pass in a moment
+    (timeouts, broken connections, 5xx but 503); a 429 or 503 is left to the host's
+    backoff (app/ledger)."""
 
     def __init__(
         self,
@@ -125,7 +146,11 @@ class HttpFetcher:
                     url = urljoin(url, location)
                     continue
                 if response.status != 200:
-                    raise HttpError(response.status, response.reason or "")
+                    raise HttpError(
+                        response.status,
+                        response.reason or "",
+                        retry_after_seconds=retry_after_seconds(response.headers.get("retry-after")),
+                    )
                 data = self._read_body(response, deadline)
                 complete = True
                 return FetchedImage(data, url, response.headers.get("content-type"))
@@ -165,7 +190,7 @@ class HttpFetcher:
             if "timed out" in str(exc).lower() or time.monotonic() >= deadline:
                 raise self._timed_out() from exc
             raise FetchFailure(
-                f"the download broke off: {exc}", code="broken_download", retryable=True
+                f"the download broke off: {exc}", code="broken_download", retryable=True, transient=True
             ) from exc
         if time.monotonic() >= deadline:  # the reaper's shutdown can look like a clean end
             raise self._timed_out()

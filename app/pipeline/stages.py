@@ -18,7 +18,7 @@ from app.ledger.units import ImageOutcome, OutputOptions, WorkUnit
 from app.net.guard import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.decoding import DecodingSlots
-from app.pipeline.failures import ImageFailure
+from app.pipeline.failures import FetchFailure, ImageFailure
 from app.pipeline.fetch import HttpFetcher
 from app.pipeline.memory import MemoryBudget
 from app.storage import (
@@ -177,11 +177,14 @@ class ImageStages:
             self.storage.save(key, compressed.data, content_type)
             store_seconds = _seconds_since(stored_from)
         except (ImageFailure, StoreFailure) as failure:
+            origin_failure = isinstance(failure, FetchFailure) and failure.transient
             return ImageOutcome(
                 unit,
                 error_code=failure.code,
                 error_message=failure.message,
                 retry_later=failure.transient,
+                origin_failure=origin_failure,
+                retry_after_seconds=getattr(failure, "retry_after_seconds", None) if origin_failure else None,
                 fetch_seconds=fetch_seconds if fetch_seconds is not None else _seconds_since(start),
                 compress_seconds=compress_seconds,
             )

@@ -17,6 +17,7 @@ from app.services.bulk_insert import (
     bulk_insert,
     copy_text_value,
     count_and_link_copies,
+    insert_hosts,
     insert_images,
     numbered,
     reserve_ids,
@@ -71,9 +72,11 @@ def create_batch(
     connection = session.connection()
     row_ids = most_rows(csv_file, limits) if streaming else len(checked.rows)
     product_ids = reserve_ids(connection, Product.__table__, row_ids)
+    hosts: set[str] = set()
     copies = insert_images(
-        connection, request.id, numbered(checked if streaming else checked.rows, product_ids)
+        connection, request.id, numbered(checked if streaming else checked.rows, product_ids), hosts
     )
+    request.host_count = len(hosts)
     checked.raise_problems()
     name_value = copy_text_value if streaming else str
     products = (
@@ -86,6 +89,7 @@ def create_batch(
         session.flush()
     if copies:
         count_and_link_copies(connection, request.id, copies)
+    insert_hosts(connection, hosts)
     # Last: what it does (an idempotency key's row, expired ones deleted) then holds its
     # locks for the commit only, not while a large CSV is read.
     if on_request_created is not None:

@@ -8,8 +8,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 
 from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from app.db.models import Image, ImageStatus
+from app.db.models import Host, Image, ImageStatus
+from app.net.urls import UrlHosts
 from app.services.csv_checks import URL_SEPARATOR
 
 
@@ -43,21 +46,28 @@ def numbered(rows: Iterable[tuple[int, str, str]], ids: Sequence[int]) -> Iterat
 
 PRODUCT_INSERT_COLUMNS = ("id", "request_pk", "serial_number", "product_name")
 
-IMAGE_INSERT_COLUMNS = ("request_pk", "product_id", "position", "input_url", "status", "attempts")
+IMAGE_INSERT_COLUMNS = ("request_pk", "product_id", "position", "input_url", "status", "attempts", "host")
 
 
 def insert_images(
-    connection: Connection, request_pk: int, numbered_rows: Iterable[tuple[int, tuple[int, str, str]]]
+    connection: Connection,
+    request_pk: int,
+    numbered_rows: Iterable[tuple[int, tuple[int, str, str]]],
+    hosts: set[str] | None = None,
 ) -> Counter[str]:
-    """Insert the images of the rows as they come; returns how many copies each repeated
-    URL has. Rows are formatted while they are sent: on PostgreSQL the server inserts one
-    part while this process formats the next, and no list of 300,000 tuples is built."""
+    """Insert the images of the rows as they come, each with its origin host (added to
+    `hosts`); returns how many copies each repeated URL has. Rows are formatted while they
+    are sent: on PostgreSQL the server inserts one part while this process formats the
+    next, and no list of 300,000 tuples is built."""
     urls_value = _copy_urls_value if uses_copy(connection) else str
     pending, copy = ImageStatus.PENDING.value, ImageStatus.COPY.value
     seen: set[str] = set()
     copies: Counter[str] = Counter()
+    hosts = set() if hosts is None else hosts
 
     def images() -> Iterator[tuple]:
+        host_of = UrlHosts()
+        last_host, host_value = None, ""
         for product_id, (_, _, urls) in numbered_rows:
             for position, url in enumerate(urls.split(URL_SEPARATOR)):
                 status = pending
@@ -66,10 +76,27 @@ def insert_images(
                     copies[url] += 1
                 else:
                     seen.add(url)
-                yield (request_pk, product_id, position, urls_value(url), status, 0)
+                host = host_of(url)
+                if host is not last_host:
+                    last_host, host_value = host, urls_value(host)
+                    hosts.add(host)
+                yield (request_pk, product_id, position, urls_value(url), status, 0, host_value)
 
     bulk_insert(connection, Image.__table__, IMAGE_INSERT_COLUMNS, images())
     return copies
+
+
+def insert_hosts(connection: Connection, hosts: set[str]) -> None:
+    """A row for each host not known yet: claims lock their hosts' rows (PostgreSQL).
+    Called last in an upload, so a second upload naming the same host waits for these
+    uncommitted rows only during the commit."""
+    if not hosts:
+        return
+    dialect_insert = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+    connection.execute(
+        dialect_insert(Host.__table__).on_conflict_do_nothing(index_elements=["name"]),
+        [{"name": host} for host in sorted(hosts)],
+    )
 
 
 def count_and_link_copies(connection: Connection, request_pk: int, copies: Counter[str]) -> None:

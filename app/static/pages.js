@@ -204,6 +204,20 @@ function setUpRequestPage() {
     return /^\d+\.(jpg|webp|avif)$/.test(file) ? `/thumbnails/${encodeURIComponent(requestId)}/${file}` : null;
   }
 
+  // "waiting for cdn.example.com (429, retry in 40 s)": a transient failure, tried again later.
+  function waitingFor(image) {
+    let host = "the image server";
+    try {
+      host = new URL(image.input_url).host;
+    } catch {
+      // an input URL the browser cannot parse: keep the generic words
+    }
+    const code = image.error.code.replace(/^http_/, "");
+    const seconds = Math.max(0, Math.ceil((Date.parse(image.retry_at) - Date.now()) / 1000));
+    const when = seconds > 0 ? `retry in ${seconds} s` : "retrying now";
+    return code === "storage_error" ? `waiting for the storage (${when})` : `waiting for ${host} (${code}, ${when})`;
+  }
+
   function imageEntry(image, position, productName) {
     const entry = el("li", { className: `image ${image.status}` });
     const thumbnail = image.output_url && isWebAddress(image.output_url) && thumbnailUrl(image.output_url);
@@ -228,6 +242,8 @@ function setUpRequestPage() {
         el("p", { className: "sizes" }, `${formatBytes(image.input_bytes)} → ${formatBytes(image.output_bytes)}${saving}`),
         el("p", { className: "hint" }, `${image.width} × ${image.height} px`),
       );
+    } else if (image.status === "pending" && image.error && image.retry_at) {
+      entry.append(el("p", { className: "hint" }, waitingFor(image)));
     } else if (image.error) {
       entry.append(
         el("p", { className: "error" }, el("code", {}, image.error.code), " ", sentence(describeError(image.error.code))),

@@ -242,3 +242,61 @@ def observed(handler: Handler) -> tuple[Handler, HandlerRun]:
             run.ended.set()
 
     return observed_handler, run
+
+
+class Origin(_BaseServer):
+    """An image origin of its own (its own host:port, so its own host to the service's
+    per-host politeness): serves one image at every path, after `delay_seconds`, and
+    counts the requests it is answering at once (`most_in_flight`: the most it saw).
+
+    Like a CDN, it answers 429 beyond `max_in_flight` requests at once, and 503 while
+    `down_until` (time.monotonic) has not passed; both with `retry_after` as Retry-After
+    when set. `answered` counts its answers by status."""
+
+    def __init__(
+        self,
+        body: bytes,
+        *,
+        delay_seconds: float = 0.0,
+        max_in_flight: int | None = None,
+        retry_after: str | None = None,
+    ):
+        super().__init__()
+        self.body = body
+        self.delay_seconds = delay_seconds
+        self.max_in_flight = max_in_flight
+        self.retry_after = retry_after
+        self.down_until = 0.0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.answered: dict[int, int] = defaultdict(int)
+
+    def urls(self, count: int) -> list[str]:
+        return [f"{self.base_url}/{uuid.uuid4().hex}.jpg" for _ in range(count)]
+
+    def down_for(self, seconds: float) -> None:
+        self.down_until = time.monotonic() + seconds
+
+    def handle(self, path, request):
+        with self._lock:
+            if time.monotonic() < self.down_until:
+                status = 503
+            elif self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+                status = 429
+            else:
+                status = 200
+                self.in_flight += 1
+                self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.answered[status] += 1
+        if status != 200:
+            headers = {"Content-Type": "text/plain"}
+            if self.retry_after is not None:
+                headers["Retry-After"] = self.retry_after
+            send(request, status, b"slow down" if status == 429 else b"maintenance", headers)
+            return
+        try:
+            time.sleep(self.delay_seconds)
+            send(request, 200, self.body, {"Content-Type": "image/jpeg"})
+        finally:
+            with self._lock:
+                self.in_flight -= 1

@@ -1,0 +1,375 @@
+"""Per-host politeness on real origins (tests/servers.py Origin, each a host:port of its
+own): at most FETCH_PER_HOST_CONCURRENCY images of a host in flight, 429/503 and other
+passing trouble put the host in backoff and the image back to wait, a host failing round
+after round gets one image at a time, and an image waits at most
+FETCH_RETRY_WINDOW_SECONDS. The claim is checked on the ledger itself, then the whole
+service on both runners."""
+
+import io
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+
+from app.composition import build_parts
+from app.db.base import utcnow
+from app.db.models import Host, Image, ProcessingRequest
+from app.db.session import writer_sessionmaker
+from app.main import create_app
+from app.net.urls import url_host
+from app.services.batches import create_batch
+from app.services.csv_checks import CsvLimits
+from tests.conftest import csv_of, upload, wait_finished
+from tests.support import images
+from tests.support.deployment import NEEDS_POSTGRES
+from tests.support.servers import Origin
+
+LIMITS = CsvLimits(1_000_000, 1 << 20, 1000, 50)
+JPEG = images.jpeg()
+
+
+@pytest.fixture
+def origins() -> Iterator[list[Origin]]:
+    """origins.append(Origin(...)) starts one; all are stopped after the test."""
+    started: list[Origin] = []
+    yield started
+    for origin in started:
+        origin.__exit__()
+
+
+def start_origin(origins: list[Origin], **options) -> Origin:
+    origin = Origin(JPEG, **options).__enter__()
+    origins.append(origin)
+    return origin
+
+
+def allowing(make_settings, origins: list[Origin], **overrides):
+    hosts = ",".join(f"127.0.0.1:{origin.port}" for origin in origins)
+    return make_settings(allow_private_hosts=hosts, **overrides)
+
+
+def make_batch(engine, urls: list[str]) -> tuple[int, list[int]]:
+    with writer_sessionmaker(engine).begin() as session:
+        rows = [(n, f"P{n}", [url]) for n, url in enumerate(urls, start=1)]
+        request = create_batch(session, io.BytesIO(csv_of(rows)), LIMITS, webhook_url=None, owner=None)
+        ids = session.scalars(select(Image.id).where(Image.request_pk == request.id).order_by(Image.id))
+        return request.id, list(ids)
+
+
+def image_row(engine, image_id: int) -> Image:
+    with writer_sessionmaker(engine)() as session:
+        return session.get(Image, image_id)
+
+
+def host_row(engine, name: str) -> Host:
+    with writer_sessionmaker(engine)() as session:
+        return session.get(Host, name)
+
+
+def make_host_due(engine, name: str) -> None:
+    """The host's backoff and its images' waits run out now (time passes, as in the tests
+    of transient store failures)."""
+    past = utcnow() - timedelta(seconds=1)
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(update(Host).where(Host.name == name).values(backoff_until=past))
+        session.execute(
+            update(Image).where(Image.host == name, Image.retry_at.is_not(None)).values(retry_at=past)
+        )
+
+
+@pytest.fixture
+def parts_of(make_settings, origins):
+    built = []
+
+    def build(**overrides):
+        parts = build_parts(allowing(make_settings, origins, **overrides), runs_images=True)
+        built.append(parts)
+        return parts
+
+    yield build
+    for parts in built:
+        parts.close()
+
+
+def test_the_host_is_the_urls_authority_lower_cased_with_a_port_other_than_the_default():
+    assert url_host("https://user@CDN.Example.com/a.jpg?x=1") == "cdn.example.com"
+    assert url_host("http://cdn.example.com:80/a.jpg") == "cdn.example.com"
+    assert url_host("https://cdn.example.com:443#top") == "cdn.example.com"
+    assert url_host("http://127.0.0.1:8080?x") == "127.0.0.1:8080"
+    assert url_host("https://[::1]:80/x") == "[::1]:80"
+
+
+def test_uploads_store_each_images_host_and_a_row_per_host(parts_of, origins):
+    first, second = start_origin(origins), start_origin(origins)
+    parts = parts_of()
+    request_pk, ids = make_batch(parts.engine, first.urls(2) + second.urls(1))
+    assert [image_row(parts.engine, image_id).host for image_id in ids] == [
+        f"127.0.0.1:{first.port}",
+        f"127.0.0.1:{first.port}",
+        f"127.0.0.1:{second.port}",
+    ]
+    assert host_row(parts.engine, f"127.0.0.1:{second.port}") is not None
+    with writer_sessionmaker(parts.engine)() as session:
+        assert session.get(ProcessingRequest, request_pk).host_count == 2
+
+
+def test_a_claim_keeps_a_host_to_its_limit_while_other_hosts_flow(parts_of, origins):
+    busy, other = start_origin(origins), start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=3)
+    ledger = parts.ledger
+    make_batch(parts.engine, busy.urls(10))
+    make_batch(parts.engine, other.urls(2))
+
+    claim = ledger.claim_next(16)
+    hosts = [unit.host for unit in claim.units]
+    assert hosts.count(f"127.0.0.1:{busy.port}") == 3
+    assert hosts.count(f"127.0.0.1:{other.port}") == 2
+    assert claim.passed_over_hosts
+    assert ledger.claim_next(16).units == []  # both hosts: at the limit, or nothing left
+
+    finished = next(unit for unit in claim.units if unit.host == f"127.0.0.1:{busy.port}")
+    ledger.record_outcomes([parts.stages.run(finished)])
+    again = ledger.claim_next(16).units
+    assert [unit.host for unit in again] == [f"127.0.0.1:{busy.port}"]
+
+
+def test_requests_take_turns_even_when_their_host_has_room_for_one(parts_of, origins):
+    origin = start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=1)
+    first, _ = make_batch(parts.engine, origin.urls(5))
+    second, _ = make_batch(parts.engine, origin.urls(5))
+    served, order = 0, []
+    for _ in range(4):
+        claim = parts.ledger.claim_next(8, served)
+        (unit,) = claim.units
+        served = claim.last_request_served
+        order.append(unit.request_pk)
+        parts.ledger.record_outcomes([parts.stages.run(unit)])
+    assert order == [first, second, first, second]
+
+
+def test_a_request_naming_several_hosts_looks_past_a_host_at_its_limit(parts_of, origins):
+    busy, other = start_origin(origins), start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=2)
+    make_batch(parts.engine, busy.urls(20) + other.urls(3))
+    units = parts.ledger.claim_next(4).units
+    assert sorted(unit.host for unit in units) == sorted(
+        [f"127.0.0.1:{busy.port}"] * 2 + [f"127.0.0.1:{other.port}"] * 2
+    )
+
+
+def test_claiming_by_id_keeps_to_the_limit_too(parts_of, origins):
+    origin = start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=2)
+    _, ids = make_batch(parts.engine, origin.urls(4))
+    assert len(parts.ledger.claim_images(ids)) == 2
+    assert parts.ledger.claim_images(ids) == []
+
+
+def test_a_429_puts_the_host_in_backoff_for_its_retry_after_and_the_image_back_to_wait(parts_of, origins):
+    throttled = start_origin(origins, max_in_flight=0, retry_after="40")
+    healthy = start_origin(origins)
+    parts = parts_of()
+    ledger = parts.ledger
+    _, throttled_ids = make_batch(parts.engine, throttled.urls(3))
+    _, healthy_ids = make_batch(parts.engine, healthy.urls(1))
+
+    (unit,) = ledger.claim_images(throttled_ids[:1])
+    before = utcnow()
+    ledger.record_outcomes([parts.stages.run(unit)])
+
+    image = image_row(parts.engine, unit.image_id)
+    assert (image.status, image.error_code, image.attempts) == ("pending", "http_429", 1)
+    assert timedelta(seconds=39) < image.retry_at - before <= timedelta(seconds=41)
+    host = host_row(parts.engine, unit.host)
+    assert host.backoff_until == image.retry_at and host.consecutive_failures == 1
+    # No image of the host is fetched before then; the other host's are.
+    assert ledger.claim_images(throttled_ids) == []
+    assert [u.image_id for u in ledger.claim_next(16).units] == healthy_ids
+    assert 39 < ledger.seconds_until_next_retry() <= 40
+    assert throttled.answered == {429: 1}
+    with writer_sessionmaker(parts.engine)() as session:
+        request = session.get(ProcessingRequest, image.request_pk)
+        assert (request.status, request.failed_images) == ("processing", 0)
+
+
+def test_retry_after_is_capped(parts_of, origins):
+    origin = start_origin(origins, max_in_flight=0, retry_after="100000")
+    parts = parts_of(fetch_retry_after_max_seconds=30)
+    _, ids = make_batch(parts.engine, origin.urls(1))
+    (unit,) = parts.ledger.claim_images(ids)
+    before = utcnow()
+    parts.ledger.record_outcomes([parts.stages.run(unit)])
+    assert image_row(parts.engine, unit.image_id).retry_at - before <= timedelta(seconds=31)
+
+
+def test_an_image_waits_for_its_origin_only_for_the_retry_window(parts_of, origins):
+    origin = start_origin(origins)
+    origin.down_for(3600)
+    parts = parts_of(fetch_retry_window_seconds=900)
+    request_pk, (image_id,) = make_batch(parts.engine, origin.urls(1))
+    (unit,) = parts.ledger.claim_images([image_id])
+    parts.ledger.record_outcomes([parts.stages.run(unit)])
+    first = image_row(parts.engine, image_id)
+    assert first.status == "pending" and first.waiting_since is not None
+
+    # Within the window: it waits again, and the window still runs from the first failure.
+    make_host_due(parts.engine, unit.host)
+    (unit,) = parts.ledger.claim_images([image_id])
+    parts.ledger.record_outcomes([parts.stages.run(unit)])
+    assert image_row(parts.engine, image_id).status == "pending"
+    assert image_row(parts.engine, image_id).waiting_since == first.waiting_since
+
+    # 900 s after the first failure: the next failure is final, with the last error.
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id == image_id).values(waiting_since=utcnow() - timedelta(seconds=901))
+        )
+    make_host_due(parts.engine, unit.host)
+    (unit,) = parts.ledger.claim_images([image_id])
+    parts.ledger.record_outcomes([parts.stages.run(unit)])
+    image = image_row(parts.engine, image_id)
+    assert (image.status, image.error_code) == ("failed", "http_503")
+    with writer_sessionmaker(parts.engine)() as session:
+        assert session.get(ProcessingRequest, request_pk).status == "failed"
+
+
+def test_permanent_answers_fail_at_once(parts_of, origins):
+    origin = start_origin(origins)
+    parts = parts_of()
+    _, (image_id,) = make_batch(parts.engine, [origin.base_url + "/missing.jpg"])
+    origin.body = b"not an image"
+    (unit,) = parts.ledger.claim_images([image_id])
+    parts.ledger.record_outcomes([parts.stages.run(unit)])
+    image = image_row(parts.engine, image_id)
+    assert (image.status, image.error_code) == ("failed", "not_an_image")
+    assert host_row(parts.engine, unit.host).backoff_until is None
+
+
+def test_a_host_failing_round_after_round_gets_one_image_at_a_time_until_it_answers(parts_of, origins):
+    origin = start_origin(origins)
+    origin.down_for(3600)
+    parts = parts_of(fetch_per_host_concurrency=3, fetch_breaker_failures=2)
+    ledger = parts.ledger
+    make_batch(parts.engine, origin.urls(10))
+    host = f"127.0.0.1:{origin.port}"
+    for failures in (1, 2):
+        units = ledger.claim_next(16).units
+        assert len(units) == 3
+        ledger.record_outcomes([parts.stages.run(unit) for unit in units])
+        assert host_row(parts.engine, host).consecutive_failures == failures  # one per round
+        assert ledger.claim_next(16).units == []  # backing off
+        make_host_due(parts.engine, host)
+
+    (probe,) = ledger.claim_next(16).units  # the breaker is open: one probe
+    assert ledger.claim_next(16).units == []
+    origin.down_until = 0
+    ledger.record_outcomes([parts.stages.run(probe)])
+    assert host_row(parts.engine, host).consecutive_failures == 0
+    assert len(ledger.claim_next(16).units) == 3
+    assert origin.answered[503] == 6  # two rounds of three, none retried at once
+
+
+# -- the whole service, in process -------------------------------------------------------
+
+
+def run_service(settings) -> TestClient:
+    return TestClient(create_app(settings))
+
+
+def csv_for(urls: list[str]) -> bytes:
+    return csv_of([(n, f"P{n}", [url]) for n, url in enumerate(urls, start=1)])
+
+
+def test_the_origin_never_sees_more_than_the_per_host_limit(make_settings, origins):
+    origin = start_origin(origins, delay_seconds=0.05)
+    settings = allowing(make_settings, origins, fetch_per_host_concurrency=3, worker_concurrency=8)
+    with run_service(settings) as client:
+        request_id = upload(client, csv_for(origin.urls(40))).json()["request_id"]
+        body = wait_finished(client, request_id, timeout=60)
+    assert body["status"] == "completed"
+    assert origin.most_in_flight == 3  # the limit, reached and held
+    assert origin.answered == {200: 40}
+
+
+def test_a_throttling_origin_loses_no_image(make_settings, origins):
+    # The origin allows 2 at once and asks for a second's pause beyond that; the service
+    # allows itself 8: it runs into 429s, backs off, and every image arrives.
+    origin = start_origin(origins, delay_seconds=0.05, max_in_flight=2, retry_after="1")
+    settings = allowing(make_settings, origins, fetch_per_host_concurrency=8, worker_concurrency=8)
+    with run_service(settings) as client:
+        request_id = upload(client, csv_for(origin.urls(40))).json()["request_id"]
+        body = wait_finished(client, request_id, timeout=120)
+        metrics = client.get("/metrics").text
+    assert body["status"] == "completed", body["progress"]
+    assert origin.answered[200] == 40 and origin.answered[429] > 0
+    assert f'image_service_origin_slow_downs_total{{status="429"}} {float(origin.answered[429])}' in metrics
+    assert "image_service_host_backoffs_total" in metrics
+
+
+def test_an_origin_down_for_20_s_fails_nothing(make_settings, origins):
+    origin = start_origin(origins, delay_seconds=0.01)
+    settings = allowing(
+        make_settings,
+        origins,
+        fetch_per_host_concurrency=8,
+        fetch_host_backoff_base_seconds=0.5,
+        fetch_host_backoff_max_seconds=4,
+        fetch_breaker_failures=3,
+        download_timeout_seconds=2,
+    )
+    origin.down_for(20)
+    with run_service(settings) as client:
+        request_id = upload(client, csv_for(origin.urls(40))).json()["request_id"]
+        body = wait_finished(client, request_id, timeout=90)
+    assert body["status"] == "completed", body["progress"]
+    assert origin.answered[200] == 40
+    # Down, the host cost 3 rounds of at most 8 requests, then its breaker let one probe
+    # through per backoff (2-4 s from the fourth round on): not one request per image
+    # per retry (rounds of 8 every 2-4 s would have sent over 50).
+    assert 0 < origin.answered[503] <= 3 * 8 + 20 / 2 + 2
+
+
+def test_a_throttled_host_holds_up_nobody_else(make_settings, origins):
+    throttled = start_origin(origins, max_in_flight=0, retry_after="60")
+    healthy = start_origin(origins, delay_seconds=0.02)
+    settings = allowing(make_settings, origins, worker_concurrency=4)
+    with run_service(settings) as client:
+        slow_id = upload(client, csv_for(throttled.urls(20))).json()["request_id"]
+        fast_id = upload(client, csv_for(healthy.urls(20))).json()["request_id"]
+        fast = wait_finished(client, fast_id, timeout=60)
+        slow = client.get(f"/status/{slow_id}").json()
+        page = client.get(f"/requests/{slow_id}").text
+    assert fast["status"] == "completed"
+    assert slow["status"] == "processing" and slow["progress"]["failed_images"] == 0
+    # One round of the per-host limit asked, then the host waits out its Retry-After.
+    assert 0 < throttled.answered[429] <= settings.fetch_per_host_concurrency
+    waiting = [
+        image for product in slow["products"] for image in product["images"] if image["error"] is not None
+    ]
+    assert waiting and all(image["status"] == "pending" for image in waiting)
+    assert all(image["error"]["code"] == "http_429" and image["retry_at"] for image in waiting)
+    assert "request" in page  # the page itself renders; its wording is checked in test_pages
+
+
+# -- two Celery workers on RabbitMQ ----------------------------------------------------------
+
+
+@pytest.mark.slow
+@NEEDS_POSTGRES
+def test_the_per_host_limit_holds_across_two_celery_workers(deploy, origins, deployment_env):
+    origin = start_origin(origins, delay_seconds=0.1)
+    hosts = f"{deployment_env['ALLOW_PRIVATE_HOSTS']},127.0.0.1:{origin.port}"
+    deployment = deploy(
+        "celery-rabbitmq", workers=2, ALLOW_PRIVATE_HOSTS=hosts, FETCH_PER_HOST_CONCURRENCY="3"
+    )
+    started = time.monotonic()
+    request_id = deployment.upload(csv_for(origin.urls(60)))
+    state = deployment.wait_done(request_id, timeout=120)
+    assert state.status == "completed", state
+    assert origin.most_in_flight == 3, origin.most_in_flight
+    assert origin.answered == {200: 60}
+    assert time.monotonic() - started < 120
