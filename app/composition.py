@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.ledger.image_ledger import ImageLedger
+from app.ledger.units import OutputOptions
 from app.metrics import ServiceMetrics
 from app.net.guard import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
@@ -136,6 +137,8 @@ def build_parts(
         retry_max_seconds=settings.transient_retry_max_seconds,
         on_recorded=metrics.count_outcomes,
         on_requests_gone=lambda request_ids: delete_requests_outputs(storage, request_ids),
+        # What a request uploaded without options gets (ImageStages.default_encoding).
+        default_options=OutputOptions(quality=settings.jpeg_quality, progressive=settings.jpeg_progressive),
     )
     parts = Parts(
         settings=settings,

@@ -39,6 +39,9 @@ class Progress(BaseModel):
     processed_images: int = Field(description="images that succeeded")
     failed_images: int
     cancelled_images: int = Field(0, description="images a cancel stopped before they started")
+    reused_images: int = Field(
+        0, description="of the succeeded images, those that reused an earlier import's output"
+    )
     percent: float = Field(description="share of images finished: succeeded, failed or cancelled")
 
 
@@ -59,6 +62,9 @@ class ImageResult(BaseModel):
     kept_original: bool = Field(
         False, description="keep_smaller: the input was smaller than its re-encoding, so it is the output"
     )
+    reused: bool = Field(
+        False, description="the source had not changed since an earlier import: its output was reused"
+    )
 
     @classmethod
     def of(cls, image: Row, urls: OutputUrls) -> "ImageResult":
@@ -68,6 +74,7 @@ class ImageResult(BaseModel):
             # A copy waits for the row of the same URL that is processed.
             status=ImageStatus.PENDING if image.status == ImageStatus.COPY else image.status,
             kept_original=bool(image.kept_original),
+            reused=bool(image.reused),
             error=ImageError(code=image.error_code, message=image.error_message or "")
             if image.error_code
             else None,
@@ -178,6 +185,7 @@ class RequestSummary(BaseModel):
                 processed_images=request.processed_images,
                 failed_images=request.failed_images,
                 cancelled_images=request.cancelled_images,
+                reused_images=request.reused_images,
                 percent=round(100 * finished / request.total_images, 2) if request.total_images else 100.0,
             ),
             status_url=f"{base_url}/status/{request.request_id}",

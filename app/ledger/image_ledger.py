@@ -41,13 +41,14 @@ from app.db.models import (
     RequestStatus,
 )
 from app.ledger.copies import record_copies
+from app.ledger.revalidation import attach_revalidation, remember_sources
 from app.ledger.turns import (
     expired_claim_ids,
     next_claimable_ids,
     not_waiting_for_retry,
     seconds_until_next_retry,
 )
-from app.ledger.units import ImageOutcome, WorkUnit, options_from_json
+from app.ledger.units import ImageOutcome, OutputOptions, WorkUnit, options_from_json
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
         "new_fetch_ms": outcome.fetch_ms,
         "new_compress_ms": outcome.compress_ms,
         "new_kept_original": outcome.kept_original,
+        "new_reused": outcome.reused if outcome.succeeded else None,
     }
 
 
@@ -132,12 +134,16 @@ class ImageLedger:
         retry_max_seconds: float,
         on_recorded: Callable[[Sequence[ImageOutcome]], None] | None = None,
         on_requests_gone: Callable[[set[str]], None] | None = None,
+        default_options: OutputOptions | None = None,
     ):
         """`sessions` write (they take SQLite's write lock at BEGIN), `reader_sessions`
         only read. `on_recorded` is told, after each commit, the outcomes that commit
         recorded (never one ignored as stale), e.g. to count them (app/metrics.py).
         `on_requests_gone` is told the request ids (uuids) of outcomes whose request no
-        longer exists, to remove what their stages stored (app/composition.py)."""
+        longer exists, to remove what their stages stored (app/composition.py).
+        `default_options` are the settings' encoding, the one requests uploaded without
+        options get: their outputs are reused only for the same encoding (None: never)."""
+        self.default_options = default_options
         self.on_recorded = on_recorded
         self.on_requests_gone = on_requests_gone
         self.sessions = sessions
@@ -244,6 +250,14 @@ class ImageLedger:
         units.sort(key=lambda unit: unit.image_id)
         return units
 
+    def with_revalidation(self, units: Sequence[WorkUnit]) -> list[WorkUnit]:
+        """The claimed units, each with what its owner's earlier imports of its URL left
+        (app/ledger/revalidation.py): one read, beside the claim, not inside it."""
+        if not units:
+            return list(units)
+        with self.reader_sessions() as session:
+            return attach_revalidation(session, units, self.default_options)
+
     def release(self, units: Sequence[WorkUnit]) -> None:
         """Hand claimed but unprocessed units back (graceful shutdown, a lost worker)."""
         self._update_still_claimed(_claims(units), status=ImageStatus.PENDING, claimed_at=None)
@@ -283,6 +297,7 @@ class ImageLedger:
         succeeded: dict[int, int] = {}
         failed: dict[int, int] = {}
         cancelled: dict[int, int] = {}
+        reused: dict[int, int] = {}
         with self.sessions.begin() as session:
             # One guarded read picks the outcomes whose claim is still current (rows
             # locked on PostgreSQL; SQLite's write lock is already held), then one
@@ -326,6 +341,7 @@ class ImageLedger:
                         fetch_ms=bindparam("new_fetch_ms"),
                         compress_ms=bindparam("new_compress_ms"),
                         kept_original=bindparam("new_kept_original"),
+                        reused=bindparam("new_reused"),
                         finished_at=now,
                     ),
                     [_outcome_params(o) for o in fresh],
@@ -333,8 +349,13 @@ class ImageLedger:
             for outcome in fresh:
                 tally = cancelled if outcome.cancelled else succeeded if outcome.succeeded else failed
                 tally[outcome.unit.request_pk] = tally.get(outcome.unit.request_pk, 0) + 1
+                if outcome.succeeded and outcome.reused:
+                    reused[outcome.unit.request_pk] = reused.get(outcome.unit.request_pk, 0) + 1
             # Rows naming the same URL take the result with it, and count as rows.
-            record_copies(session, [o for o in fresh if o.unit.copies and not o.cancelled], succeeded, failed)
+            record_copies(
+                session, [o for o in fresh if o.unit.copies and not o.cancelled], succeeded, failed, reused
+            )
+            remember_sources(session, fresh, self.default_options)
             events = []
             for request_pk in sorted(succeeded.keys() | failed.keys() | cancelled.keys()):
                 event_id = self._count_and_maybe_finish(
@@ -344,6 +365,7 @@ class ImageLedger:
                     succeeded=succeeded.get(request_pk, 0),
                     failed=failed.get(request_pk, 0),
                     cancelled=cancelled.get(request_pk, 0),
+                    reused=reused.get(request_pk, 0),
                 )
                 if event_id is not None:
                     events.append(event_id)
@@ -459,6 +481,7 @@ class ImageLedger:
         succeeded: int = 0,
         failed: int = 0,
         cancelled: int = 0,
+        reused: int = 0,
     ) -> int | None:
         """Add to the request's counters; the transaction that brings them to the total
         finishes the request and creates its webhook event. The one place that decides
@@ -472,6 +495,7 @@ class ImageLedger:
                 processed_images=ProcessingRequest.processed_images + succeeded,
                 failed_images=ProcessingRequest.failed_images + failed,
                 cancelled_images=ProcessingRequest.cancelled_images + cancelled,
+                reused_images=ProcessingRequest.reused_images + reused,
             )
             .returning(
                 ProcessingRequest.processed_images,

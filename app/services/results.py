@@ -32,6 +32,7 @@ IMAGE_COLUMNS = (
     Image.width,
     Image.height,
     Image.kept_original,
+    Image.reused,
 )
 
 
