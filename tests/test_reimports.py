@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.db.models import Image
+from app.db.models import Image, SourceValidators
 from app.db.session import build_engine
 from app.main import create_app
 from app.net.guard import AddressPolicy, guarded_pool, parse_allowlist
@@ -18,6 +18,7 @@ from tests import images
 from tests.conftest import csv_of, stored_keys, wait_finished
 from tests.s3_server import TEST_REGION
 from tests.servers import RevalidatingSource
+from tests.test_lifecycle import wait_until
 from tests.test_metrics import scrape, value
 
 MEDIA_URL = "http://testserver/processed_images/"
@@ -201,3 +202,25 @@ def test_on_s3_a_reimport_copies_objects_that_outlive_the_first_request(
             assert head["ContentType"] == "image/jpeg"
             assert s3_admin.get_object(Bucket=bucket, Key=f"outputs/{key}")["Body"].read() == original
         assert len([key for key in remaining if "/thumbs/" in key]) == 2
+
+
+def test_retention_forgets_sources_not_downloaded_within_it(make_settings, image_server, database_url):
+    source = RevalidatingSource(images.jpeg((200, 100)))
+    catalogue = csv_of([(1, "A", [publish(image_server, source)])])
+    settings = make_settings(retention_days=0.5 / 86400, retention_interval_seconds=0.2)
+    engine = build_engine(database_url)
+
+    def remembered() -> int:
+        with engine.connect() as connection:
+            return len(connection.execute(select(SourceValidators.id)).all())
+
+    try:
+        with TestClient(create_app(settings)) as client:
+            first = import_catalogue(client, catalogue)
+            wait_until(lambda: client.get(f"/status/{first['request_id']}").status_code == 404)
+            wait_until(lambda: remembered() == 0)
+            again = import_catalogue(client, catalogue)
+        assert results(again)[0]["reused"] is False
+        assert source.answers == [(None, 200), (None, 200)]
+    finally:
+        engine.dispose()
