@@ -82,6 +82,8 @@ def test_a_reimport_answered_304_reuses_every_output_and_survives_deleting_the_f
         image_id = int(key.split("/")[1].split(".")[0])
         assert (media_root / thumbnail_key(second["request_id"], image_id)).is_file()
     assert value(scrape(client)["image_service_images_reused"], "image_service_images_reused_total") == 3
+    page = client.get(f"/status/{second['request_id']}", headers={"Accept": "text/html"}).text
+    assert "4 reused from an earlier import" in page
 
     assert client.delete(f"/requests/{first['request_id']}").status_code == 204
     for image in results(second):
