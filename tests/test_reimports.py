@@ -56,9 +56,18 @@ def compress_ms_of(database_url: str, request_status: dict) -> list[int | None]:
     return values
 
 
+@pytest.mark.parametrize(
+    "image_processes", [0, pytest.param(1, marks=pytest.mark.slow, id="worker-processes")]
+)
 def test_a_reimport_answered_304_reuses_every_output_and_survives_deleting_the_first(
-    client, image_server, media_root, database_url
+    make_settings, image_server, database_url, image_processes
 ):
+    settings = make_settings(image_processes=image_processes)
+    with TestClient(create_app(settings)) as client:
+        reimport_and_delete(client, image_server, settings.media_root, database_url)
+
+
+def reimport_and_delete(client, image_server, media_root, database_url) -> None:
     sources = [RevalidatingSource(images.jpeg((320 + n, 240))) for n in range(3)]
     urls = [publish(image_server, source) for source in sources]
     # The first URL twice: the copy row takes the reused result too.
