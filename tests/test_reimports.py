@@ -10,8 +10,10 @@ from sqlalchemy import select
 
 from app.db.models import Image, SourceValidators
 from app.db.session import build_engine
+from app.ledger.units import SourceState
 from app.main import create_app
 from app.net.guard import AddressPolicy, guarded_pool, parse_allowlist
+from app.pipeline.failures import HttpError
 from app.pipeline.fetch import HttpFetcher
 from app.storage import thumbnail_key
 from tests import images
@@ -235,3 +237,15 @@ def test_retention_forgets_sources_not_downloaded_within_it(make_settings, image
         assert source.answers == [(None, 200), (None, 200)]
     finally:
         engine.dispose()
+
+
+def test_a_304_to_a_request_that_asked_nothing_is_an_error(image_server):
+    url = image_server.add(b"", status=304)
+    fetcher = HttpFetcher(
+        guarded_pool(AddressPolicy(parse_allowlist(f"127.0.0.1:{image_server.port}")), pool_size=2),
+        timeout_seconds=5,
+        max_bytes=10**6,
+    )
+    with pytest.raises(HttpError) as failure:
+        fetcher.fetch(url, SourceState(content_sha256="0" * 64))
+    assert failure.value.code == "http_304"

@@ -66,8 +66,8 @@ def _no_store(cache_control: str | None) -> bool:
 
 
 def conditional_headers(known: SourceState | None) -> dict[str, str]:
-    if known is None:
-        return REQUEST_HEADERS
+    if known is None or not (known.etag or known.last_modified):
+        return REQUEST_HEADERS  # not conditional: a 304 to it is an error like any other
     headers = dict(REQUEST_HEADERS)
     if known.etag:
         headers["If-None-Match"] = known.etag
@@ -153,7 +153,7 @@ class HttpFetcher:
                     url = urljoin(url, location)
                     continue
                 no_store = _no_store(response.headers.get("cache-control"))
-                if response.status == 304 and headers is not REQUEST_HEADERS and known is not None:
+                if response.status == 304 and known is not None and headers is not REQUEST_HEADERS:
                     complete = True
                     # A 304 may carry fresher validators; the bytes are the ones we hashed.
                     source = SourceState(

@@ -160,9 +160,9 @@ class ImageStages:
             earlier = unit.revalidation
             # Only worth asking "changed?" when there is an output to reuse if not.
             stored = earlier.output if earlier is not None else None
-            fetched = self.fetcher.fetch(unit.input_url, earlier.source if stored and earlier else None)
+            fetched = self.fetcher.fetch(unit.input_url, earlier.source if earlier and stored else None)
             fetch_seconds = _seconds_since(start)
-            if stored is not None and earlier is not None:
+            if earlier is not None and stored is not None:
                 unchanged = fetched.source is not None and not fetched.source.no_store
                 unchanged = unchanged and (
                     fetched.not_modified or fetched.source.content_sha256 == earlier.source.content_sha256
