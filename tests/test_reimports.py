@@ -18,6 +18,7 @@ from app.pipeline.fetch import HttpFetcher
 from app.storage import thumbnail_key
 from tests import images
 from tests.conftest import csv_of, stored_keys, wait_finished
+from tests.deployment import RUNNERS
 from tests.s3_server import TEST_REGION
 from tests.servers import RevalidatingSource
 from tests.test_lifecycle import wait_until
@@ -249,3 +250,18 @@ def test_a_304_to_a_request_that_asked_nothing_is_an_error(image_server):
     with pytest.raises(HttpError) as failure:
         fetcher.fetch(url, SourceState(content_sha256="0" * 64))
     assert failure.value.code == "http_304"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_every_runner_reuses_on_a_reimport(runner, deploy, image_server):
+    sources = [RevalidatingSource(images.jpeg((120 + n, 90))) for n in range(6)]
+    catalogue = csv_of([(n, f"P{n}", [publish(image_server, source)]) for n, source in enumerate(sources, 1)])
+    deployment = deploy(runner)
+    first = deployment.upload(catalogue)
+    assert deployment.wait_done(first, timeout=60).status == "completed"
+    second = deployment.upload(catalogue)
+    assert deployment.wait_done(second, timeout=60).status == "completed"
+    status = deployment.api.get(f"/status/{second}").json()
+    assert status["progress"]["reused_images"] == 6
+    assert [source.statuses for source in sources] == [[200, 304]] * 6
