@@ -15,6 +15,7 @@ from app.config import Settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.ledger.hosts import HostPoliteness
 from app.ledger.image_ledger import ImageLedger
+from app.ledger.units import OutputOptions
 from app.metrics import ServiceMetrics
 from app.net.guard import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
@@ -153,6 +154,8 @@ def build_parts(
         on_recorded=metrics.count_outcomes,
         on_requests_gone=lambda request_ids: delete_requests_outputs(storage, request_ids),
         on_host_backoffs=metrics.count_host_backoffs,
+        # What a request uploaded without options gets (ImageStages.default_encoding).
+        default_options=OutputOptions(quality=settings.jpeg_quality, progressive=settings.jpeg_progressive),
     )
     parts = Parts(
         settings=settings,

@@ -59,8 +59,13 @@ class ServiceMetrics:
         )
         self.bytes = Counter(
             "image_service_bytes",
-            "Image bytes downloaded (in) and stored (out)",
+            "Image bytes decoded (in) and stored (out); a reused output counts neither",
             ["direction"],
+            registry=registry,
+        )
+        self.reused = Counter(
+            "image_service_images_reused",
+            "Images that succeeded by reusing an earlier import's output (the source had not changed)",
             registry=registry,
         )
         self.webhook_deliveries = Counter(
@@ -117,9 +122,11 @@ class ServiceMetrics:
                 continue
             if outcome.error_code is None:
                 self._succeeded.inc()
-                if outcome.input_bytes:
+                if outcome.reused:
+                    self.reused.inc()
+                elif outcome.input_bytes:
                     self._bytes_in.inc(outcome.input_bytes)
-                if outcome.output_bytes:
+                if outcome.output_bytes and not outcome.reused:
                     self._bytes_out.inc(outcome.output_bytes)
             else:
                 counter = self._failed.get(outcome.error_code)

@@ -42,6 +42,16 @@ def claim_batch_size(concurrency: int) -> int:
     return max(8, concurrency * 2)
 
 
+def with_revalidation(ledger: ImageLedger, units: list[WorkUnit]) -> list[WorkUnit]:
+    """The claimed units with what earlier imports of their URLs left. A failed read costs
+    only the reuse: the units run as they are, downloaded and encoded in full."""
+    try:
+        return ledger.with_revalidation(units)
+    except Exception:
+        log.exception("reading the validators of %d claimed images failed; fetching them in full", len(units))
+        return units
+
+
 def process_unit(stages: StageRunner, unit: WorkUnit) -> ImageOutcome:
     """The unit's outcome: its stages' result, or `worker_crashed` without running them
     for an image that has taken down MAX_WORKER_CRASHES processes while being decoded."""
@@ -180,6 +190,7 @@ def process_next_images(
         next_timed_claim = time.monotonic() + claim_every_seconds
         taken = ledger.claim_next(limit, result.last_request_served, expired_too=True)
         units, result.last_request_served = taken.units, taken.last_request_served
+        units = with_revalidation(ledger, units)
         held.add(units)
         for unit in units:
             future = pool.submit(run, unit)
@@ -252,7 +263,7 @@ def process_image(ledger: ImageLedger, stages: StageRunner, image_id: int) -> li
     """Claim, run and record one image by id; returns the webhook events to deliver. Run
     twice, the second run finds nothing to claim and changes nothing."""
     events: list[int] = []
-    for unit in ledger.claim_images([image_id]):
+    for unit in with_revalidation(ledger, ledger.claim_images([image_id])):
         events += ledger.record_outcomes([process_unit(stages, unit)])
     return events
 

@@ -30,13 +30,17 @@ Figures of each configuration; "median (min-max)" is over BENCH_RUNS runs:
    only deleted). Medians (min-max) over the runs. A small batch not done 60 s after its
    upload, or a request not "cancelled" 120 s after the cancel, fails the configuration.
 4. the peak RSS of the service and its worker processes, added up (in-process runners).
+   Then a re-import: a catalogue of BENCH_REIMPORT distinct URLs (0.5 MP photos) on an
+   origin with ETags and 304s, uploaded twice; the second upload's time (upload to
+   webhook) and the bytes the origin sent for it, each as a share of the first's, and
+   how many images it reused. Once per configuration.
 5. Celery against in-process on PostgreSQL, from the medians: photos (service time),
    tiny images per second, and what the broker adds to each image.
 A cell marked with a trailing "✗" misses its target. A configuration that fails is
 reported as such and the others go on; the exit status is then 1.
 
 Environment: BENCH_RUNS (3), BENCH_PHOTOS (40), BENCH_CORPUS (a folder of images to use
-instead of generated photos), BENCH_TINY (3000), BENCH_ROWS (100000),
+instead of generated photos), BENCH_TINY (3000), BENCH_ROWS (100000), BENCH_REIMPORT (2000),
 BENCH_STATUS_SECONDS (15), BENCH_POSTGRES_URL
 (postgresql+psycopg2://postgres@127.0.0.1:5432/image_bench), BENCH_CELERY_BROKER_URL
 (amqp://guest:guest@127.0.0.1:5672//).
@@ -68,7 +72,7 @@ from pathlib import Path
 from PIL import Image, ImageFilter
 
 from app.config import PROJECT_ROOT, Settings
-from tests.support.servers import LocalServer, WebhookReceiver
+from tests.support.servers import LocalServer, RevalidatingSource, WebhookReceiver
 from tests.support.service_process import ServiceProcess
 
 RESULTS_DIR = PROJECT_ROOT / "bench-results"
@@ -109,6 +113,7 @@ class Params:
     rows: int
     status_seconds: float
     corpus_dir: str | None
+    reimport: int = 2000
 
     @classmethod
     def from_env(cls) -> "Params":
@@ -119,6 +124,7 @@ class Params:
             rows=env_int("BENCH_ROWS", 100_000),
             status_seconds=float(os.environ.get("BENCH_STATUS_SECONDS", 15)),
             corpus_dir=os.environ.get("BENCH_CORPUS") or None,
+            reimport=env_int("BENCH_REIMPORT", 2000),
         )
 
 
@@ -370,6 +376,52 @@ def tiny_runs(service: ServiceProcess, bench: Bench) -> dict:
         rates.append(len(bench.tiny_urls) / elapsed)
         say(f"tiny run {run + 1}: {rates[-1]:.0f} images/s")
     return {"images": len(bench.tiny_urls), "per_second": spread(rates, 0)}
+
+
+# -- re-imports ------------------------------------------------------------------------------
+
+REIMPORT_VARIANTS = 16  # distinct photos behind the catalogue's URLs
+
+
+def reimport_sources(images_server: LocalServer, count: int) -> tuple[list[RevalidatingSource], list[str]]:
+    """`count` new URLs on an origin that answers conditional requests, each with an
+    ETag and Last-Modified of its own, serving 0.5 MP photos."""
+    rng = random.Random(11)
+    variants = []
+    for _ in range(REIMPORT_VARIANTS):
+        buffer = io.BytesIO()
+        photo(rng, 0.5).save(buffer, "JPEG", quality=90)
+        variants.append(buffer.getvalue())
+    sources = [RevalidatingSource(variants[n % REIMPORT_VARIANTS], etag=f'"v1-{n}"') for n in range(count)]
+    return sources, [images_server.add_handler(source.handler, ".jpg") for source in sources]
+
+
+def bytes_sent(sources: list[RevalidatingSource]) -> int:
+    """What the origin has sent in 200 answers' bodies so far."""
+    return sum(len(source.body) * source.statuses.count(200) for source in sources)
+
+
+def reimport_figures(service: ServiceProcess, bench: Bench) -> dict:
+    """The same catalogue uploaded twice, nothing changed at the origin."""
+    sources, urls = reimport_sources(bench.images_server, bench.params.reimport)
+    catalogue = csv_bytes(urls, 4)
+    first_s, first = run_batch(service, catalogue, bench.receiver)
+    first_bytes = bytes_sent(sources)
+    second_s, second = run_batch(service, catalogue, bench.receiver)
+    second_bytes = bytes_sent(sources) - first_bytes
+    assert first["status"] == second["status"] == "completed", (first, second)
+    say(
+        f"re-import of {len(urls)} images: {first_s:.2f} s then {second_s:.2f} s; "
+        f"{first_bytes / 1e6:.1f} MB then {second_bytes / 1e6:.2f} MB downloaded"
+    )
+    return {
+        "images": len(urls),
+        "first_s": round(first_s, 3),
+        "second_s": round(second_s, 3),
+        "time_share": round(second_s / first_s, 4),
+        "bytes_share": round(second_bytes / first_bytes, 4),
+        "reused": second["progress"]["reused_images"],
+    }
 
 
 # -- 3. a big CSV ----------------------------------------------------------------------------
@@ -646,6 +698,7 @@ def run_configuration(bench: Bench, config: Configuration) -> dict:
         results["big_csv"] = big_csv_runs(service, bench)
         if config.runner == "inprocess":
             results["peak_rss_mb"] = round(peak_rss_mb(service.process.pid), 1)
+        results["reimport"] = reimport_figures(service, bench)
     return results
 
 
@@ -831,6 +884,18 @@ FIGURES = [
         lambda c: c.get("peak_rss_mb"),
         ".0f",
         Target("<= 500 MB", at_most=500),
+    ),
+    Figure(
+        "re-import, nothing changed: time / first import's",
+        lambda c: c.get("reimport", {}).get("time_share"),
+        ".1%",
+        Target("<= 20%", at_most=0.20),
+    ),
+    Figure(
+        "re-import: bytes downloaded / first import's",
+        lambda c: c.get("reimport", {}).get("bytes_share"),
+        ".1%",
+        Target("<= 5%", at_most=0.05),
     ),
 ]
 

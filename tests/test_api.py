@@ -50,6 +50,7 @@ def test_batch_end_to_end(make_settings, image_server, webhook_receiver):
             "processed_images": 24,
             "failed_images": 0,
             "cancelled_images": 0,
+            "reused_images": 0,
             "percent": 100.0,
         }
         assert status["download_url"].endswith(f"/download/{request_id}")

@@ -46,6 +46,7 @@ def test_a_failing_shared_url_fails_every_row_naming_it(client, image_server):
         "processed_images": 1,
         "failed_images": 3,
         "cancelled_images": 0,
+        "reused_images": 0,
         "percent": 100.0,
     }
     errors = [product["images"][0]["error"]["code"] for product in status["products"]]

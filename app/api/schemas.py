@@ -39,6 +39,9 @@ class Progress(BaseModel):
     processed_images: int = Field(description="images that succeeded")
     failed_images: int
     cancelled_images: int = Field(0, description="images a cancel stopped before they started")
+    reused_images: int = Field(
+        0, description="of the succeeded images, those that reused an earlier import's output"
+    )
     percent: float = Field(description="share of images finished: succeeded, failed or cancelled")
 
 
@@ -64,6 +67,9 @@ class ImageResult(BaseModel):
         description="a pending image that failed transiently (its origin or the storage): "
         "not tried again before this; `error` holds the last failure",
     )
+    reused: bool = Field(
+        False, description="the source had not changed since an earlier import: its output was reused"
+    )
 
     @classmethod
     def of(cls, image: Row, urls: OutputUrls) -> "ImageResult":
@@ -74,6 +80,7 @@ class ImageResult(BaseModel):
             status=ImageStatus.PENDING if image.status == ImageStatus.COPY else image.status,
             kept_original=bool(image.kept_original),
             retry_at=image.retry_at if image.status == ImageStatus.PENDING and image.error_code else None,
+            reused=bool(image.reused),
             error=ImageError(code=image.error_code, message=image.error_message or "")
             if image.error_code
             else None,
@@ -184,6 +191,7 @@ class RequestSummary(BaseModel):
                 processed_images=request.processed_images,
                 failed_images=request.failed_images,
                 cancelled_images=request.cancelled_images,
+                reused_images=request.reused_images,
                 percent=round(100 * finished / request.total_images, 2) if request.total_images else 100.0,
             ),
             status_url=f"{base_url}/status/{request.request_id}",

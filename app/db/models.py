@@ -59,6 +59,8 @@ class ProcessingRequest(Base):
     processed_images: Mapped[int] = mapped_column(Integer, default=0)
     failed_images: Mapped[int] = mapped_column(Integer, default=0)
     cancelled_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Of the succeeded images, those whose earlier output was reused (nothing encoded).
+    reused_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Set by a cancel: the request ends `cancelled` once its images in flight are recorded.
     cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -164,6 +166,50 @@ class Image(Base):
     # The first transient failure of its origin in a row: the image waits for the origin
     # until FETCH_RETRY_WINDOW_SECONDS after it, then fails with its last error.
     waiting_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reused: Mapped[bool | None] = mapped_column(Boolean)  # an earlier output copied, nothing encoded
+
+
+class SourceValidators(Base):
+    """What the latest download of a URL, for one owner, told about it: the origin's
+    validators and the hash of the bytes, so a re-import asks "changed?" instead of
+    downloading again (app/ledger/revalidation.py). Never shared between owners."""
+
+    __tablename__ = "source_validators"
+    # The URL's hash is the key: URLs may be longer than a PostgreSQL index entry allows.
+    __table_args__ = (UniqueConstraint("owner_scope", "url_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_scope: Mapped[str] = mapped_column(String(64))  # "" when the API is open
+    url_sha256: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(Text)
+    last_modified: Mapped[str | None] = mapped_column(Text)
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    no_store: Mapped[bool] = mapped_column(Boolean, default=False)  # Cache-Control: no-store
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class SourceOutput(Base):
+    """The output stored last for a source and one encoding (every output option, as
+    JSON). The keys belong to the request that stored them; a reuse copies them under the
+    new request's keys, and this row then names the copy."""
+
+    __tablename__ = "source_outputs"
+    __table_args__ = (UniqueConstraint("source_id", "encoding"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("source_validators.id", ondelete="CASCADE"))
+    encoding: Mapped[str] = mapped_column(String(255))
+    output_key: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(String(32))
+    thumbnail_key: Mapped[str | None] = mapped_column(Text)
+    input_bytes: Mapped[int | None] = mapped_column(Integer)
+    output_bytes: Mapped[int | None] = mapped_column(Integer)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    source_format: Mapped[str | None] = mapped_column(String(16))
+    kept_original: Mapped[bool | None] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class WebhookEvent(Base):

@@ -29,6 +29,7 @@ RESULT_COLUMNS = (
     "height",
     "source_format",
     "kept_original",
+    "reused",
     "finished_at",
 )
 
@@ -38,9 +39,11 @@ def record_copies(
     outcomes: Sequence[ImageOutcome],
     succeeded: dict[int, int],
     failed: dict[int, int],
+    reused: dict[int, int],
 ) -> None:
     """Give the copies of these just-recorded sources their result, in the caller's
-    transaction, and add them to the per-request tallies. Guarded by the COPY status: a
+    transaction, and add them to the per-request tallies (reused: those that reused an
+    earlier output, among the succeeded). Guarded by the COPY status: a
     copy takes a result once."""
     if not outcomes:
         return
@@ -54,8 +57,10 @@ def record_copies(
             images.c.status == ImageStatus.COPY,
         )
         .values({name: source.c[name] for name in RESULT_COLUMNS})
-        .returning(images.c.request_pk, images.c.status)
+        .returning(images.c.request_pk, images.c.status, images.c.reused)
     )
-    for request_pk, status in updated:
+    for request_pk, status, was_reused in updated:
         tally = succeeded if status == ImageStatus.SUCCEEDED else failed
         tally[request_pk] = tally.get(request_pk, 0) + 1
+        if was_reused:
+            reused[request_pk] = reused.get(request_pk, 0) + 1

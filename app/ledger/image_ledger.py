@@ -49,13 +49,14 @@ from app.db.models import (
 )
 from app.ledger.copies import RESULT_COLUMNS, record_copies
 from app.ledger.hosts import HostPoliteness, HostRoom, next_host_back, record_host_answers
+from app.ledger.revalidation import attach_revalidation, remember_sources
 from app.ledger.turns import (
     expired_claim_ids,
     next_claimable,
     not_waiting_for_retry,
     seconds_until_next_retry,
 )
-from app.ledger.units import ImageOutcome, WorkUnit, options_from_json
+from app.ledger.units import ImageOutcome, OutputOptions, WorkUnit, options_from_json
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def _outcome_params(outcome: "ImageOutcome") -> dict:
         "new_fetch_ms": outcome.fetch_ms,
         "new_compress_ms": outcome.compress_ms,
         "new_kept_original": outcome.kept_original,
+        "new_reused": outcome.reused if outcome.succeeded else None,
     }
 
 
@@ -183,13 +185,17 @@ class ImageLedger:
         on_recorded: Callable[[Sequence[ImageOutcome]], None] | None = None,
         on_requests_gone: Callable[[set[str]], None] | None = None,
         on_host_backoffs: Callable[[int], None] | None = None,
+        default_options: OutputOptions | None = None,
     ):
         """`sessions` write (they take SQLite's write lock at BEGIN), `reader_sessions`
         only read. `on_recorded` is told, after each commit, the outcomes that commit
         recorded (never one ignored as stale), e.g. to count them (app/metrics.py), and
         `on_host_backoffs` how many hosts it put in backoff. `on_requests_gone` is told
         the request ids (uuids) of outcomes whose request no longer exists, to remove
-        what their stages stored (app/composition.py)."""
+        what their stages stored (app/composition.py). `default_options` are the
+        settings' encoding, the one requests uploaded without options get: their outputs
+        are reused only for the same encoding (None: never)."""
+        self.default_options = default_options
         self.on_recorded = on_recorded
         self.on_requests_gone = on_requests_gone
         self.on_host_backoffs = on_host_backoffs
@@ -323,6 +329,14 @@ class ImageLedger:
         units.sort(key=lambda unit: unit.image_id)
         return units
 
+    def with_revalidation(self, units: Sequence[WorkUnit]) -> list[WorkUnit]:
+        """The claimed units, each with what its owner's earlier imports of its URL left
+        (app/ledger/revalidation.py): one read, beside the claim, not inside it."""
+        if not units:
+            return list(units)
+        with self.reader_sessions() as session:
+            return attach_revalidation(session, units, self.default_options)
+
     def release(self, units: Sequence[WorkUnit]) -> None:
         """Hand claimed but unprocessed units back (graceful shutdown, a lost worker)."""
         self._update_still_claimed(_claims(units), status=ImageStatus.PENDING, claimed_at=None)
@@ -362,6 +376,7 @@ class ImageLedger:
         succeeded: dict[int, int] = {}
         failed: dict[int, int] = {}
         cancelled: dict[int, int] = {}
+        reused: dict[int, int] = {}
         with self.sessions.begin() as session:
             # Hosts first, in the order claims lock them: what an origin answered is true
             # even of an outcome whose claim went stale.
@@ -409,6 +424,7 @@ class ImageLedger:
                         fetch_ms=bindparam("new_fetch_ms"),
                         compress_ms=bindparam("new_compress_ms"),
                         kept_original=bindparam("new_kept_original"),
+                        reused=bindparam("new_reused"),
                         finished_at=now,
                     ),
                     [_outcome_params(o) for o in fresh],
@@ -416,8 +432,13 @@ class ImageLedger:
             for outcome in fresh:
                 tally = cancelled if outcome.cancelled else succeeded if outcome.succeeded else failed
                 tally[outcome.unit.request_pk] = tally.get(outcome.unit.request_pk, 0) + 1
+                if outcome.succeeded and outcome.reused:
+                    reused[outcome.unit.request_pk] = reused.get(outcome.unit.request_pk, 0) + 1
             # Rows naming the same URL take the result with it, and count as rows.
-            record_copies(session, [o for o in fresh if o.unit.copies and not o.cancelled], succeeded, failed)
+            record_copies(
+                session, [o for o in fresh if o.unit.copies and not o.cancelled], succeeded, failed, reused
+            )
+            remember_sources(session, fresh, self.default_options)
             events = []
             for request_pk in sorted(succeeded.keys() | failed.keys() | cancelled.keys()):
                 event_id = self._count_and_maybe_finish(
@@ -427,6 +448,7 @@ class ImageLedger:
                     succeeded=succeeded.get(request_pk, 0),
                     failed=failed.get(request_pk, 0),
                     cancelled=cancelled.get(request_pk, 0),
+                    reused=reused.get(request_pk, 0),
                 )
                 if event_id is not None:
                     events.append(event_id)
@@ -626,6 +648,7 @@ class ImageLedger:
         succeeded: int = 0,
         failed: int = 0,
         cancelled: int = 0,
+        reused: int = 0,
     ) -> int | None:
         """Add to the request's counters; the transaction that brings them to the total
         finishes the request and creates its webhook event. The one place that decides
@@ -639,6 +662,7 @@ class ImageLedger:
                 processed_images=ProcessingRequest.processed_images + succeeded,
                 failed_images=ProcessingRequest.failed_images + failed,
                 cancelled_images=ProcessingRequest.cancelled_images + cancelled,
+                reused_images=ProcessingRequest.reused_images + reused,
             )
             .returning(
                 ProcessingRequest.processed_images,

@@ -7,6 +7,11 @@ at upload, stored with the request as JSON and read with each claim, so every ru
 honours them without a query per image. A request stored before options existed has
 none (NULL): its units carry None and the stages use the settings (JPEG_QUALITY,
 JPEG_PROGRESSIVE).
+
+A unit may carry a Revalidation: what the same owner's earlier request learned about the
+same URL (the origin's validators, the hash of the bytes) and, when one was stored for
+the same encoding, that output. The stages then ask the origin whether the image changed
+and, if not, copy the stored output instead of decoding and encoding again.
 """
 
 import json
@@ -65,6 +70,47 @@ def options_from_json(text: str | None) -> OutputOptions | None:
     return OutputOptions(**json.loads(text))
 
 
+def encoding_key(options: OutputOptions) -> str:
+    """What makes two outputs of the same bytes equal: every option, as stable JSON."""
+    return options.to_json()
+
+
+@dataclass(frozen=True)
+class StoredOutput:
+    """An output stored for an earlier request, under that request's keys."""
+
+    key: str
+    content_type: str
+    thumbnail_key: str | None
+    input_bytes: int | None
+    output_bytes: int | None
+    width: int | None
+    height: int | None
+    source_format: str | None
+    kept_original: bool | None
+
+
+@dataclass(frozen=True)
+class SourceState:
+    """What a download told about its source: its validators and the hash of its bytes.
+    `no_store`: the origin said Cache-Control: no-store, so nothing is reused from it."""
+
+    content_sha256: str
+    etag: str | None = None
+    last_modified: str | None = None
+    no_store: bool = False
+
+
+@dataclass(frozen=True)
+class Revalidation:
+    """What an earlier request of the same owner learned about this URL: ask the origin
+    with these validators; reuse `output` (stored for the same encoding) if the image has
+    not changed. `output` is None when the URL was only fetched with other options."""
+
+    source: SourceState
+    output: StoredOutput | None = None
+
+
 @dataclass(frozen=True)
 class WorkUnit:
     image_id: int
@@ -76,6 +122,7 @@ class WorkUnit:
     options: OutputOptions | None = None  # the request's; None: the settings' defaults
     copies: int = 0  # rows of the same request naming the same URL, recorded with this one
     host: str | None = None  # the URL's origin host (app/net/urls.py url_host); None before 0012
+    revalidation: Revalidation | None = None  # attached after the claim (ledger/revalidation.py)
 
     @property
     def log_fields(self) -> dict[str, object]:
@@ -106,6 +153,12 @@ class ImageOutcome:
     # Claimed, then found cancelled before it started: never fetched, recorded as cancelled.
     cancelled: bool = False
     kept_original: bool | None = None  # keep_smaller kept the input bytes
+    # What the download told about the source, remembered for the next import of the URL;
+    # the output's content type and thumbnail, remembered with it.
+    source: SourceState | None = None
+    content_type: str | None = None
+    thumbnail_key: str | None = None
+    reused: bool = False  # the source had not changed: an earlier output was copied
 
     @property
     def succeeded(self) -> bool:

@@ -4,8 +4,14 @@ Connections go through app/net/guard.py (the address policy, the wall-clock dead
 Here: redirects are followed by hand, so every hop goes through the same checks, and
 capped; while reading, the decoded size is capped (a gzip bomb is cut off), and so is the
 total wall-clock time (a server dripping one byte a second is cut off).
+
+Given what an earlier download of the URL told (app/ledger/revalidation.py), the request
+is conditional: `304 Not Modified` then comes back as a FetchedImage with no bytes and
+`not_modified` set. Every download reports the origin's validators and the hash of its
+bytes, to be remembered for the next import.
 """
 
+import hashlib
 import http.client
 import time
 from collections.abc import Callable
@@ -21,6 +27,7 @@ from urllib3.exceptions import (
     NewConnectionError,
 )
 
+from app.ledger.units import SourceState
 from app.net.failures import NetworkFailure
 from app.net.guard import USER_AGENT, wall_clock_deadline
 from app.net.urls import check_url
@@ -50,6 +57,25 @@ class FetchedImage:
     data: bytes | bytearray  # the buffer it was read into: no second copy of a large image
     final_url: str
     content_type: str | None
+    source: SourceState | None = None  # validators and hash; on a 304, the ones asked with
+    not_modified: bool = False  # a conditional request answered 304: no bytes came
+
+
+def _no_store(cache_control: str | None) -> bool:
+    if not cache_control:
+        return False
+    return any(part.split("=", 1)[0].strip().lower() == "no-store" for part in cache_control.split(","))
+
+
+def conditional_headers(known: SourceState | None) -> dict[str, str]:
+    if known is None or not (known.etag or known.last_modified):
+        return REQUEST_HEADERS  # not conditional: a 304 to it is an error like any other
+    headers = dict(REQUEST_HEADERS)
+    if known.etag:
+        headers["If-None-Match"] = known.etag
+    if known.last_modified:
+        headers["If-Modified-Since"] = known.last_modified
+    return headers
 
 
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
@@ -93,14 +119,15 @@ class HttpFetcher:
         self.retry_backoff_seconds = retry_backoff_seconds
         self.sleep = sleep
 
-    def fetch(self, url: str) -> FetchedImage:
+    def fetch(self, url: str, known: SourceState | None = None) -> FetchedImage:
         """One deadline covers every attempt, so an image never takes longer than the
-        timeout however the server misbehaves."""
+        timeout however the server misbehaves. With `known` (an earlier download's
+        validators), the request is conditional and may come back not_modified."""
         deadline = time.monotonic() + self.timeout_seconds
         for attempt in range(self.retries + 1):
             try:
                 with wall_clock_deadline(deadline):
-                    return self._fetch_once(url, deadline)
+                    return self._fetch_once(url, deadline, known)
             except ImageFailure as failure:
                 backoff = self.retry_backoff_seconds * 2**attempt
                 if not failure.retryable or attempt == self.retries:
@@ -110,7 +137,8 @@ class HttpFetcher:
             self.sleep(backoff)
         raise AssertionError("unreachable")
 
-    def _fetch_once(self, url: str, deadline: float) -> FetchedImage:
+    def _fetch_once(self, url: str, deadline: float, known: SourceState | None) -> FetchedImage:
+        headers = conditional_headers(known)
         for _hop in range(self.max_redirects + 1):
             try:
                 check_url(url)
@@ -123,7 +151,7 @@ class HttpFetcher:
                 response = self.http.request(
                     "GET",
                     url,
-                    headers=REQUEST_HEADERS,
+                    headers=headers,
                     preload_content=False,
                     redirect=False,
                     retries=False,
@@ -145,6 +173,17 @@ class HttpFetcher:
                 if response.status in REDIRECT_STATUSES and location:
                     url = urljoin(url, location)
                     continue
+                no_store = _no_store(response.headers.get("cache-control"))
+                if response.status == 304 and known is not None and headers is not REQUEST_HEADERS:
+                    complete = True
+                    # A 304 may carry fresher validators; the bytes are the ones we hashed.
+                    source = SourceState(
+                        content_sha256=known.content_sha256,
+                        etag=response.headers.get("etag") or known.etag,
+                        last_modified=response.headers.get("last-modified") or known.last_modified,
+                        no_store=no_store,
+                    )
+                    return FetchedImage(b"", url, None, source=source, not_modified=True)
                 if response.status != 200:
                     raise HttpError(
                         response.status,
@@ -153,7 +192,13 @@ class HttpFetcher:
                     )
                 data = self._read_body(response, deadline)
                 complete = True
-                return FetchedImage(data, url, response.headers.get("content-type"))
+                source = SourceState(
+                    content_sha256=hashlib.sha256(data).hexdigest(),
+                    etag=response.headers.get("etag"),
+                    last_modified=response.headers.get("last-modified"),
+                    no_store=no_store,
+                )
+                return FetchedImage(data, url, response.headers.get("content-type"), source=source)
             finally:
                 if not complete:  # unread bytes would spoil the connection for the next request
                     response.close()

@@ -5,6 +5,12 @@ fails that image alone, with a typed failure code, or, for a transient failure (
 app/pipeline/failures.py), sends it back to wait and be tried again (`retry_later`). It
 runs on threads in the web process or inside the image worker processes
 (app/pipeline/processes.py), which build their own copy from a StageConfig.
+
+A re-import (a unit with a Revalidation that names an output stored for its encoding)
+asks the origin whether the image changed; on a 304, or on bytes that hash the same, the
+stored output and its thumbnail are copied under this request's keys and nothing is
+decoded or encoded. If they are gone (their request was deleted), the image is encoded
+as usual.
 """
 
 import logging
@@ -14,12 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.ledger.units import ImageOutcome, OutputOptions, WorkUnit
+from app.ledger.units import ImageOutcome, OutputOptions, StoredOutput, WorkUnit
 from app.net.guard import AddressPolicy, guarded_pool, parse_allowlist
 from app.pipeline.compress import Encoding, compress_image
 from app.pipeline.decoding import DecodingSlots
 from app.pipeline.failures import FetchFailure, ImageFailure
-from app.pipeline.fetch import HttpFetcher
+from app.pipeline.fetch import FetchedImage, HttpFetcher
 from app.pipeline.memory import MemoryBudget
 from app.storage import (
     JPEG_CONTENT_TYPE,
@@ -144,9 +150,28 @@ class ImageStages:
     def run(self, unit: WorkUnit) -> ImageOutcome:
         start = time.perf_counter()
         fetch_seconds = compress_seconds = None
+        extension, content_type = (
+            ("jpg", JPEG_CONTENT_TYPE)
+            if unit.options is None
+            else (unit.options.extension, unit.options.content_type)
+        )
+        key = output_key(unit.request_id, unit.image_id, extension)
         try:
-            fetched = self.fetcher.fetch(unit.input_url)
+            earlier = unit.revalidation
+            # Only worth asking "changed?" when there is an output to reuse if not.
+            stored = earlier.output if earlier is not None else None
+            fetched = self.fetcher.fetch(unit.input_url, earlier.source if earlier and stored else None)
             fetch_seconds = _seconds_since(start)
+            if earlier is not None and stored is not None:
+                unchanged = fetched.source is not None and not fetched.source.no_store
+                unchanged = unchanged and (
+                    fetched.not_modified or fetched.source.content_sha256 == earlier.source.content_sha256
+                )
+                if unchanged and (reused := self._reuse(unit, stored, fetched, key, fetch_seconds)):
+                    return reused
+                if fetched.not_modified:  # no bytes came, and there is nothing to reuse
+                    fetched = self.fetcher.fetch(unit.input_url)
+                    fetch_seconds = _seconds_since(start)
             admitted_at: list[float] = []
 
             @contextmanager
@@ -164,16 +189,12 @@ class ImageStages:
                 thumbnail_side=THUMBNAIL_LONG_SIDE,
             )
             compress_seconds = _seconds_since(admitted_at[0])
-            extension, content_type = (
-                ("jpg", JPEG_CONTENT_TYPE)
-                if unit.options is None
-                else (unit.options.extension, unit.options.content_type)
-            )
-            key = output_key(unit.request_id, unit.image_id, extension)
             stored_from = time.perf_counter()
+            thumbnail = None
             # The thumbnail first: an output stored from now on always has one beside it.
             if compressed.thumbnail is not None:
-                self.storage.save(thumbnail_key(unit.request_id, unit.image_id), compressed.thumbnail)
+                thumbnail = thumbnail_key(unit.request_id, unit.image_id)
+                self.storage.save(thumbnail, compressed.thumbnail)
             self.storage.save(key, compressed.data, content_type)
             store_seconds = _seconds_since(stored_from)
         except (ImageFailure, StoreFailure) as failure:
@@ -207,4 +228,39 @@ class ImageStages:
             compress_seconds=compress_seconds,
             store_seconds=store_seconds,
             kept_original=compressed.kept_original,
+            source=fetched.source,
+            content_type=content_type,
+            thumbnail_key=thumbnail,
+        )
+
+    def _reuse(
+        self, unit: WorkUnit, stored: StoredOutput, fetched: FetchedImage, key: str, fetch_seconds: float
+    ) -> ImageOutcome | None:
+        """The outcome of copying an earlier output (and its thumbnail) under this
+        request's keys; None when it is gone. A StoreFailure goes up, as for a save."""
+        stored_from = time.perf_counter()
+        thumbnail = thumbnail_key(unit.request_id, unit.image_id) if stored.thumbnail_key else None
+        try:
+            if stored.thumbnail_key and thumbnail and stored.thumbnail_key != thumbnail:
+                self.storage.copy(stored.thumbnail_key, thumbnail)
+            if stored.key != key:
+                self.storage.copy(stored.key, key)
+        except FileNotFoundError:
+            log.info("the output of an earlier import is gone; encoding again", extra=unit.log_fields)
+            return None
+        return ImageOutcome(
+            unit,
+            output_key=key,
+            input_bytes=stored.input_bytes,
+            output_bytes=stored.output_bytes,
+            width=stored.width,
+            height=stored.height,
+            source_format=stored.source_format,
+            fetch_seconds=fetch_seconds,
+            store_seconds=_seconds_since(stored_from),
+            kept_original=stored.kept_original,
+            source=fetched.source,
+            content_type=stored.content_type,
+            thumbnail_key=thumbnail,
+            reused=True,
         )

@@ -5,7 +5,11 @@
     delete_request   outputs, rows (products, images, webhook events and deliveries,
                      idempotency key) of a finished request
     purge_expired    what RETENTION_DAYS no longer keeps, deleted as delete_request
-                     does, plus expired idempotency keys; a bounded amount per call
+                     does, plus expired idempotency keys and what re-imports remember
+                     of sources not downloaded since; a bounded amount per call
+
+Outputs are never shared between requests (a re-import copies the output it reuses under
+its own keys), so deleting a request's prefix never takes another request's outputs.
 
 Deleting works in short transactions of at most DELETE_CHUNK_ROWS rows each, so a
 200,000-image request never holds SQLite's write lock (or many PostgreSQL row locks) for
@@ -29,6 +33,7 @@ from app.db.models import (
     ProcessingRequest,
     Product,
     RequestStatus,
+    SourceValidators,
 )
 from app.errors import Conflict, ServiceUnavailable
 from app.ledger.image_ledger import Cancellation, FailedImagesRetry, ImageLedger
@@ -130,6 +135,7 @@ def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: 
 class Purged:
     requests: int = 0
     idempotency_keys: int = 0
+    sources: int = 0  # source validators (and their outputs' rows) not refreshed in time
 
 
 def purge_expired(
@@ -158,11 +164,28 @@ def purge_expired(
         ).rowcount
     if retention_days > 0:
         _delete_expired_requests(sessions, storage, retention_days, max_requests, purged)
-    if purged.requests or purged.idempotency_keys:
+        # A source not downloaded for the retention period names an output whose request
+        # retention removes now or soon: keeping the row would only cost a conditional
+        # request before encoding anyway.
+        with sessions.begin() as session:
+            purged.sources = session.execute(
+                delete(SourceValidators)
+                .where(
+                    SourceValidators.id.in_(
+                        select(SourceValidators.id)
+                        .where(SourceValidators.updated_at < utcnow() - timedelta(days=retention_days))
+                        .limit(PURGE_KEYS_PER_SWEEP)
+                        .scalar_subquery()
+                    )
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+    if purged.requests or purged.idempotency_keys or purged.sources:
         log.info(
-            "retention: deleted %d requests and %d expired idempotency keys",
+            "retention: deleted %d requests, %d expired idempotency keys and %d sources not seen since",
             purged.requests,
             purged.idempotency_keys,
+            purged.sources,
         )
     return purged
 

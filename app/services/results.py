@@ -33,6 +33,7 @@ IMAGE_COLUMNS = (
     Image.height,
     Image.kept_original,
     Image.retry_at,
+    Image.reused,
 )
 
 

@@ -55,6 +55,12 @@ class ImageStorage(Protocol):
     def open(self, key: str) -> bytes:
         """The bytes stored under key; FileNotFoundError when there are none."""
 
+    def copy(self, source_key: str, target_key: str) -> None:
+        """Store under target_key what source_key holds, whole or not at all, without
+        reading it through this process (a re-import's output, app/pipeline/stages.py);
+        FileNotFoundError when source_key holds nothing; otherwise raises StoreFailure.
+        The two stay independent: deleting either leaves the other."""
+
     def exists(self, key: str) -> bool:
         """Whether something is stored under key, without reading it; raises StoreFailure."""
 

@@ -1,12 +1,16 @@
 """Outputs as files under MEDIA_ROOT, written atomically.
 
 Bytes go to a temporary name first and are moved into place, so a reader never sees a
-half-written file; the temporary folder is hidden from /processed_images/.
+half-written file; the temporary folder is hidden from /processed_images/. A copy is a
+hard link (no bytes written; each name goes with its own request's folder), or a real
+copy where the file system has no hard links.
 """
 
 import contextlib
+import errno
 import itertools
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -43,6 +47,31 @@ class LocalFileStorage:
             finally:
                 os.close(descriptor)
             os.replace(temp, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise StoreFailure(f"could not store the output: {exc.strerror or exc}") from exc
+
+    def copy(self, source_key: str, target_key: str) -> None:
+        source = os.path.join(self.root, source_key)
+        target = os.path.join(self.root, target_key)
+        temp = os.path.join(self.temp_dir, f"{self._temp_prefix}{next(self._temp_numbers)}.part")
+        try:
+            self._ensure_folder(os.path.dirname(target))
+            self._ensure_folder(self.temp_dir)
+            try:
+                os.link(source, temp)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    raise FileNotFoundError(f"no stored output {source_key}") from exc
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                shutil.copyfile(source, temp)
+            os.replace(temp, target)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)

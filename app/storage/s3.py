@@ -150,6 +150,24 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StoreFailure(f"could not store the output: {self._describe(exc)}", retryable=True) from exc
 
+    def copy(self, source_key: str, target_key: str) -> None:
+        """A server-side CopyObject: the bytes never leave the bucket; the content type
+        and cache headers go with them."""
+        source = self._object_key(source_key)
+        try:
+            self._client.copy_object(
+                Bucket=self.bucket,
+                Key=self._object_key(target_key),
+                CopySource={"Bucket": self.bucket, "Key": source},
+                MetadataDirective="COPY",
+            )
+        except ClientError as exc:
+            if _error_code(exc) in {"NoSuchKey", "404"}:
+                raise FileNotFoundError(f"no stored object {source}") from exc
+            raise StoreFailure(f"could not store the output: {self._describe(exc)}", retryable=True) from exc
+        except BotoCoreError as exc:
+            raise StoreFailure(f"could not store the output: {self._describe(exc)}", retryable=True) from exc
+
     def open(self, key: str) -> bytes:
         """The stored bytes of key; FileNotFoundError when there is no such object."""
         object_key = self._object_key(key)

@@ -300,3 +300,40 @@ class Origin(_BaseServer):
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+
+@dataclass
+class RevalidatingSource:
+    """An image an origin serves with validators, answering conditional requests as
+    origins do: 304 when If-None-Match names the current ETag (or, without it,
+    If-Modified-Since is the current Last-Modified). Change `body` and `etag` to publish
+    a new version. `answers` holds (If-None-Match sent, status answered) per request."""
+
+    body: bytes
+    etag: str | None = '"v1"'
+    last_modified: str | None = "Tue, 01 Dec 2026 10:00:00 GMT"
+    headers: dict[str, str] = field(default_factory=dict)
+    answers: list[tuple[str | None, int]] = field(default_factory=list)
+
+    def handler(self, request: BaseHTTPRequestHandler) -> None:
+        if_none_match = request.headers.get("If-None-Match")
+        if_modified_since = request.headers.get("If-Modified-Since")
+        if if_none_match is not None:
+            unchanged = self.etag is not None and if_none_match == self.etag
+        else:
+            unchanged = if_modified_since is not None and if_modified_since == self.last_modified
+        validators = {"ETag": self.etag, "Last-Modified": self.last_modified}
+        headers = {name: value for name, value in validators.items() if value is not None}
+        headers.update(self.headers)
+        self.answers.append((if_none_match, 304 if unchanged else 200))
+        if unchanged:
+            request.send_response(304)
+            for name, value in headers.items():
+                request.send_header(name, value)
+            request.end_headers()
+            return
+        send(request, 200, self.body, {"Content-Type": "image/jpeg", **headers})
+
+    @property
+    def statuses(self) -> list[int]:
+        return [status for _, status in self.answers]
