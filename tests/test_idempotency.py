@@ -176,3 +176,73 @@ def test_a_key_of_255_printable_characters_is_accepted(client, image_server):
     response = upload(client, data, headers={"Idempotency-Key": " " + "k" * 255 + " "})
     assert response.status_code == 202, response.text
     wait_finished(client, response.json()["request_id"])
+
+
+def test_an_expired_key_is_reusable_however_many_other_keys_have_expired(
+    make_settings, image_server, database_url
+):
+    """Expired keys are cleared 100 at a time; the caller's own expired key is cleared
+    whatever the batch reaches, and the key stored for the new request is the caller's."""
+    import time
+    from datetime import timedelta
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import func, insert, select
+
+    from app.db.base import utcnow
+    from app.db.models import IdempotencyKey, ProcessingRequest
+    from app.db.session import build_engine
+    from app.main import create_app
+
+    engine = build_engine(database_url)
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    settings = make_settings(api_keys="key-one", idempotency_key_ttl_seconds=0.5)
+    with TestClient(create_app(settings)) as client:
+        unkeyed = upload(client, data, headers={"X-API-Key": "key-one"}).json()["request_id"]
+        wait_finished(client, unkeyed, headers={"X-API-Key": "key-one"})
+        with engine.begin() as connection:
+            request_pk = connection.scalar(
+                select(ProcessingRequest.id).where(ProcessingRequest.request_id == unkeyed)
+            )
+            long_ago = utcnow() - timedelta(hours=1)
+            connection.execute(
+                insert(IdempotencyKey),
+                [
+                    {
+                        "owner_scope": "another-owner",
+                        "key": f"old-{n}",
+                        "fingerprint": "0" * 64,
+                        "request_pk": request_pk,
+                        "created_at": long_ago,
+                        "expires_at": long_ago,
+                    }
+                    for n in range(250)
+                ],
+            )
+        headers = {"X-API-Key": "key-one", "Idempotency-Key": "order-8"}
+        first = upload(client, data, headers=headers)
+        assert first.status_code == 202
+        time.sleep(0.6)
+        # 150 other expired keys are older than this one's, so a batch of 100 misses it.
+        second = upload(client, data, headers=headers)
+        assert second.status_code == 202, second.text
+        assert "idempotent-replayed" not in second.headers
+        assert second.json()["request_id"] != first.json()["request_id"]
+        for response in (first, second):
+            wait_finished(client, response.json()["request_id"], headers={"X-API-Key": "key-one"})
+    with engine.connect() as connection:
+        kept = connection.execute(
+            select(IdempotencyKey.owner_scope, IdempotencyKey.key, ProcessingRequest.request_id)
+            .join(ProcessingRequest, ProcessingRequest.id == IdempotencyKey.request_pk)
+            .where(IdempotencyKey.owner_scope != "another-owner")
+        ).all()
+        owner = connection.scalar(
+            select(ProcessingRequest.owner).where(ProcessingRequest.request_id == unkeyed)
+        )
+        others_left = connection.scalar(
+            select(func.count()).where(IdempotencyKey.owner_scope == "another-owner")
+        )
+    engine.dispose()
+    assert owner
+    assert [tuple(row) for row in kept] == [(owner, "order-8", second.json()["request_id"])]
+    assert others_left == 50  # two keyed uploads, 100 cleared by each
