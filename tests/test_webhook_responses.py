@@ -97,6 +97,7 @@ def test_a_redirect_from_the_receiver_is_not_followed(make_settings, image_serve
 
     delivery = _one_attempt(make_settings, image_server, redirecting, "failed")
     assert delivery["status_code"] == 307 and delivery["error"] == "HTTP 307"
+    assert delivery["response_excerpt"] == "moved"
     assert not target_hits.is_set() and image_server.hits_for(target[0]) == 0
 
 
@@ -128,3 +129,31 @@ def test_a_receiver_that_never_accepts_the_connection_times_out(make_settings, i
     assert webhook["last_error"] == "timeout after 1 s"
     assert delivery["status_code"] is None and delivery["duration_ms"] < 5000
     assert elapsed < 10
+
+
+def test_a_redirect_with_a_body_that_never_ends_is_recorded_with_its_capped_excerpt(
+    make_settings, image_server
+):
+    """A redirect is an answer like any other: its body is read only up to the excerpt's cap,
+    never in full (a receiver could send gigabytes before the timeout)."""
+    release = threading.Event()
+
+    def endless_redirect(request):
+        request.rfile.read(int(request.headers["Content-Length"]))
+        request.send_response(307)
+        request.send_header("Location", "http://127.0.0.1:1/elsewhere")
+        request.send_header("Content-Length", "10000000")
+        request.end_headers()
+        request.wfile.write(b"m" * 2000)
+        request.wfile.flush()
+        release.wait(30)
+
+    try:
+        delivery = _one_attempt(
+            make_settings, image_server, endless_redirect, "failed", webhook_timeout_seconds=5
+        )
+    finally:
+        release.set()
+    assert delivery["status_code"] == 307 and delivery["error"] == "HTTP 307"
+    assert delivery["response_excerpt"] == "m" * 500
+    assert delivery["duration_ms"] < 4000
