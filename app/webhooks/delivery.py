@@ -276,7 +276,7 @@ class WebhookDeliverer:
         # session reads a redirect's whole body, without the excerpt's cap. The adapter
         # never follows a redirect.
         request = self.http.prepare_request(requests.Request("POST", url, data=body, headers=headers))
-        response = self.http.get_adapter(url).send(request, stream=True, timeout=self.timeout_seconds)
+        response = self.http.get_adapter(url).send(request, timeout=self.timeout_seconds)
         with response:
             try:
                 head = response.raw.read(RESPONSE_EXCERPT_CHARS * 4, decode_content=True) or b""
