@@ -36,7 +36,9 @@ def test_same_key_with_a_different_file_is_refused(client, image_server):
     other = upload(client, csv_of([(1, "B", [url])]), headers={"Idempotency-Key": "k"})
     assert other.status_code == 422
     assert other.headers["content-type"] == "application/problem+json"
-    assert "used for a different upload" in other.json()["detail"]
+    assert other.json()["detail"] == (
+        "this Idempotency-Key was used for a different upload; use a new key for new content"
+    )
     assert len(client.get("/requests").json()["items"]) == 1
 
 
@@ -155,7 +157,9 @@ def test_a_key_whose_first_request_is_being_created_answers_409(client, image_se
     assert second.status_code == 409, second.text
     assert second.headers["content-type"] == "application/problem+json"
     assert second.headers["retry-after"] == "1"
-    assert "being processed" in second.json()["detail"]
+    assert second.json()["detail"] == (
+        "an upload with this Idempotency-Key is being processed; retry in a moment"
+    )
     assert [item["request_id"] for item in client.get("/requests").json()["items"]] == [
         first.json()["request_id"]
     ]
@@ -167,7 +171,7 @@ def test_a_key_that_is_empty_too_long_or_not_printable_is_refused(client, image_
     data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
     response = upload(client, data, headers={"Idempotency-Key": key})
     assert response.status_code == 422, response.text
-    assert "1 to 255 printable characters" in response.json()["detail"]
+    assert response.json()["detail"] == "Idempotency-Key must be 1 to 255 printable characters"
     assert client.get("/requests").json()["items"] == []
 
 
@@ -176,3 +180,73 @@ def test_a_key_of_255_printable_characters_is_accepted(client, image_server):
     response = upload(client, data, headers={"Idempotency-Key": " " + "k" * 255 + " "})
     assert response.status_code == 202, response.text
     wait_finished(client, response.json()["request_id"])
+
+
+def test_an_expired_key_is_reusable_however_many_other_keys_have_expired(
+    make_settings, image_server, database_url
+):
+    """Expired keys are cleared 100 at a time; the caller's own expired key is cleared
+    whatever the batch reaches, and the key stored for the new request is the caller's."""
+    import time
+    from datetime import timedelta
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import func, insert, select
+
+    from app.db.base import utcnow
+    from app.db.models import IdempotencyKey, ProcessingRequest
+    from app.db.session import build_engine
+    from app.main import create_app
+
+    engine = build_engine(database_url)
+    data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
+    settings = make_settings(api_keys="key-one", idempotency_key_ttl_seconds=0.5)
+    with TestClient(create_app(settings)) as client:
+        unkeyed = upload(client, data, headers={"X-API-Key": "key-one"}).json()["request_id"]
+        wait_finished(client, unkeyed, headers={"X-API-Key": "key-one"})
+        with engine.begin() as connection:
+            request_pk = connection.scalar(
+                select(ProcessingRequest.id).where(ProcessingRequest.request_id == unkeyed)
+            )
+            long_ago = utcnow() - timedelta(hours=1)
+            connection.execute(
+                insert(IdempotencyKey),
+                [
+                    {
+                        "owner_scope": "another-owner",
+                        "key": f"old-{n}",
+                        "fingerprint": "0" * 64,
+                        "request_pk": request_pk,
+                        "created_at": long_ago,
+                        "expires_at": long_ago,
+                    }
+                    for n in range(250)
+                ],
+            )
+        headers = {"X-API-Key": "key-one", "Idempotency-Key": "order-8"}
+        first = upload(client, data, headers=headers)
+        assert first.status_code == 202
+        time.sleep(0.6)
+        # 150 other expired keys are older than this one's, so a batch of 100 misses it.
+        second = upload(client, data, headers=headers)
+        assert second.status_code == 202, second.text
+        assert "idempotent-replayed" not in second.headers
+        assert second.json()["request_id"] != first.json()["request_id"]
+        for response in (first, second):
+            wait_finished(client, response.json()["request_id"], headers={"X-API-Key": "key-one"})
+    with engine.connect() as connection:
+        kept = connection.execute(
+            select(IdempotencyKey.owner_scope, IdempotencyKey.key, ProcessingRequest.request_id)
+            .join(ProcessingRequest, ProcessingRequest.id == IdempotencyKey.request_pk)
+            .where(IdempotencyKey.owner_scope != "another-owner")
+        ).all()
+        owner = connection.scalar(
+            select(ProcessingRequest.owner).where(ProcessingRequest.request_id == unkeyed)
+        )
+        others_left = connection.scalar(
+            select(func.count()).where(IdempotencyKey.owner_scope == "another-owner")
+        )
+    engine.dispose()
+    assert owner
+    assert [tuple(row) for row in kept] == [(owner, "order-8", second.json()["request_id"])]
+    assert others_left == 50  # two keyed uploads, 100 cleared by each

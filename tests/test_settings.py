@@ -36,6 +36,10 @@ def test_webhook_secret_must_be_a_standard_webhooks_secret():
         "whsec_",
         "whsec_" + base64.b64encode(b"k" * 23).decode(),  # one byte short
         "whsec_" + base64.b64encode(b"k" * 32).decode() + "!",
+        "whsec_"
+        + base64.b64encode(b"k" * 30).decode()[:20]
+        + " "
+        + base64.b64encode(b"k" * 30).decode()[20:],
         "whsec_" + base64.urlsafe_b64encode(b"\xfb\xff" * 16).decode(),  # base64url, not base64
     ],
 )

@@ -111,6 +111,30 @@ def test_a_redelivered_event_that_had_failed_gets_a_fresh_attempt_budget(
     assert len(received) == 8 and len({r.headers["webhook-id"] for r in received}) == 1
 
 
+def test_redeliver_of_an_event_waiting_for_its_next_attempt_sends_it_now(
+    make_settings, image_server, webhook_receiver
+):
+    """The next attempt is 10 minutes away; redelivering makes the event due at once."""
+    import time
+
+    settings = make_settings(webhook_secret=SECRET, webhook_max_attempts=4, webhook_retry_base_seconds=600)
+    hook = webhook_receiver.new_url(fail_with=[503])
+    with TestClient(create_app(settings)) as client:
+        request_id = finished_request(client, image_server, hook)
+        webhook_receiver.wait_for(hook, 1)
+        deadline = time.monotonic() + 10
+        while not client.get(f"/status/{request_id}").json()["webhook"]["last_status_code"]:
+            assert time.monotonic() < deadline, "the first attempt was never recorded"
+            time.sleep(0.05)
+        assert client.get(f"/status/{request_id}").json()["webhook"]["state"] == "pending"
+        response = client.post(f"/requests/{request_id}/webhook-deliveries/redeliver")
+        assert response.status_code == 202
+        assert response.json()["webhook"]["state"] == "pending"
+        webhook = wait_webhook_state(client, request_id, "delivered", timeout=10)
+    assert webhook["attempts"] == 2 and webhook["last_status_code"] == 200
+    assert len(webhook_receiver.received(hook)) == 2
+
+
 def test_redeliver_succeeds_while_a_batch_is_writing(signed_client, image_server, webhook_receiver):
     hook = webhook_receiver.new_url()
     request_id = finished_request(signed_client, image_server, hook)
@@ -226,6 +250,20 @@ def test_retry_after_is_understood():
     assert parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", now) == timedelta(seconds=60)
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after("99999999", now) == timedelta(hours=24)
+
+
+def test_retry_after_edge_cases():
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    # "-0000" names no time zone: the date parses without one and is read as UTC.
+    assert parse_retry_after("Thu, 01 Jan 2026 00:01:00 -0000", now) == timedelta(seconds=60)
+    assert parse_retry_after("Thu, 01 Jan 2026 02:01:00 +0200", now) == timedelta(seconds=60)
+    assert parse_retry_after(" 120 ", now) == timedelta(seconds=120)
+    assert parse_retry_after("Wed, 31 Dec 2025 23:00:00 GMT", now) == timedelta(0)  # already past
+    assert parse_retry_after("Sat, 01 Jan 2028 00:00:00 GMT", now) == timedelta(hours=24)
+    assert parse_retry_after("", now) is None
+    assert parse_retry_after(None, now) is None
+    assert parse_retry_after("-5", now) is None
+    assert parse_retry_after("Thu, 32 Jan 2026 00:01:00 GMT", now) is None
 
 
 def test_a_receiver_down_until_after_a_restart_still_gets_the_event(make_settings, image_server):

@@ -272,9 +272,11 @@ class WebhookDeliverer:
         return None, error, None, None, _ms(start), permanent
 
     def _post(self, url: str, body: bytes, headers: dict, start: float):
-        response = self.http.post(
-            url, data=body, headers=headers, timeout=self.timeout_seconds, allow_redirects=False, stream=True
-        )
+        # Sent through the adapter, not Session.post: even with allow_redirects=False the
+        # session reads a redirect's whole body, without the excerpt's cap. The adapter
+        # never follows a redirect.
+        request = self.http.prepare_request(requests.Request("POST", url, data=body, headers=headers))
+        response = self.http.get_adapter(url).send(request, timeout=self.timeout_seconds)
         with response:
             try:
                 head = response.raw.read(RESPONSE_EXCERPT_CHARS * 4, decode_content=True) or b""
