@@ -9,7 +9,7 @@ import time
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from tests.servers import send
+from tests.support.servers import send
 from tests.test_api import SECRET
 from tests.test_webhooks import finished_request, wait_webhook_state
 
