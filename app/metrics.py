@@ -12,7 +12,7 @@ one of STANDARD_METHODS or `other`, `status` a status code the service sent. Eve
 value comes from a fixed set, never from what a client chose, so no client can add series.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily
@@ -145,59 +145,63 @@ class ServiceMetrics:
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_seconds.labels(method, route, str(status)).observe(seconds)
 
-    def watch_pending_images(self, sessions: sessionmaker[Session]) -> "PendingImages":
-        collector = PendingImages(sessions)
-        self.registry.register(collector)
-        return collector
-
-    def watch_hosts_in_backoff(self, sessions: sessionmaker[Session]) -> "HostsInBackoff":
-        collector = HostsInBackoff(sessions)
-        self.registry.register(collector)
-        return collector
-
-
-class PendingImages:
-    """`image_service_images_pending`, counted when scraped, instead of a gauge every
-    uploader, claimer and canceller keeps. Only unfinished requests have pending images:
-    the count reads their ranges of the fair-claim index (request_pk, status, ...)."""
-
-    NAME = "image_service_images_pending"
-    HELP = "Images waiting in the ledger to be claimed (pending, including those waiting for a retry)"
-
-    def __init__(self, sessions: sessionmaker[Session]):
-        self.sessions = sessions
-
-    def describe(self):
-        return [GaugeMetricFamily(self.NAME, self.HELP)]
-
-    def collect(self):
-        with self.sessions() as session:
-            pending = session.scalar(
-                select(func.count())
-                .select_from(ProcessingRequest)
-                .join(Image, Image.request_pk == ProcessingRequest.id)
-                .where(
-                    ProcessingRequest.status.in_(UNFINISHED_REQUEST_STATUSES),
-                    Image.status == ImageStatus.PENDING,
-                )
+    def watch_pending_images(self, sessions: sessionmaker[Session]) -> "ScrapedCount":
+        """`image_service_images_pending`, counted when scraped, instead of a gauge every
+        uploader, claimer and canceller keeps. Only unfinished requests have pending
+        images: the count reads their ranges of the fair-claim index."""
+        return self._watch(
+            ScrapedCount(
+                "image_service_images_pending",
+                "Images waiting in the ledger to be claimed (pending, including those waiting for a retry)",
+                sessions,
+                _pending_images,
             )
-        yield GaugeMetricFamily(self.NAME, self.HELP, value=pending or 0)
+        )
+
+    def watch_hosts_in_backoff(self, sessions: sessionmaker[Session]) -> "ScrapedCount":
+        """`image_service_hosts_in_backoff`, counted when scraped (a partial index holds
+        only hosts with trouble). No host name as a label: their number is unbounded."""
+        return self._watch(
+            ScrapedCount(
+                "image_service_hosts_in_backoff",
+                "Origin hosts whose images wait for their backoff to run out",
+                sessions,
+                lambda session: hosts_in_backoff(session.connection(), utcnow()),
+            )
+        )
+
+    def _watch(self, collector: "ScrapedCount") -> "ScrapedCount":
+        self.registry.register(collector)
+        return collector
 
 
-class HostsInBackoff:
-    """`image_service_hosts_in_backoff`, counted when scraped (a partial index holds only
-    hosts with trouble). No host name as a label: their number is unbounded."""
+def _pending_images(session: Session) -> int | None:
+    return session.scalar(
+        select(func.count())
+        .select_from(ProcessingRequest)
+        .join(Image, Image.request_pk == ProcessingRequest.id)
+        .where(
+            ProcessingRequest.status.in_(UNFINISHED_REQUEST_STATUSES),
+            Image.status == ImageStatus.PENDING,
+        )
+    )
 
-    NAME = "image_service_hosts_in_backoff"
-    HELP = "Origin hosts whose images wait for their backoff to run out"
 
-    def __init__(self, sessions: sessionmaker[Session]):
+class ScrapedCount:
+    """A gauge counted from the database when Prometheus scrapes, by `count(session)`."""
+
+    def __init__(
+        self, name: str, help: str, sessions: sessionmaker[Session], count: Callable[[Session], int | None]
+    ):
+        self.name = name
+        self.help = help
         self.sessions = sessions
+        self.count = count
 
     def describe(self):
-        return [GaugeMetricFamily(self.NAME, self.HELP)]
+        return [GaugeMetricFamily(self.name, self.help)]
 
     def collect(self):
         with self.sessions() as session:
-            count = hosts_in_backoff(session.connection(), utcnow())
-        yield GaugeMetricFamily(self.NAME, self.HELP, value=count)
+            value = self.count(session)
+        yield GaugeMetricFamily(self.name, self.help, value=value or 0)
