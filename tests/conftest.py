@@ -276,3 +276,15 @@ def wait_finished(client: TestClient, request_id: str, timeout: float = 30, head
 
 def pytest_report_header(config) -> str:
     return f"database: {os.environ.get('TEST_DATABASE_URL') or 'SQLite (temporary file)'}"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """On PostgreSQL (TEST_DATABASE_URL), a test that never touches a database (no
+    `database_url` among its fixtures: image codecs, the URL grammar, the fetcher against
+    local servers) would only repeat its SQLite run, so it is skipped there."""
+    if not os.environ.get("TEST_DATABASE_URL"):
+        return
+    repeat = pytest.mark.skip(reason="touches no database: its SQLite run covers it")
+    for item in items:
+        if "database_url" not in getattr(item, "fixturenames", ()):
+            item.add_marker(repeat)
