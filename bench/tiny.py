@@ -1,8 +1,13 @@
 """`python -m bench.tiny`: only the tiny-images figure of `make bench`, on SQLite with the
 in-process runner, for a quick comparison of two checkouts (run it in each, one after
-the other, on a quiet machine). BENCH_TINY and BENCH_RUNS as for the whole bench."""
+the other, on a quiet machine). BENCH_TINY and BENCH_RUNS as for the whole bench.
+
+It also prints the CPU time the service spent per image (the web process and its image
+processes, over the timed runs): on a machine shared with other work the rate moves with
+the load, the CPU per image much less."""
 
 import io
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,8 +44,36 @@ def main() -> None:
         )
         config = Configuration("sqlite", "inprocess", f"sqlite:///{work / 'bench.db'}")
         with running_service(service_env(bench, config), work / "service") as service:
+            before = cpu_seconds(service.process.pid)
             figures = tiny_runs(service, bench)
+            web, processes = (
+                after - start for after, start in zip(cpu_seconds(service.process.pid), before, strict=True)
+            )
+    images = figures["images"] * params.runs
     say(f"tiny 64x64 images per second: {figures['per_second']}")
+    say(
+        f"service CPU per image: {1000 * (web + processes) / images:.2f} ms "
+        f"(web process {1000 * web / images:.2f}, image processes {1000 * processes / images:.2f})"
+    )
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of the process and of its children, so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+    def used(of: int) -> float:
+        try:
+            fields = Path(f"/proc/{of}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a process that just ended
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return used(pid), sum(used(child) for child in children)
 
 
 if __name__ == "__main__":
