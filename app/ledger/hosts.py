@@ -131,6 +131,26 @@ class HostRoom:
         return True
 
 
+_ANSWERED = (
+    update(Host.__table__)
+    .where(Host.name.in_(bindparam("names", expanding=True)), Host.backoff_until.is_not(None))
+    .values(
+        consecutive_failures=0,
+        last_error_code=None,
+        backoff_until=case((Host.backoff_until > bindparam("now"), Host.backoff_until), else_=None),
+    )
+)
+_BACK_OFF = (
+    update(Host.__table__)
+    .where(Host.name == bindparam("host_name"))
+    .values(
+        backoff_until=bindparam("new_backoff_until"),
+        consecutive_failures=bindparam("new_failures"),
+        last_error_code=bindparam("new_error_code"),
+    )
+)
+
+
 def record_host_answers(
     connection: Connection,
     politeness: HostPoliteness,
@@ -151,26 +171,13 @@ def record_host_answers(
     if answered:
         # An answer closes the breaker; a backoff the origin asked for still runs out.
         # Only hosts with trouble are touched: the common case writes nothing.
-        connection.execute(
-            update(Host.__table__)
-            .where(Host.name.in_(answered), Host.backoff_until.is_not(None))
-            .values(
-                consecutive_failures=0,
-                last_error_code=None,
-                backoff_until=case((Host.backoff_until > now, Host.backoff_until), else_=None),
-            )
-        )
+        connection.execute(_ANSWERED, {"names": answered, "now": now})
     if not failed:
         return {}, 0
     names = sorted(failed)
     rows = {
         name: (backoff_until, failures)
-        for name, backoff_until, failures in connection.execute(
-            select(Host.name, Host.backoff_until, Host.consecutive_failures)
-            .where(Host.name.in_(names))
-            .order_by(Host.name)
-            .with_for_update()
-        )
+        for name, backoff_until, failures in connection.execute(_THESE_HOSTS_LOCKED, {"names": names})
     }
     backoffs: dict[str, datetime] = {}
     rounds = 0
@@ -197,16 +204,7 @@ def record_host_answers(
                 "new_error_code": failed[name][-1].error_code,
             }
         )
-    connection.execute(
-        update(Host.__table__)
-        .where(Host.name == bindparam("host_name"))
-        .values(
-            backoff_until=bindparam("new_backoff_until"),
-            consecutive_failures=bindparam("new_failures"),
-            last_error_code=bindparam("new_error_code"),
-        ),
-        parameters,
-    )
+    connection.execute(_BACK_OFF, parameters)
     return backoffs, rounds
 
 

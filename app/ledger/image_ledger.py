@@ -171,6 +171,86 @@ _CLEARED_BY_RETRY = {
 }
 
 
+# Built once, as the statements of turns.py: the runners make these calls for every
+# claim and every recording, and building a statement costs more Python than running it.
+_CLAIM = (
+    update(Image.__table__)
+    .where(
+        Image.id.in_(bindparam("image_ids", expanding=True)),
+        # Claimable: pending and not waiting for a retry, or with an expired lease.
+        or_(
+            and_(Image.status == ImageStatus.PENDING, not_waiting_for_retry(bindparam("now"))),
+            and_(Image.status == ImageStatus.PROCESSING, Image.claimed_at < bindparam("cutoff")),
+        ),
+    )
+    .values(status=ImageStatus.PROCESSING, claimed_at=bindparam("now"), attempts=Image.attempts + 1)
+    .returning(
+        Image.id,
+        Image.attempts,
+        Image.request_pk,
+        Image.input_url,
+        Image.crash_count,
+        Image.copies,
+        Image.host,
+    )
+)
+_START_REQUESTS = (
+    update(ProcessingRequest.__table__)
+    .where(
+        ProcessingRequest.id.in_(bindparam("request_pks", expanding=True)),
+        ProcessingRequest.status == RequestStatus.PENDING,
+    )
+    .values(status=RequestStatus.PROCESSING, started_at=bindparam("now"))
+)
+_CLAIMED_REQUESTS = select(
+    ProcessingRequest.id, ProcessingRequest.request_id, ProcessingRequest.options
+).where(ProcessingRequest.id.in_(bindparam("request_pks", expanding=True)))
+_STILL_CLAIMED = (
+    select(Image.id, Image.attempts, Image.transient_failures, Image.waiting_since)
+    .where(Image.id.in_(bindparam("image_ids", expanding=True)), Image.status == ImageStatus.PROCESSING)
+    .with_for_update()
+)
+_RECORD_FINAL = (
+    update(Image.__table__)
+    .where(Image.id == bindparam("image_id"), Image.attempts == bindparam("attempt"))
+    .values(
+        status=bindparam("new_status"),
+        output_key=bindparam("new_output_key"),
+        error_code=bindparam("new_error_code"),
+        error_message=bindparam("new_error_message"),
+        input_bytes=bindparam("new_input_bytes"),
+        output_bytes=bindparam("new_output_bytes"),
+        width=bindparam("new_width"),
+        height=bindparam("new_height"),
+        source_format=bindparam("new_source_format"),
+        fetch_ms=bindparam("new_fetch_ms"),
+        compress_ms=bindparam("new_compress_ms"),
+        kept_original=bindparam("new_kept_original"),
+        reused=bindparam("new_reused"),
+        finished_at=bindparam("new_finished_at"),
+    )
+)
+_EXISTING_REQUEST_IDS = select(ProcessingRequest.request_id).where(
+    ProcessingRequest.request_id.in_(bindparam("request_ids", expanding=True))
+)
+_ADD_TO_COUNTERS = (
+    update(ProcessingRequest.__table__)
+    .where(ProcessingRequest.id == bindparam("request_pk"))
+    .values(
+        processed_images=ProcessingRequest.processed_images + bindparam("succeeded"),
+        failed_images=ProcessingRequest.failed_images + bindparam("failed"),
+        cancelled_images=ProcessingRequest.cancelled_images + bindparam("cancelled"),
+        reused_images=ProcessingRequest.reused_images + bindparam("reused"),
+    )
+    .returning(
+        ProcessingRequest.processed_images,
+        ProcessingRequest.failed_images,
+        ProcessingRequest.cancelled_images,
+        ProcessingRequest.total_images,
+    )
+)
+
+
 class ImageLedger:
     def __init__(
         self,
@@ -208,16 +288,6 @@ class ImageLedger:
         self.retry_max_seconds = retry_max_seconds
 
     # -- database ends -------------------------------------------------------------
-
-    def claimable(self, now=None):
-        """Condition for images that may be claimed: pending and not waiting for a retry,
-        or with an expired lease."""
-        now = now or utcnow()
-        cutoff = now - self.lease
-        return or_(
-            and_(Image.status == ImageStatus.PENDING, not_waiting_for_retry(now)),
-            and_(Image.status == ImageStatus.PROCESSING, Image.claimed_at < cutoff),
-        )
 
     def claim_next(self, limit: int, after_request_pk: int = 0, *, expired_too: bool = False) -> Claim:
         """Claim up to `limit` images, requests taking turns from after `after_request_pk`
@@ -276,40 +346,16 @@ class ImageLedger:
             if not image_ids:
                 return []
             claimed = connection.execute(
-                update(Image.__table__)
-                .where(Image.id.in_(image_ids), self.claimable(now))
-                .values(
-                    status=ImageStatus.PROCESSING,
-                    claimed_at=now,
-                    attempts=Image.attempts + 1,
-                )
-                .returning(
-                    Image.id,
-                    Image.attempts,
-                    Image.request_pk,
-                    Image.input_url,
-                    Image.crash_count,
-                    Image.copies,
-                    Image.host,
-                )
+                _CLAIM, {"image_ids": image_ids, "now": now, "cutoff": now - self.lease}
             ).all()
             if not claimed:
                 return []
-            request_pks = {row.request_pk for row in claimed}
-            connection.execute(
-                update(ProcessingRequest.__table__)
-                .where(
-                    ProcessingRequest.id.in_(request_pks),
-                    ProcessingRequest.status == RequestStatus.PENDING,
-                )
-                .values(status=RequestStatus.PROCESSING, started_at=now)
-            )
+            request_pks = sorted({row.request_pk for row in claimed})
+            connection.execute(_START_REQUESTS, {"request_pks": request_pks, "now": now})
             requests = {
                 pk: (request_id, options_from_json(options))
                 for pk, request_id, options in connection.execute(
-                    select(
-                        ProcessingRequest.id, ProcessingRequest.request_id, ProcessingRequest.options
-                    ).where(ProcessingRequest.id.in_(request_pks))
+                    _CLAIMED_REQUESTS, {"request_pks": request_pks}
                 )
             }
         units = [
@@ -388,13 +434,8 @@ class ImageLedger:
             # executemany writes them all.
             waiting = {
                 (row.id, row.attempts): (row.transient_failures, row.waiting_since)
-                for row in session.execute(
-                    select(Image.id, Image.attempts, Image.transient_failures, Image.waiting_since)
-                    .where(
-                        Image.id.in_([o.unit.image_id for o in outcomes]),
-                        Image.status == ImageStatus.PROCESSING,
-                    )
-                    .with_for_update()
+                for row in session.connection().execute(
+                    _STILL_CLAIMED, {"image_ids": [o.unit.image_id for o in outcomes]}
                 )
             }
             current = list(
@@ -409,25 +450,7 @@ class ImageLedger:
                 self._put_back_to_wait(session, retry_later, waiting, host_backoffs, now)
             if fresh:
                 session.connection().execute(
-                    update(Image.__table__)
-                    .where(Image.id == bindparam("image_id"), Image.attempts == bindparam("attempt"))
-                    .values(
-                        status=bindparam("new_status"),
-                        output_key=bindparam("new_output_key"),
-                        error_code=bindparam("new_error_code"),
-                        error_message=bindparam("new_error_message"),
-                        input_bytes=bindparam("new_input_bytes"),
-                        output_bytes=bindparam("new_output_bytes"),
-                        width=bindparam("new_width"),
-                        height=bindparam("new_height"),
-                        source_format=bindparam("new_source_format"),
-                        fetch_ms=bindparam("new_fetch_ms"),
-                        compress_ms=bindparam("new_compress_ms"),
-                        kept_original=bindparam("new_kept_original"),
-                        reused=bindparam("new_reused"),
-                        finished_at=now,
-                    ),
-                    [_outcome_params(o) for o in fresh],
+                    _RECORD_FINAL, [{**_outcome_params(o), "new_finished_at": now} for o in fresh]
                 )
             for outcome in fresh:
                 tally = cancelled if outcome.cancelled else succeeded if outcome.succeeded else failed
@@ -457,11 +480,7 @@ class ImageLedger:
             # app/services/lifecycle.py), or this read sees the rows gone.
             unit_request_ids = {o.unit.request_id for o in outcomes}
             requests_gone = unit_request_ids - set(
-                session.scalars(
-                    select(ProcessingRequest.request_id).where(
-                        ProcessingRequest.request_id.in_(unit_request_ids)
-                    )
-                )
+                session.connection().scalars(_EXISTING_REQUEST_IDS, {"request_ids": sorted(unit_request_ids)})
             )
         if self.on_recorded is not None and current:
             self.on_recorded(current)
@@ -655,22 +674,20 @@ class ImageLedger:
         a request's final status, for outcomes and cancels alike."""
         # The counter update locks the request row (PostgreSQL) or the database (SQLite),
         # so whichever transaction brings the count to the total sees it, exactly once.
-        row = session.execute(
-            update(ProcessingRequest)
-            .where(ProcessingRequest.id == request_pk)
-            .values(
-                processed_images=ProcessingRequest.processed_images + succeeded,
-                failed_images=ProcessingRequest.failed_images + failed,
-                cancelled_images=ProcessingRequest.cancelled_images + cancelled,
-                reused_images=ProcessingRequest.reused_images + reused,
+        row = (
+            session.connection()
+            .execute(
+                _ADD_TO_COUNTERS,
+                {
+                    "request_pk": request_pk,
+                    "succeeded": succeeded,
+                    "failed": failed,
+                    "cancelled": cancelled,
+                    "reused": reused,
+                },
             )
-            .returning(
-                ProcessingRequest.processed_images,
-                ProcessingRequest.failed_images,
-                ProcessingRequest.cancelled_images,
-                ProcessingRequest.total_images,
-            )
-        ).one()
+            .one()
+        )
         if row.processed_images + row.failed_images + row.cancelled_images < row.total_images:
             return None
         final_status = case(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from functools import lru_cache
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -51,6 +51,49 @@ def _encoding_of(unit: WorkUnit, default_options: OutputOptions | None) -> str |
     return encoding_key(options) if options is not None else None
 
 
+# Built once, as the ledger's claim statements: run beside every claim.
+_EARLIER_IMPORTS = (
+    select(
+        ProcessingRequest.id.label("request_pk"),
+        SourceValidators.url_sha256,
+        SourceValidators.etag,
+        SourceValidators.last_modified,
+        SourceValidators.content_sha256,
+        SourceOutput.encoding,
+        SourceOutput.output_key,
+        SourceOutput.content_type,
+        SourceOutput.thumbnail_key,
+        SourceOutput.input_bytes,
+        SourceOutput.output_bytes,
+        SourceOutput.width,
+        SourceOutput.height,
+        SourceOutput.source_format,
+        SourceOutput.kept_original,
+    )
+    .select_from(ProcessingRequest)
+    .join(SourceValidators, SourceValidators.owner_scope == func.coalesce(ProcessingRequest.owner, ""))
+    .outerjoin(
+        SourceOutput,
+        and_(
+            SourceOutput.source_id == SourceValidators.id,
+            SourceOutput.encoding.in_(bindparam("encodings", expanding=True)),
+        ),
+    )
+    .where(
+        ProcessingRequest.id.in_(bindparam("request_pks", expanding=True)),
+        SourceValidators.url_sha256.in_(bindparam("url_hashes", expanding=True)),
+        SourceValidators.no_store.is_(False),
+    )
+)
+_OWNERS = select(ProcessingRequest.id, ProcessingRequest.owner).where(
+    ProcessingRequest.id.in_(bindparam("request_pks", expanding=True))
+)
+_SOURCE_IDS = select(SourceValidators.id, SourceValidators.owner_scope, SourceValidators.url_sha256).where(
+    SourceValidators.owner_scope.in_(bindparam("scopes", expanding=True)),
+    SourceValidators.url_sha256.in_(bindparam("url_hashes", expanding=True)),
+)
+
+
 def attach_revalidation(
     session: Session, units: Sequence[WorkUnit], default_options: OutputOptions | None
 ) -> list[WorkUnit]:
@@ -60,36 +103,18 @@ def attach_revalidation(
         return list(units)
     hashes = {unit.image_id: url_sha256(unit.input_url) for unit in units}
     encodings = {encoding for unit in units if (encoding := _encoding_of(unit, default_options))}
-    rows = session.execute(
-        select(
-            ProcessingRequest.id.label("request_pk"),
-            SourceValidators.url_sha256,
-            SourceValidators.etag,
-            SourceValidators.last_modified,
-            SourceValidators.content_sha256,
-            SourceOutput.encoding,
-            SourceOutput.output_key,
-            SourceOutput.content_type,
-            SourceOutput.thumbnail_key,
-            SourceOutput.input_bytes,
-            SourceOutput.output_bytes,
-            SourceOutput.width,
-            SourceOutput.height,
-            SourceOutput.source_format,
-            SourceOutput.kept_original,
+    rows = (
+        session.connection()
+        .execute(
+            _EARLIER_IMPORTS,
+            {
+                "encodings": sorted(encodings),
+                "request_pks": sorted({unit.request_pk for unit in units}),
+                "url_hashes": sorted(set(hashes.values())),
+            },
         )
-        .select_from(ProcessingRequest)
-        .join(SourceValidators, SourceValidators.owner_scope == func.coalesce(ProcessingRequest.owner, ""))
-        .outerjoin(
-            SourceOutput,
-            and_(SourceOutput.source_id == SourceValidators.id, SourceOutput.encoding.in_(encodings)),
-        )
-        .where(
-            ProcessingRequest.id.in_({unit.request_pk for unit in units}),
-            SourceValidators.url_sha256.in_(set(hashes.values())),
-            SourceValidators.no_store.is_(False),
-        )
-    ).all()
+        .all()
+    )
     sources: dict[tuple[int, str], SourceState] = {}
     outputs: dict[tuple[int, str, str], StoredOutput] = {}
     for row in rows:
@@ -164,11 +189,9 @@ def remember_sources(
     if not learned:
         return
     owners = dict(
-        session.execute(
-            select(ProcessingRequest.id, ProcessingRequest.owner).where(
-                ProcessingRequest.id.in_({o.unit.request_pk for o in learned})
-            )
-        ).all()
+        session.connection()
+        .execute(_OWNERS, {"request_pks": sorted({o.unit.request_pk for o in learned})})
+        .all()
     )
     now = utcnow()
     latest: dict[tuple[str, str], tuple[ImageOutcome, SourceState]] = {}
@@ -201,10 +224,8 @@ def remember_sources(
     source_ids = {
         (row.owner_scope, row.url_sha256): row.id
         for row in connection.execute(
-            select(SourceValidators.id, SourceValidators.owner_scope, SourceValidators.url_sha256).where(
-                SourceValidators.owner_scope.in_({scope for scope, _ in keys}),
-                SourceValidators.url_sha256.in_({url_hash for _, url_hash in keys}),
-            )
+            _SOURCE_IDS,
+            {"scopes": sorted({scope for scope, _ in keys}), "url_hashes": sorted({h for _, h in keys})},
         )
     }
     stored: dict[tuple[int, str], dict] = {}

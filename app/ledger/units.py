@@ -70,8 +70,10 @@ def options_from_json(text: str | None) -> OutputOptions | None:
     return OutputOptions(**json.loads(text))
 
 
+@lru_cache(maxsize=256)
 def encoding_key(options: OutputOptions) -> str:
-    """What makes two outputs of the same bytes equal: every option, as stable JSON."""
+    """What makes two outputs of the same bytes equal: every option, as stable JSON
+    (cached: asked twice for every image, of the same few options)."""
     return options.to_json()
 
 

@@ -125,7 +125,10 @@ class DeadlineReaper:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
                 self._thread.start()
-            self._wake.notify()
+            # The reaper sleeps until the earliest deadline: only a new earliest one
+            # changes when it must wake (a fetch a time would otherwise wake it twice).
+            if self._heap[0][1] == token:
+                self._wake.notify()
         return token
 
     def cancel(self, token: int) -> None:

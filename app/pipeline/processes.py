@@ -259,13 +259,21 @@ class ImageProcesses:
                 time.sleep(HEALTH_CHECK_SECONDS)
 
     def _receive(self, worker: _Worker) -> None:
-        try:
-            message = worker.results.recv()
-        except Exception:  # end of file, or a message cut off by the writer's death
-            self._lose(worker)
-            return
-        if isinstance(message, ImageOutcome):
-            self._answer(worker, message)
+        """Every message the worker's pipe holds now: outcomes arrive in bursts, and
+        each round of the collector's wait costs more than a message."""
+        while True:
+            try:
+                message = worker.results.recv()
+            except Exception:  # end of file, or a message cut off by the writer's death
+                self._lose(worker)
+                return
+            if isinstance(message, ImageOutcome):
+                self._answer(worker, message)
+            try:
+                if not worker.results.poll():
+                    return
+            except Exception:  # closed meanwhile: the next round's wait sees it
+                return
 
     def _answer(self, worker: _Worker, outcome: ImageOutcome) -> None:
         key = _key(outcome.unit)
