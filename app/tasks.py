@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from app.ledger.held import HeldClaims
@@ -150,7 +150,10 @@ def process_next_images(
     abandon: threading.Event | None = None,
 ) -> ClaimRound:
     """Claim up to `limit` images fairly (requests take turns; expired claims too), run
-    them on `pool`, and record their outcomes in batches as they finish.
+    them on `pool`, and record their outcomes in batches as they finish, on a thread of
+    their own: the next claim is made while the last outcomes are recorded (the
+    database's own work releases the GIL), and outcomes that finish meanwhile share the
+    next recording.
 
     For up to `max_seconds`, claim again while fewer than `limit` run: at once when the
     last claim was full (more may wait), and with `claim_every_seconds`, also when `wake`
@@ -214,41 +217,73 @@ def process_next_images(
         signal.clear()
         return woken
 
+    def abandoned() -> bool:
+        return abandon is not None and abandon.is_set()
+
+    recorder = ThreadPoolExecutor(1, thread_name_prefix="record")
+    to_record: list[ImageOutcome] = []
+    recording: Future | None = None
+
+    def record(outcomes: list[ImageOutcome]) -> None:
+        if abandoned():  # a stop whose grace ran out: the caller hands these back
+            return
+        events = record_outcomes(ledger, held, outcomes, stopping)
+        if events and on_events is not None:
+            on_events(events)
+
+    def recording_busy() -> bool:
+        return recording is not None and not recording.done()
+
+    def start_recording() -> None:
+        nonlocal recording, to_record
+        if recording_busy():
+            return
+        if recording is not None and (failure := recording.exception()) is not None:
+            log.error("recording outcomes failed", exc_info=failure)
+        recording = None
+        if to_record:
+            batch, to_record = to_record, []
+            recording = recorder.submit(record, batch)
+            recording.add_done_callback(finished)
+
     first = claim()
     if on_claimed is not None:
         on_claimed(first)
 
-    def abandoned() -> bool:
-        return abandon is not None and abandon.is_set()
-
-    while running and not abandoned():
-        idle = max(0.0, next_timed_claim - time.monotonic()) if claim_every_seconds > 0 else None
-        woken = wait_for_signal(idle if idle is not None else 3600.0)
-        done = {future for future in running if future.done()}
-        claim_if_due(woken=woken and not done)
-        if not done:
-            continue
-        # Let others finish within the linger and share the transaction, and keep the
-        # pool fed meanwhile.
-        linger_until = time.monotonic() + RECORD_LINGER_SECONDS
-        while len(done) < len(running) and (remaining := linger_until - time.monotonic()) > 0:
-            wait_for_signal(remaining)
+    try:
+        while (running or to_record or recording_busy()) and not abandoned():
+            idle = max(0.0, next_timed_claim - time.monotonic()) if claim_every_seconds > 0 else None
+            woken = wait_for_signal(idle if idle is not None else 3600.0)
             done = {future for future in running if future.done()}
+            claim_if_due(woken=woken and not done)
+            if not done:
+                start_recording()
+                continue
+            # Let others finish within the linger and share the transaction, and keep the
+            # pool fed meanwhile.
+            linger_until = time.monotonic() + RECORD_LINGER_SECONDS
+            while len(done) < len(running) and (remaining := linger_until - time.monotonic()) > 0:
+                wait_for_signal(remaining)
+                done = {future for future in running if future.done()}
+                claim_if_due(woken=False)
+            if abandoned():
+                break
+            running -= done
+            outcomes = [outcome for future in done if (outcome := future.result()) is not None]
+            for outcome in outcomes:
+                if outcome.retry_later:
+                    result.transient_failure = f"{outcome.error_code}: {outcome.error_message}"
+            if health is not None:
+                health.observe(outcomes)
+            to_record += outcomes
+            start_recording()
             claim_if_due(woken=False)
-        if abandoned():
-            break
-        running -= done
-        outcomes = [outcome for future in done if (outcome := future.result()) is not None]
-        for outcome in outcomes:
-            if outcome.retry_later:
-                result.transient_failure = f"{outcome.error_code}: {outcome.error_message}"
-        if health is not None:
-            health.observe(outcomes)
-        if outcomes:
-            events = record_outcomes(ledger, held, outcomes, stopping)
-            if events and on_events is not None:
-                on_events(events)
-        claim_if_due(woken=False)
+    finally:
+        # A recording under way ends first (a stop makes its retries give up), so nothing
+        # is recorded after this returns.
+        if recording is not None:
+            wait((recording,))
+        recorder.shutdown(wait=True)
     return result
 
 

@@ -50,7 +50,7 @@ class ServiceProcess:
             try:
                 if self.http.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow on a loaded machine
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"service did not become ready; see {self.log_path}")
