@@ -47,6 +47,7 @@ def test_batch_end_to_end(make_settings, image_server, webhook_receiver):
         assert status["completed_at"] is not None
         assert status["progress"] == {
             "total_images": 24,
+            "succeeded_images": 24,
             "processed_images": 24,
             "failed_images": 0,
             "cancelled_images": 0,

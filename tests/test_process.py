@@ -62,7 +62,7 @@ def test_processing_an_image_twice_changes_nothing_the_second_time(
     second = process_image(services.ledger, services.stages, image_id)
     assert len(first) == 1 and second == []
     request = request_row(engine, request_pk)
-    assert (request.processed_images, request.failed_images, request.status) == (1, 0, "completed")
+    assert (request.succeeded_images, request.failed_images, request.status) == (1, 0, "completed")
     assert event_count(engine, request_pk) == 1
     assert len(list(media_root.glob("*/*.jpg"))) == 1  # outputs; thumbnails are in */thumbs/
 
@@ -76,7 +76,7 @@ def test_recording_the_same_outcome_twice_counts_once(engine, services, image_se
     services.ledger.record_outcomes([outcome])
     services.ledger.record_outcomes([outcome])
     request = request_row(engine, request_pk)
-    assert (request.processed_images, request.status) == (1, "processing")
+    assert (request.succeeded_images, request.status) == (1, "processing")
 
 
 def test_a_late_result_from_a_lost_lease_is_ignored(engine, services, image_server, settings):
@@ -92,10 +92,10 @@ def test_a_late_result_from_a_lost_lease_is_ignored(engine, services, image_serv
     (fresh,) = services.ledger.claim_images([image_id])
     assert fresh.attempt == stale.attempt + 1
     services.ledger.record_outcomes([services.stages.run(stale)])
-    assert request_row(engine, request_pk).processed_images == 0
+    assert request_row(engine, request_pk).succeeded_images == 0
     services.ledger.record_outcomes([services.stages.run(fresh)])
     request = request_row(engine, request_pk)
-    assert (request.processed_images, request.status) == (1, "completed")
+    assert (request.succeeded_images, request.status) == (1, "completed")
 
 
 def test_concurrent_last_images_finish_the_request_exactly_once(engine, services, image_server):
@@ -116,7 +116,7 @@ def test_concurrent_last_images_finish_the_request_exactly_once(engine, services
     for thread in threads:
         thread.join()
     request = request_row(engine, request_pk)
-    assert (request.processed_images, request.status) == (40, "completed")
+    assert (request.succeeded_images, request.status) == (40, "completed")
     assert request.completed_at is not None
     assert len(events) == 1
     assert event_count(engine, request_pk) == 1
@@ -191,7 +191,7 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
         backoff = timedelta(seconds=backoff_seconds)
         assert before + backoff <= image.retry_at <= after + backoff
         request = request_row(engine, request_pk)
-        assert (request.processed_images, request.failed_images, request.status) == (0, 0, "processing")
+        assert (request.succeeded_images, request.failed_images, request.status) == (0, 0, "processing")
         # Waiting: neither claimable nor offered, and the feeder knows when it will be.
         assert services.ledger.claim_images([image_id]) == []
         with writer_sessionmaker(engine)() as session:
@@ -209,7 +209,7 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
     (unit,) = services.ledger.claim_images([other_id])
     services.ledger.record_outcomes([services.stages.run(unit)])
     request = request_row(engine, request_pk)
-    assert (request.processed_images, request.failed_images, request.status) == (2, 0, "completed")
+    assert (request.succeeded_images, request.failed_images, request.status) == (2, 0, "completed")
 
 
 def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, services, image_server):

@@ -43,6 +43,7 @@ def test_a_failing_shared_url_fails_every_row_naming_it(client, image_server):
     assert status["status"] == "completed_with_errors"
     assert status["progress"] == {
         "total_images": 4,
+        "succeeded_images": 1,
         "processed_images": 1,
         "failed_images": 3,
         "cancelled_images": 0,
@@ -70,7 +71,7 @@ def test_copies_are_never_claimed_and_the_source_records_them_exactly_once(
     again = services.ledger.record_outcomes([outcome])
     assert len(first) == 1 and again == []
     request = request_row(services.engine, request_pk)
-    assert (request.processed_images, request.failed_images, request.status) == (3, 0, "completed")
+    assert (request.succeeded_images, request.failed_images, request.status) == (3, 0, "completed")
     assert event_count(services.engine, request_pk) == 1
     with writer_sessionmaker(services.engine)() as session:
         rows = session.execute(select(Image.status, Image.output_key).where(Image.id.in_(ids))).all()

@@ -36,7 +36,10 @@ class UploadAccepted(BaseModel):
 
 class Progress(BaseModel):
     total_images: int
-    processed_images: int = Field(description="images that succeeded")
+    succeeded_images: int = Field(description="images that succeeded")
+    processed_images: int = Field(
+        description="the same as succeeded_images, under its earlier name (kept for existing clients)"
+    )
     failed_images: int
     cancelled_images: int = Field(0, description="images a cancel stopped before they started")
     reused_images: int = Field(
@@ -177,7 +180,7 @@ class RequestSummary(BaseModel):
 
     @classmethod
     def of(cls, request: ProcessingRequest, base_url: str, **extra) -> "RequestSummary":
-        finished = request.processed_images + request.failed_images + request.cancelled_images
+        finished = request.succeeded_images + request.failed_images + request.cancelled_images
         return cls(
             request_id=request.request_id,
             status=request.status,
@@ -188,7 +191,8 @@ class RequestSummary(BaseModel):
             total_products=request.total_products,
             progress=Progress(
                 total_images=request.total_images,
-                processed_images=request.processed_images,
+                succeeded_images=request.succeeded_images,
+                processed_images=request.succeeded_images,
                 failed_images=request.failed_images,
                 cancelled_images=request.cancelled_images,
                 reused_images=request.reused_images,

@@ -56,7 +56,9 @@ class ProcessingRequest(Base):
     callback_url: Mapped[str | None] = mapped_column(Text)
     total_products: Mapped[int] = mapped_column(Integer, default=0)
     total_images: Mapped[int] = mapped_column(Integer, default=0)
-    processed_images: Mapped[int] = mapped_column(Integer, default=0)
+    # The column keeps the name it had before failures were counted apart; it counts the
+    # images that succeeded.
+    succeeded_images: Mapped[int] = mapped_column("processed_images", Integer, default=0)
     failed_images: Mapped[int] = mapped_column(Integer, default=0)
     cancelled_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Of the succeeded images, those whose earlier output was reused (nothing encoded).

@@ -237,13 +237,15 @@ _ADD_TO_COUNTERS = (
     update(ProcessingRequest.__table__)
     .where(ProcessingRequest.id == bindparam("request_pk"))
     .values(
-        processed_images=ProcessingRequest.processed_images + bindparam("succeeded"),
-        failed_images=ProcessingRequest.failed_images + bindparam("failed"),
-        cancelled_images=ProcessingRequest.cancelled_images + bindparam("cancelled"),
-        reused_images=ProcessingRequest.reused_images + bindparam("reused"),
+        {
+            ProcessingRequest.succeeded_images: ProcessingRequest.succeeded_images + bindparam("succeeded"),
+            ProcessingRequest.failed_images: ProcessingRequest.failed_images + bindparam("failed"),
+            ProcessingRequest.cancelled_images: ProcessingRequest.cancelled_images + bindparam("cancelled"),
+            ProcessingRequest.reused_images: ProcessingRequest.reused_images + bindparam("reused"),
+        }
     )
     .returning(
-        ProcessingRequest.processed_images,
+        ProcessingRequest.succeeded_images.label("succeeded_images"),
         ProcessingRequest.failed_images,
         ProcessingRequest.cancelled_images,
         ProcessingRequest.total_images,
@@ -688,12 +690,12 @@ class ImageLedger:
             )
             .one()
         )
-        if row.processed_images + row.failed_images + row.cancelled_images < row.total_images:
+        if row.succeeded_images + row.failed_images + row.cancelled_images < row.total_images:
             return None
         final_status = case(
             (ProcessingRequest.cancelled_at.is_not(None), RequestStatus.CANCELLED),
             (ProcessingRequest.failed_images == 0, RequestStatus.COMPLETED),
-            (ProcessingRequest.processed_images == 0, RequestStatus.FAILED),
+            (ProcessingRequest.succeeded_images == 0, RequestStatus.FAILED),
             else_=RequestStatus.COMPLETED_WITH_ERRORS,
         )
         finished = session.execute(

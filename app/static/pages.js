@@ -282,14 +282,14 @@ function setUpRequestPage() {
 
   function show(status) {
     const { progress } = status;
-    const finishedImages = progress.processed_images + progress.failed_images + progress.cancelled_images;
+    const finishedImages = progress.succeeded_images + progress.failed_images + progress.cancelled_images;
     const statusWord = document.getElementById("request-status");
     statusWord.textContent = STATUS_WORDS[status.status] ?? status.status;
     statusWord.className = `state-${status.status}`;
     setProgress(document.getElementById("progress"), progress.percent);
     document.getElementById("counts").textContent =
       `${finishedImages} of ${progress.total_images} images finished: ` +
-      `${progress.processed_images} succeeded, ${progress.failed_images} failed, ` +
+      `${progress.succeeded_images} succeeded, ${progress.failed_images} failed, ` +
       `${progress.cancelled_images} cancelled. ` +
       `${status.total_products} products.`;
 
@@ -425,7 +425,7 @@ function setUpRequestsPage() {
 
   function requestEntry(item) {
     const { progress } = item;
-    const finishedImages = progress.processed_images + progress.failed_images + progress.cancelled_images;
+    const finishedImages = progress.succeeded_images + progress.failed_images + progress.cancelled_images;
     return el(
       "li",
       { className: "request-item" },
@@ -445,7 +445,7 @@ function setUpRequestsPage() {
         "p",
         { className: "hint" },
         `${item.total_products} products; ${finishedImages} of ${progress.total_images} images finished ` +
-          `(${progress.processed_images} succeeded, ${progress.failed_images} failed, ` +
+          `(${progress.succeeded_images} succeeded, ${progress.failed_images} failed, ` +
           `${progress.cancelled_images} cancelled)`,
       ),
     );

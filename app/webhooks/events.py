@@ -19,9 +19,12 @@ def finished_payload(request: ProcessingRequest, public_base_url: str) -> dict:
         "status": request.status,
         "completed_at": request.completed_at.isoformat() if request.completed_at else None,
         "total_images": request.total_images,
-        "processed_images": request.processed_images,
+        "succeeded_images": request.succeeded_images,
         "failed_images": request.failed_images,
         "cancelled_images": request.cancelled_images,
+        "reused_images": request.reused_images,
+        # succeeded_images under its earlier name, for receivers written against it.
+        "processed_images": request.succeeded_images,
         "download_url": f"{public_base_url}/download/{request.request_id}",
         # None for a request stored before options existed (it used the settings).
         "options": json.loads(request.options) if request.options else None,

@@ -311,7 +311,7 @@ class Deployment:
                 select(
                     ProcessingRequest.status,
                     ProcessingRequest.total_images,
-                    ProcessingRequest.processed_images,
+                    ProcessingRequest.succeeded_images,
                     ProcessingRequest.failed_images,
                 ).where(ProcessingRequest.request_id == request_id)
             ).one()
