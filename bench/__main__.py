@@ -52,6 +52,7 @@ only.
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import random
@@ -331,8 +332,15 @@ def output_share(service: ServiceProcess, request_id: str) -> float:
             return output_bytes / input_bytes
 
 
+_photo_batches = itertools.count()
+
+
 def photo_batch(service: ServiceProcess, bench: Bench) -> tuple[float, str]:
-    elapsed, body = run_batch(service, csv_bytes(bench.photo_urls, 4), bench.receiver)
+    # New URLs for each batch: the same bytes again would be a re-import (the earlier
+    # output copied, nothing decoded), which reimport_figures measures.
+    batch = next(_photo_batches)
+    urls = [f"{url}?photos={batch}" for url in bench.photo_urls]
+    elapsed, body = run_batch(service, csv_bytes(urls, 4), bench.receiver)
     assert body["status"] == "completed", body
     return elapsed, body["request_id"]
 
