@@ -259,8 +259,9 @@ def test_ipv6_spellings_of_loopback_are_blocked_before_connecting(outside_server
     ],
 )
 def test_non_http_urls_are_refused(fetcher, url):
-    with pytest.raises(InvalidUrl):
+    with pytest.raises(InvalidUrl) as failure:
         fetcher.fetch(url)
+    assert str(failure.value) == failure.value.message  # what a traceback or log shows
 
 
 def test_declared_oversize_body_is_refused(fetcher, image_server):

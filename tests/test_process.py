@@ -215,6 +215,37 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
     assert (request.processed_images, request.failed_images, request.status) == (2, 0, "completed")
 
 
+def test_a_transient_failure_puts_back_only_the_image_and_claim_it_names(
+    engine, retrying_services, storage, image_server, settings
+):
+    services = retrying_services
+    _, (image_id, other_id) = make_batch(
+        engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
+    )
+    storage.full.set()
+    unit, other = services.ledger.claim_images([image_id, other_id])
+    assert unit.attempt == other.attempt
+    services.ledger.record_outcomes([services.stages.run(unit)])
+    assert image_row(engine, image_id).status == "pending"
+    # The other image, claimed with the same attempt number, keeps its claim.
+    assert image_row(engine, other_id).status == "processing"
+
+    # An old claim's late outcome changes nothing once the image is claimed again.
+    make_due(engine, image_id)
+    (stale,) = services.ledger.claim_images([image_id])
+    stale_outcome = services.stages.run(stale)
+    with writer_sessionmaker(engine).begin() as session:  # its lease runs out
+        session.execute(
+            update(Image)
+            .where(Image.id == image_id)
+            .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
+        )
+    (fresh,) = services.ledger.claim_images([image_id])
+    services.ledger.record_outcomes([stale_outcome])
+    image = image_row(engine, image_id)
+    assert (image.status, image.attempts) == ("processing", fresh.attempt)
+
+
 def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, services, image_server):
     url = image_server.add(images.jpeg())
     waiting = [make_batch(engine, [(1, "W", [url])])[1][0] for _ in range(3)]
