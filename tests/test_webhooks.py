@@ -1,6 +1,7 @@
 """Webhook delivery: signed, retried with growing gaps, recorded, redeliverable."""
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -369,7 +370,14 @@ def _event_for(services, hook: str) -> int:
             webhook_url=hook,
             owner=None,
         )
+        request.status, request.completed_at = "completed_with_errors", FINISHED_AT
+        request.total_images, request.processed_images = 6, 3
+        request.failed_images, request.cancelled_images = 1, 2
+        request.options = '{"format": "webp", "quality": 70}'
         return create_finished_event(session, request, "http://testserver")
+
+
+FINISHED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def _set_event(services, event_id: int, **values) -> None:
@@ -441,7 +449,23 @@ def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next
         )
         assert event.delivered_at is not None and event.delivered_at >= before
         assert deliverer.attempt(event_id) is False and deliverer.due_event_ids() == []
-        assert len(webhook_receiver.received(hook)) == 2
+        received = webhook_receiver.received(hook)
+        assert len(received) == 2
+        payload = json.loads(received[0].body)
+        assert payload == {
+            "type": "batch.finished",
+            "request_id": payload["request_id"],
+            "status": "completed_with_errors",
+            "completed_at": FINISHED_AT.isoformat(),
+            "total_images": 6,
+            "processed_images": 3,
+            "failed_images": 1,
+            "cancelled_images": 2,
+            "download_url": f"http://testserver/download/{payload['request_id']}",
+            "options": {"format": "webp", "quality": 70},
+        }
+        assert received[1].body == received[0].body
+        assert received[0].headers["webhook-id"] == received[1].headers["webhook-id"] == event.webhook_id
     finally:
         services.close()
 
