@@ -11,7 +11,7 @@ from app.composition import build_parts, stage_config
 from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import writer_sessionmaker
-from app.ledger.image_ledger import Cancellation
+from app.ledger.image_ledger import Cancellation, FailedImagesRetry
 from app.ledger.turns import next_claimable_ids, seconds_until_next_retry
 from app.pipeline.stages import ImageStages
 from app.services.batches import create_batch
@@ -400,3 +400,34 @@ def test_a_cancel_with_nothing_in_flight_finishes_the_request_and_creates_its_ev
     assert cancellation.event_id == event_id
     request = request_row(engine, request_pk)
     assert request.completed_at is not None and request.completed_at >= before
+
+
+def test_a_retry_puts_back_the_failed_images_of_its_own_request_with_a_fresh_start(
+    engine, services, image_server
+):
+    missing = [image_server.add(b"gone", "text/plain", status=404, suffix=".jpg") for _ in range(2)]
+    request_pk, ids = make_batch(engine, [(1, "A", missing)])
+    _, other_ids = make_batch(engine, [(1, "B", missing[:1])])
+    for image_id in ids + other_ids:
+        process_image(services.ledger, services.stages, image_id)
+    assert request_row(engine, request_pk).status == "failed"
+    with writer_sessionmaker(engine).begin() as session:  # what earlier rounds left
+        session.execute(update(Image).where(Image.id.in_(ids)).values(transient_failures=2, crash_count=1))
+
+    with writer_sessionmaker(engine).begin() as session:
+        assert services.ledger.retry_failed(session, request_pk, ["http_500"]) == FailedImagesRetry(
+            "failed", 0
+        )
+    with writer_sessionmaker(engine).begin() as session:
+        assert services.ledger.retry_failed(session, request_pk) == FailedImagesRetry("failed", 2)
+    for image_id in ids:
+        image = image_row(engine, image_id)
+        assert (image.status, image.transient_failures, image.crash_count) == ("pending", 0, 0)
+        assert (image.error_code, image.error_message, image.finished_at) == (None, None, None)
+    request = request_row(engine, request_pk)
+    assert (request.status, request.failed_images, request.completed_at) == ("processing", 0, None)
+    # Another request's failed image stays as it was.
+    assert image_row(engine, other_ids[0]).status == "failed"
+    # A request that is running is not retried.
+    with writer_sessionmaker(engine).begin() as session:
+        assert services.ledger.retry_failed(session, request_pk) == FailedImagesRetry("processing", 0)

@@ -496,3 +496,33 @@ def test_the_deliverer_stops_at_the_attempt_limit(make_settings, webhook_receive
         assert len(webhook_receiver.received(hook)) == 2
     finally:
         services.close()
+
+
+def test_a_redelivery_queues_the_latest_event_at_once_even_while_an_attempt_holds_it(
+    make_settings, webhook_receiver
+):
+    from app.composition import build_parts
+    from app.db.base import utcnow
+    from app.db.session import writer_sessionmaker
+    from app.webhooks.events import redeliver
+
+    services = build_parts(make_settings(), runs_images=False)
+    try:
+        event_id = _event_for(services, webhook_receiver.new_url())
+        _set_event(
+            services,
+            event_id,
+            state="failed",
+            attempts=3,
+            claimed_at=utcnow(),
+            next_attempt_at=utcnow() + timedelta(hours=1),
+        )
+        request_pk = _event(services, event_id).request_pk
+        with writer_sessionmaker(services.engine).begin() as session:
+            assert redeliver(session, request_pk) == event_id
+            assert redeliver(session, request_pk + 1000) is None  # no event, nothing queued
+        event = _event(services, event_id)
+        assert (event.state, event.claimed_at, event.attempts_before_redelivery) == ("pending", None, 3)
+        assert services.deliverer.due_event_ids() == [event_id]
+    finally:
+        services.close()
