@@ -55,9 +55,18 @@ bench: install-dev ## Benchmark the service against local servers; prints a tabl
 postman: install ## Run docs/postman's collection with newman (pinned, into .ci/node) against the service
 	PY=$(PY) bash tests/postman/run.sh
 
-mutate: install-dev ## Mutation testing of the guards, ledger, idempotency and webhooks (~30 min; not in CI; MUTANTS='app.ledger.*' for some)
+# What `make mutate` mutates, by function (docs/mutation.md): the network guard and URL
+# grammar, the ledger, idempotency, the ownership filters of the results, webhook signing
+# and retry scheduling (not the HTTP transport), the memory budget.
+MUTANTS ?= app.net.* app.ledger.* app.services.idempotency.* \
+	app.services.results.x_get_request__* app.services.results.x_requests_page__* \
+	app.webhooks.signing.* app.webhooks.events.* app.webhooks.delivery.x_parse_retry_after__* \
+	$(foreach f,backoff due_event_ids seconds_until_next_due attempt _record_attempt _after_unrecorded_attempt _send,app.webhooks.delivery.x?WebhookDeliverer?$(f)__*) \
+	app.pipeline.memory.*
+
+mutate: install-dev ## Mutation testing of the guards, ledger, idempotency and webhooks (not in CI; MUTANTS='app.ledger.*' for some)
 	rm -rf mutants
-	nice -n 10 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 2 $(foreach m,$(MUTANTS),'$(m)')
 	@$(VENV)/bin/mutmut export-cicd-stats >/dev/null
 	@$(PY) -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
 	k = s['killed'] + s['timeout']; n = k + s['survived'] + s['no_tests'] + s['suspicious'] + s['segfault']; \

@@ -2,6 +2,7 @@
 real local HTTP servers for images and webhooks, the app with its real runner, whole
 deployments as real processes (tests/deployment.py), and a real S3 endpoint (moto)."""
 
+import json
 import os
 import time
 import uuid
@@ -281,7 +282,13 @@ def pytest_report_header(config) -> str:
 def pytest_collection_modifyitems(config, items) -> None:
     """On PostgreSQL (TEST_DATABASE_URL), a test that never touches a database (no
     `database_url` among its fixtures: image codecs, the URL grammar, the fetcher against
-    local servers) would only repeat its SQLite run, so it is skipped there."""
+    local servers) would only repeat its SQLite run, so it is skipped there.
+
+    Under `make mutate`, each mutant's tests run quickest first: the run of a mutant ends
+    at its first failing test, so a killed mutant costs its quickest killing test."""
+    if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", "") and Path("mutmut-stats.json").exists():
+        durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
+        items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
     if not os.environ.get("TEST_DATABASE_URL"):
         return
     repeat = pytest.mark.skip(reason="touches no database: its SQLite run covers it")

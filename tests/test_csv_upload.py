@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from app.db.models import Image, Product
 from app.db.session import build_engine
 from app.main import create_app
-from app.net.urls import url_list_is_fine, url_problem
+from app.net.urls import _url_pattern, url_list_is_fine, url_problem
 from app.services.csv_checks import CsvLimits, most_rows
 from app.services.csv_input import READ_BLOCK_BYTES, CsvErrors, CsvTooLarge, _decoded_lines, read_products
 from tests.conftest import csv_of, upload
@@ -428,3 +428,49 @@ def test_ids_are_reserved_for_at_least_every_row_and_not_twice_per_crlf(newline)
     assert 100 <= most_rows(stream, limits) <= 102
     assert stream.tell() == len(b"skipped")
     assert most_rows(io.BytesIO(data), replace(limits, max_rows=10)) == 10
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port"),
+    [
+        ("http://X.example/X", "X.example", None),
+        ("HTTPS://user:pw@Host.Example:8080/p?q=1#f", "Host.Example", "8080"),
+        ("http://[::1]:99999", "[::1]", "99999"),  # the range is url_problem's to check
+        ("http://h?x", "h", None),
+        ("http://@h#", "h", None),
+        ("http://a,b;c/x,y", "a,b;c", None),
+    ],
+)
+def test_the_url_grammar_as_built_finds_host_and_port(url, host, port):
+    """The grammar _url_pattern builds (the module compiles it once, at import)."""
+    match = re.fullmatch("(?i)" + _url_pattern(), url)
+    assert match is not None and (match["host"], match["port"]) == (host, port)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://h/x",
+        "http:/h/x",
+        "http://",
+        "http://h:/x",
+        "http://h:123456/x",
+        "http://h:8o/x",
+        "http://h/a b",
+        "http://h/\x7f",
+        "http://h\x00/x",
+        "http://a@b@c/x",
+        "http://a[b/x",
+        "http://h/x\u3000y",
+        " http://h/x",
+    ],
+)
+def test_the_url_grammar_as_built_refuses(url):
+    assert re.fullmatch("(?i)" + _url_pattern(), url) is None
+
+
+def test_the_url_grammar_as_built_keeps_excluded_characters_out_of_every_part():
+    grammar = "(?i)" + _url_pattern(",;")
+    assert re.fullmatch(grammar, "http://u@h.example:80/p?q#f")
+    for url in ("http://a,b/x", "http://u;v@h/x", "http://h/x,y", "http://h/x?a;b", "http://h/#a,"):
+        assert re.fullmatch(grammar, url) is None, url

@@ -259,8 +259,9 @@ def test_ipv6_spellings_of_loopback_are_blocked_before_connecting(outside_server
     ],
 )
 def test_non_http_urls_are_refused(fetcher, url):
-    with pytest.raises(InvalidUrl):
+    with pytest.raises(InvalidUrl) as failure:
         fetcher.fetch(url)
+    assert str(failure.value) == failure.value.message  # what a traceback or log shows
 
 
 def test_declared_oversize_body_is_refused(fetcher, image_server):
@@ -334,3 +335,65 @@ def test_pooled_connections_still_work_after_a_deadline_cut(fetcher, image_serve
     data = images.jpeg()
     for _ in range(3):
         assert fetcher.fetch(image_server.add(data)).data == data
+
+
+def test_the_deadline_reaper_cuts_each_socket_at_its_deadline_and_spares_cancelled_ones():
+    """The reaper on its own (a fresh one, its thread started by the first watch): sockets
+    are shut down at their deadline and not before, in deadline order whatever the order
+    they were watched in; a cancelled one and one whose deadline is far off stay open."""
+    from app.net.guard import DeadlineReaper
+
+    reaper = DeadlineReaper()
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        for ours, _theirs in pairs:
+            ours.settimeout(10)
+        (late, _), (early, _), (cancelled, cancelled_peer), (far, far_peer) = pairs
+        now = time.monotonic()
+        deadlines = {"late": now + 0.6, "early": now + 0.3}
+        reaper.watch(far, now + 60)
+        reaper.watch(late, deadlines["late"])
+        token = reaper.watch(cancelled, now + 0.1)
+        reaper.watch(early, deadlines["early"])
+        reaper.cancel(token)
+
+        cut_at = {}
+        for name, sock in (("early", early), ("late", late)):
+            assert sock.recv(1) == b""  # shut down: the blocked read wakes with end of stream
+            cut_at[name] = time.monotonic()
+        assert cut_at["early"] >= deadlines["early"] and cut_at["late"] >= deadlines["late"]
+
+        # Both deadlines after the cancelled one's have passed: it was never cut.
+        for sock, peer in ((cancelled, cancelled_peer), (far, far_peer)):
+            peer.sendall(b"x")
+            assert sock.recv(1) == b"x"
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+
+
+def test_the_deadline_reaper_keeps_watching_after_it_ran_out_of_work_and_after_a_closed_socket():
+    """Its thread outlives an empty watch list, and a socket its user closed before the
+    deadline (shutting it down fails) does not stop it cutting the next one."""
+    from app.net.guard import DeadlineReaper
+
+    reaper = DeadlineReaper()
+    closed, _closed_peer = pair_one = socket.socketpair()
+    first, _ = pair_two = socket.socketpair()
+    second, _ = pair_three = socket.socketpair()
+    try:
+        reaper.watch(closed, time.monotonic() + 0.1)
+        closed.close()
+        first.settimeout(5)
+        reaper.watch(first, time.monotonic() + 0.2)
+        assert first.recv(1) == b""
+        reaper.cancel(reaper.watch(second, time.monotonic() + 0.1))
+        time.sleep(0.3)  # the cancelled watch is dropped and nothing is left to watch
+        second.settimeout(5)
+        reaper.watch(second, time.monotonic() + 0.1)
+        assert second.recv(1) == b""
+    finally:
+        for pair in (pair_one, pair_two, pair_three):
+            for sock in pair:
+                sock.close()

@@ -11,6 +11,7 @@ from app.composition import build_parts, stage_config
 from app.db.base import utcnow
 from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import writer_sessionmaker
+from app.ledger.image_ledger import Cancellation, FailedImagesRetry
 from app.ledger.turns import next_claimable_ids, seconds_until_next_retry
 from app.pipeline.stages import ImageStages
 from app.services.batches import create_batch
@@ -188,6 +189,8 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
         image = image_row(engine, image_id)
         assert (image.status, image.error_code) == ("pending", "storage_error")
         assert "No space left on device" in image.error_message
+        # No claim held while it waits, and not waiting for its origin (the storage failed).
+        assert (image.claimed_at, image.waiting_since) == (None, None)
         backoff = timedelta(seconds=backoff_seconds)
         assert before + backoff <= image.retry_at <= after + backoff
         request = request_row(engine, request_pk)
@@ -210,6 +213,37 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
     services.ledger.record_outcomes([services.stages.run(unit)])
     request = request_row(engine, request_pk)
     assert (request.succeeded_images, request.failed_images, request.status) == (2, 0, "completed")
+
+
+def test_a_transient_failure_puts_back_only_the_image_and_claim_it_names(
+    engine, retrying_services, storage, image_server, settings
+):
+    services = retrying_services
+    _, (image_id, other_id) = make_batch(
+        engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
+    )
+    storage.full.set()
+    unit, other = services.ledger.claim_images([image_id, other_id])
+    assert unit.attempt == other.attempt
+    services.ledger.record_outcomes([services.stages.run(unit)])
+    assert image_row(engine, image_id).status == "pending"
+    # The other image, claimed with the same attempt number, keeps its claim.
+    assert image_row(engine, other_id).status == "processing"
+
+    # An old claim's late outcome changes nothing once the image is claimed again.
+    make_due(engine, image_id)
+    (stale,) = services.ledger.claim_images([image_id])
+    stale_outcome = services.stages.run(stale)
+    with writer_sessionmaker(engine).begin() as session:  # its lease runs out
+        session.execute(
+            update(Image)
+            .where(Image.id == image_id)
+            .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
+        )
+    (fresh,) = services.ledger.claim_images([image_id])
+    services.ledger.record_outcomes([stale_outcome])
+    image = image_row(engine, image_id)
+    assert (image.status, image.attempts) == ("processing", fresh.attempt)
 
 
 def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, services, image_server):
@@ -254,7 +288,12 @@ def test_a_turn_gives_each_request_its_share_and_turns_rotate(engine, services, 
     # Fewer requests than the claim: the claim is shared between them, oldest images first.
     with writer_sessionmaker(engine)() as session:
         ids, _ = next_claimable_ids(session, 10, 0)  # a share of 10 / 6, rounded up
+        # Read without claiming, the turns go on from where the claims left them.
+        turn, served = next_claimable_ids(session, 4, last_served)
+        next_turn, _ = next_claimable_ids(session, 4, served)
     assert ids == sorted(image_id for batch in batches for image_id in batch[2:4])
+    assert turn == sorted(batch[2] for batch in batches[:4])
+    assert next_turn == sorted([batches[4][2], batches[5][2], batches[0][2], batches[1][2]])
 
 
 def test_hand_backs_and_expired_leases_charge_no_crash(engine, services, image_server, settings):
@@ -262,6 +301,8 @@ def test_hand_backs_and_expired_leases_charge_no_crash(engine, services, image_s
     request_pk, (image_id,) = make_batch(engine, [(1, "A", [url])])
     for _ in range(MAX_WORKER_CRASHES):
         services.ledger.release(services.ledger.claim_images([image_id]))
+        released = image_row(engine, image_id)
+        assert (released.status, released.claimed_at) == ("pending", None)
         services.ledger.claim_images([image_id])
         with writer_sessionmaker(engine).begin() as session:  # the lease runs out
             session.execute(
@@ -286,6 +327,8 @@ def test_an_image_charged_the_most_crashes_fails_without_being_fetched(engine, s
         (unit,) = services.ledger.claim_images([image_id])
         services.ledger.charge_crashes([(unit.image_id, unit.attempt)])
         stale = unit
+        charged = image_row(engine, image_id)  # back to pending, holding no claim
+        assert (charged.status, charged.claimed_at) == ("pending", None)
     services.ledger.charge_crashes([(stale.image_id, stale.attempt)])  # an old claim changes nothing
     events = process_image(services.ledger, services.stages, image_id)
     image = image_row(engine, image_id)
@@ -296,3 +339,95 @@ def test_an_image_charged_the_most_crashes_fails_without_being_fetched(engine, s
     )
     assert request_row(engine, request_pk).status == "failed" and len(events) == 1
     assert image_server.hits_for(url) == 0
+
+
+def test_a_cancel_ends_its_own_requests_pending_images_and_no_one_elses(engine, services, image_server):
+    url = image_server.add(images.jpeg((16, 16)))
+    request_pk, ids = make_batch(engine, [(1, "A", [f"{url}?{n}" for n in range(4)])], "https://h.example/x")
+    other_pk, other_ids = make_batch(engine, [(1, "B", [f"{url}?b{n}" for n in range(2)])])
+    (in_flight,) = services.ledger.claim_images(ids[:1])
+    with writer_sessionmaker(engine).begin() as session:  # one image waits for a retry
+        session.execute(
+            update(Image).where(Image.id == ids[1]).values(retry_at=utcnow() + timedelta(hours=1))
+        )
+    before = utcnow()
+
+    cancellation = services.ledger.cancel(request_pk)
+    assert cancellation == Cancellation("processing", 3, None, finished_before=False)
+    for image_id in ids[1:]:
+        image = image_row(engine, image_id)
+        assert (image.status, image.retry_at) == ("cancelled", None)
+        assert image.finished_at is not None and image.finished_at >= before
+    assert image_row(engine, ids[0]).status == "processing"
+    cancelled_at = request_row(engine, request_pk).cancelled_at
+    assert cancelled_at is not None and cancelled_at >= before
+    # Another request is untouched.
+    assert [image_row(engine, image_id).status for image_id in other_ids] == ["pending", "pending"]
+    assert request_row(engine, other_pk).cancelled_at is None
+
+    # Again while the image in flight runs: nothing more, and the first cancel's time stays.
+    assert services.ledger.cancel(request_pk) == Cancellation("processing", 0, None, finished_before=False)
+    assert request_row(engine, request_pk).cancelled_at == cancelled_at
+
+    # The image in flight finishes: the request ends cancelled, with its one event.
+    events = services.ledger.record_outcomes([services.stages.run(in_flight)])
+    request = request_row(engine, request_pk)
+    assert (request.status, request.processed_images, request.cancelled_images) == ("cancelled", 1, 3)
+    assert request.completed_at is not None and len(events) == 1
+    assert services.ledger.cancel(request_pk) == Cancellation("cancelled", 0, None, finished_before=False)
+
+    # A request that finished otherwise: a cancel changes nothing and says so.
+    for image_id in other_ids:
+        process_image(services.ledger, services.stages, image_id)
+    assert services.ledger.cancel(other_pk) == Cancellation("completed", 0, None, finished_before=True)
+    assert request_row(engine, other_pk).cancelled_at is None
+
+
+def test_a_cancel_with_nothing_in_flight_finishes_the_request_and_creates_its_event(
+    engine, services, image_server
+):
+    url = image_server.add(images.jpeg((16, 16)))
+    request_pk, _ = make_batch(engine, [(1, "A", [f"{url}?{n}" for n in range(2)])], "https://h.example/x")
+    before = utcnow()
+    cancellation = services.ledger.cancel(request_pk)
+    assert (cancellation.status, cancellation.cancelled_images, cancellation.finished_before) == (
+        "cancelled",
+        2,
+        False,
+    )
+    with writer_sessionmaker(engine)() as session:
+        (event_id,) = session.scalars(select(WebhookEvent.id).where(WebhookEvent.request_pk == request_pk))
+    assert cancellation.event_id == event_id
+    request = request_row(engine, request_pk)
+    assert request.completed_at is not None and request.completed_at >= before
+
+
+def test_a_retry_puts_back_the_failed_images_of_its_own_request_with_a_fresh_start(
+    engine, services, image_server
+):
+    missing = [image_server.add(b"gone", "text/plain", status=404, suffix=".jpg") for _ in range(2)]
+    request_pk, ids = make_batch(engine, [(1, "A", missing)])
+    _, other_ids = make_batch(engine, [(1, "B", missing[:1])])
+    for image_id in ids + other_ids:
+        process_image(services.ledger, services.stages, image_id)
+    assert request_row(engine, request_pk).status == "failed"
+    with writer_sessionmaker(engine).begin() as session:  # what earlier rounds left
+        session.execute(update(Image).where(Image.id.in_(ids)).values(transient_failures=2, crash_count=1))
+
+    with writer_sessionmaker(engine).begin() as session:
+        assert services.ledger.retry_failed(session, request_pk, ["http_500"]) == FailedImagesRetry(
+            "failed", 0
+        )
+    with writer_sessionmaker(engine).begin() as session:
+        assert services.ledger.retry_failed(session, request_pk) == FailedImagesRetry("failed", 2)
+    for image_id in ids:
+        image = image_row(engine, image_id)
+        assert (image.status, image.transient_failures, image.crash_count) == ("pending", 0, 0)
+        assert (image.error_code, image.error_message, image.finished_at) == (None, None, None)
+    request = request_row(engine, request_pk)
+    assert (request.status, request.failed_images, request.completed_at) == ("processing", 0, None)
+    # Another request's failed image stays as it was.
+    assert image_row(engine, other_ids[0]).status == "failed"
+    # A request that is running is not retried.
+    with writer_sessionmaker(engine).begin() as session:
+        assert services.ledger.retry_failed(session, request_pk) == FailedImagesRetry("processing", 0)

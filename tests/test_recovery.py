@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import func, select
 from standardwebhooks import Webhook
 
-from app.db.models import Image, ImageStatus
+from app.db.models import Image, ImageStatus, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine
 from app.pipeline.decoding import NOTES_DIR_NAME, read_notes
 from tests.conftest import FINISHED, csv_of
@@ -86,10 +86,24 @@ def test_sigkill_mid_batch_then_restart_completes_everything(
         body = wait_progress(service, request_id, IMAGE_COUNT)
         assert_complete_and_fetchable(service, body, tmp_path / "media")
 
-        received = webhook_receiver.wait_for(hook, 1)
-        time.sleep(0.5)
+        webhook_receiver.wait_for(hook, 1)
+        # Handled: the service has recorded the delivery. The finish that creates an event
+        # is one transaction, so a second finish would show as a second event row.
+        deadline = time.monotonic() + 15
+        while (webhook := service.get(f"/status/{request_id}").json()["webhook"])["state"] != "delivered":
+            assert time.monotonic() < deadline, webhook
+            time.sleep(0.05)
+        engine = build_engine(service_env["DATABASE_URL"])
+        with engine.connect() as connection:
+            events = connection.scalars(
+                select(WebhookEvent.webhook_id)
+                .join(ProcessingRequest, ProcessingRequest.id == WebhookEvent.request_pk)
+                .where(ProcessingRequest.request_id == request_id)
+            ).all()
+        engine.dispose()
         received = webhook_receiver.received(hook)
-        assert len({r.headers["webhook-id"] for r in received}) == 1
+        assert events == [webhook["webhook_id"]]
+        assert {r.headers["webhook-id"] for r in received} == set(events)
         assert Webhook(SECRET).verify(received[0].body, received[0].headers)["status"] == "completed"
     finally:
         service.stop()

@@ -4,12 +4,11 @@ import csv
 import io
 import json
 import threading
-import time
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.db.models import Image, ProcessingRequest
+from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import build_engine
 from app.main import create_app
 from tests.conftest import csv_of, upload, wait_finished
@@ -45,6 +44,30 @@ def image_rows(database_url: str, request_id: str) -> list[tuple[str, str | None
             return [tuple(row) for row in rows]
     finally:
         engine.dispose()
+
+
+def webhook_events(database_url: str, request_id: str) -> int:
+    """The request's webhook events: each is created in the transaction that finishes it."""
+    engine = build_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return len(
+                connection.scalars(
+                    select(WebhookEvent.id)
+                    .join(ProcessingRequest, ProcessingRequest.id == WebhookEvent.request_pk)
+                    .where(ProcessingRequest.request_id == request_id)
+                ).all()
+            )
+    finally:
+        engine.dispose()
+
+
+def deliver_a_later_webhook(client, image_server, webhook_receiver) -> None:
+    """A later request finished and its webhook received: one due before it went first."""
+    later = webhook_receiver.new_url()
+    request_id = upload(client, csv_of([(1, "Later", [image_server.add(images.jpeg((8, 8)))])]), later)
+    assert wait_finished(client, request_id.json()["request_id"])["status"] == "completed"
+    webhook_receiver.wait_for(later)
 
 
 def test_a_404_image_published_later_is_retried_and_the_request_completes_again(
@@ -97,7 +120,8 @@ def test_a_404_image_published_later_is_retried_and_the_request_completes_again(
         again = client.post(f"/requests/{request_id}/retry")
         assert again.status_code == 202
         assert again.json()["status"] == "completed" and again.json()["retried_images"] == 0
-        time.sleep(0.5)
+        assert webhook_events(database_url, request_id) == 2
+        deliver_a_later_webhook(client, image_server, webhook_receiver)
         assert len(webhook_receiver.received(hook)) == 2
 
 
@@ -173,7 +197,9 @@ def test_only_the_owning_key_retries(make_settings, image_server):
         assert image_server.hits_for(missing) == 2
 
 
-def test_retries_at_once_retry_each_image_once_and_finish_once(make_settings, image_server, webhook_receiver):
+def test_retries_at_once_retry_each_image_once_and_finish_once(
+    make_settings, image_server, webhook_receiver, database_url
+):
     missing = [image_server.add(b"gone", "text/plain", status=404, suffix=".jpg") for _ in range(6)]
     hook = webhook_receiver.new_url()
     with TestClient(create_app(make_settings())) as client:
@@ -204,5 +230,6 @@ def test_retries_at_once_retry_each_image_once_and_finish_once(make_settings, im
         assert (status["progress"]["processed_images"], status["progress"]["failed_images"]) == (0, 9)
         assert all(image_server.hits_for(url) == 1 + len(runs) for url in missing)
         assert len(webhook_receiver.wait_for(hook, count=1 + len(runs))) == 1 + len(runs)
-        time.sleep(0.5)
+        assert webhook_events(database_url, request_id) == 1 + len(runs)
+        deliver_a_later_webhook(client, image_server, webhook_receiver)
         assert len(webhook_receiver.received(hook)) == 1 + len(runs)

@@ -1,6 +1,7 @@
 """Webhook delivery: signed, retried with growing gaps, recorded, redeliverable."""
 
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -351,3 +352,177 @@ def test_a_retry_waits_as_long_as_the_receivers_retry_after_says(make_settings, 
     assert webhook["attempts"] == 2 and [d["status_code"] for d in log] == [503, 200]
     first, second = (datetime.fromisoformat(d["attempted_at"]) for d in log)
     assert (second - first).total_seconds() >= 2, log
+
+
+def _event_for(services, hook: str) -> int:
+    import io
+
+    from app.db.session import writer_sessionmaker
+    from app.services.batches import create_batch
+    from app.services.csv_checks import CsvLimits
+    from app.webhooks.events import create_finished_event
+
+    with writer_sessionmaker(services.engine).begin() as session:
+        request = create_batch(
+            session,
+            io.BytesIO(csv_of([(1, "A", ["http://a.example/x.jpg"])])),
+            CsvLimits(1_000_000, 1 << 20, 1000, 50),
+            webhook_url=hook,
+            owner=None,
+        )
+        request.status, request.completed_at = "completed_with_errors", FINISHED_AT
+        request.total_images, request.processed_images = 6, 3
+        request.failed_images, request.cancelled_images = 1, 2
+        request.options = '{"format": "webp", "quality": 70}'
+        return create_finished_event(session, request, "http://testserver")
+
+
+FINISHED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _set_event(services, event_id: int, **values) -> None:
+    from sqlalchemy import update
+
+    from app.db.models import WebhookEvent
+    from app.db.session import writer_sessionmaker
+
+    with writer_sessionmaker(services.engine).begin() as session:
+        session.execute(update(WebhookEvent).where(WebhookEvent.id == event_id).values(**values))
+
+
+def _event(services, event_id: int):
+    from app.db.models import WebhookEvent
+    from app.db.session import writer_sessionmaker
+
+    with writer_sessionmaker(services.engine)() as session:
+        return session.get(WebhookEvent, event_id)
+
+
+def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next(
+    make_settings, webhook_receiver
+):
+    """The deliverer on its own: what is due, when the next is, and what one attempt
+    records (an answer from 300 up is a failure, 299 a delivery)."""
+    from app.composition import build_parts
+    from app.db.base import utcnow
+    from app.webhooks.delivery import CLAIM_LEASE
+
+    services = build_parts(
+        make_settings(webhook_retry_base_seconds=100, webhook_max_attempts=5), runs_images=False
+    )
+    deliverer = services.deliverer
+    hook = webhook_receiver.new_url(fail_with=[300, 299])
+    try:
+        event_id = _event_for(services, hook)
+        assert deliverer.due_event_ids() == [event_id] and deliverer.seconds_until_next_due() == 0.0
+
+        _set_event(services, event_id, claimed_at=utcnow())  # another process is on it
+        assert deliverer.due_event_ids() == [] and deliverer.seconds_until_next_due() is None
+        assert deliverer.attempt(event_id) is False
+        _set_event(services, event_id, claimed_at=utcnow() - CLAIM_LEASE - timedelta(seconds=1))
+        assert deliverer.due_event_ids() == [event_id] and deliverer.seconds_until_next_due() == 0.0
+
+        _set_event(services, event_id, claimed_at=None, next_attempt_at=utcnow() + timedelta(seconds=50))
+        assert deliverer.due_event_ids() == [] and 40 < deliverer.seconds_until_next_due() <= 50
+        assert deliverer.attempt(event_id) is False
+        assert webhook_receiver.received(hook) == []
+
+        _set_event(services, event_id, next_attempt_at=utcnow())
+        before = utcnow()
+        assert deliverer.attempt(event_id) is True
+        event = _event(services, event_id)
+        assert (event.state, event.attempts, event.claimed_at) == ("pending", 1, None)
+        assert (event.last_status_code, event.last_error, event.delivered_at) == (300, "HTTP 300", None)
+        # The backoff from 100 s, jittered by 25% either way, and not due before it.
+        assert before + timedelta(seconds=75) <= event.next_attempt_at <= utcnow() + timedelta(seconds=125)
+        assert deliverer.attempt(event_id) is False
+        assert 70 < deliverer.seconds_until_next_due() <= 125
+
+        _set_event(services, event_id, next_attempt_at=utcnow())
+        assert deliverer.attempt(event_id) is True
+        event = _event(services, event_id)
+        assert (event.state, event.attempts, event.claimed_at, event.last_status_code) == (
+            "delivered",
+            2,
+            None,
+            299,
+        )
+        assert event.delivered_at is not None and event.delivered_at >= before
+        assert deliverer.attempt(event_id) is False and deliverer.due_event_ids() == []
+        received = webhook_receiver.received(hook)
+        assert len(received) == 2
+        payload = json.loads(received[0].body)
+        assert payload == {
+            "type": "batch.finished",
+            "request_id": payload["request_id"],
+            "status": "completed_with_errors",
+            "completed_at": FINISHED_AT.isoformat(),
+            "total_images": 6,
+            "processed_images": 3,
+            "failed_images": 1,
+            "cancelled_images": 2,
+            "download_url": f"http://testserver/download/{payload['request_id']}",
+            "options": {"format": "webp", "quality": 70},
+        }
+        assert received[1].body == received[0].body
+        assert received[0].headers["webhook-id"] == received[1].headers["webhook-id"] == event.webhook_id
+    finally:
+        services.close()
+
+
+def test_the_deliverer_stops_at_the_attempt_limit(make_settings, webhook_receiver):
+    from app.composition import build_parts
+    from app.db.base import utcnow
+
+    services = build_parts(
+        make_settings(webhook_retry_base_seconds=100, webhook_max_attempts=2), runs_images=False
+    )
+    hook = webhook_receiver.new_url(fail_with=[500, 500, 500])
+    try:
+        event_id = _event_for(services, hook)
+        assert services.deliverer.attempt(event_id) is True
+        assert _event(services, event_id).state == "pending"
+        _set_event(services, event_id, next_attempt_at=utcnow())
+        assert services.deliverer.attempt(event_id) is True
+        event = _event(services, event_id)
+        assert (event.state, event.attempts, event.claimed_at, event.last_status_code) == (
+            "failed",
+            2,
+            None,
+            500,
+        )
+        _set_event(services, event_id, next_attempt_at=utcnow())
+        assert services.deliverer.attempt(event_id) is False
+        assert len(webhook_receiver.received(hook)) == 2
+    finally:
+        services.close()
+
+
+def test_a_redelivery_queues_the_latest_event_at_once_even_while_an_attempt_holds_it(
+    make_settings, webhook_receiver
+):
+    from app.composition import build_parts
+    from app.db.base import utcnow
+    from app.db.session import writer_sessionmaker
+    from app.webhooks.events import redeliver
+
+    services = build_parts(make_settings(), runs_images=False)
+    try:
+        event_id = _event_for(services, webhook_receiver.new_url())
+        _set_event(
+            services,
+            event_id,
+            state="failed",
+            attempts=3,
+            claimed_at=utcnow(),
+            next_attempt_at=utcnow() + timedelta(hours=1),
+        )
+        request_pk = _event(services, event_id).request_pk
+        with writer_sessionmaker(services.engine).begin() as session:
+            assert redeliver(session, request_pk) == event_id
+            assert redeliver(session, request_pk + 1000) is None  # no event, nothing queued
+        event = _event(services, event_id)
+        assert (event.state, event.claimed_at, event.attempts_before_redelivery) == ("pending", None, 3)
+        assert services.deliverer.due_event_ids() == [event_id]
+    finally:
+        services.close()
