@@ -372,7 +372,7 @@ def test_a_cancel_ends_its_own_requests_pending_images_and_no_one_elses(engine, 
     # The image in flight finishes: the request ends cancelled, with its one event.
     events = services.ledger.record_outcomes([services.stages.run(in_flight)])
     request = request_row(engine, request_pk)
-    assert (request.status, request.processed_images, request.cancelled_images) == ("cancelled", 1, 3)
+    assert (request.status, request.succeeded_images, request.cancelled_images) == ("cancelled", 1, 3)
     assert request.completed_at is not None and len(events) == 1
     assert services.ledger.cancel(request_pk) == Cancellation("cancelled", 0, None, finished_before=False)
 

@@ -371,7 +371,7 @@ def _event_for(services, hook: str) -> int:
             owner=None,
         )
         request.status, request.completed_at = "completed_with_errors", FINISHED_AT
-        request.total_images, request.processed_images = 6, 3
+        request.total_images, request.succeeded_images = 6, 3
         request.failed_images, request.cancelled_images = 1, 2
         request.options = '{"format": "webp", "quality": 70}'
         return create_finished_event(session, request, "http://testserver")
@@ -458,9 +458,11 @@ def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next
             "status": "completed_with_errors",
             "completed_at": FINISHED_AT.isoformat(),
             "total_images": 6,
-            "processed_images": 3,
+            "succeeded_images": 3,
             "failed_images": 1,
             "cancelled_images": 2,
+            "reused_images": 0,
+            "processed_images": 3,
             "download_url": f"http://testserver/download/{payload['request_id']}",
             "options": {"format": "webp", "quality": 70},
         }
