@@ -46,7 +46,7 @@ from app.storage import ImageStorage, StoreFailure, request_prefix
 log = logging.getLogger(__name__)
 
 DELETE_CHUNK_ROWS = 5000
-CANCEL_BATCH_IMAGES = 10_000
+CANCEL_BATCH_IMAGES = 5000
 PURGE_REQUESTS_PER_SWEEP = 50
 PURGE_KEYS_PER_SWEEP = 5000
 
@@ -66,13 +66,15 @@ def cancel_request(ledger: ImageLedger, request: ProcessingRequest) -> Cancellat
 
 
 def more_to_cancel(cancellation: Cancellation) -> bool:
-    return cancellation.cancelled_images >= CANCEL_BATCH_IMAGES
+    """Whether the request may have images left to cancel. Not "a whole batch": a claim
+    may take some of a batch's images first, and the batch then falls short."""
+    return cancellation.status == RequestStatus.CANCELLING and cancellation.cancelled_images > 0
 
 
 def cancel_the_rest(ledger: ImageLedger, request_pk: int) -> list[int]:
     """The pending images of a cancelling request, CANCEL_BATCH_IMAGES a transaction
-    (each holds its locks for a fraction of a second), until none is left; returns the
-    webhook event the last one created, if it finished the request."""
+    (each holds its locks for a fraction of a second), until a batch finds none; returns
+    the webhook event the last one created, if it finished the request."""
     events = []
     while True:
         cancellation = ledger.cancel(request_pk, limit=CANCEL_BATCH_IMAGES)
