@@ -502,11 +502,17 @@ class ImageLedger:
                 Image.request_pk == request_pk,
                 Image.status.in_((ImageStatus.PENDING, ImageStatus.COPY)),
             )
-            # SKIP LOCKED (PostgreSQL): a batch never waits for the images a claim is
-            # taking (the claim gets them, and they run as images in flight), so a claim
-            # and a batch never lock the same images in opposite orders.
-            batch = select(Image.id).where(*waiting).limit(limit).with_for_update(skip_locked=True)
-            chosen = (Image.id.in_(batch.scalar_subquery()),) if limit is not None else ()
+            chosen = ()
+            if limit is not None:
+                # The ids first, then an UPDATE by primary key: as one statement with a
+                # subquery, PostgreSQL hashes the ids and scans every image of the table.
+                # SKIP LOCKED (PostgreSQL): a batch never waits for the images a claim is
+                # taking (the claim gets them, and they run as images in flight), so a
+                # claim and a batch never lock the same images in opposite orders.
+                batch = connection.scalars(
+                    select(Image.id).where(*waiting).limit(limit).with_for_update(skip_locked=True)
+                ).all()
+                chosen = (Image.id.in_(batch),)
             cancelled = connection.execute(
                 update(Image.__table__)
                 .where(*waiting, *chosen)

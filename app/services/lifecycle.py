@@ -162,12 +162,18 @@ def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: 
         # sweep) take chunks from each other, so a short chunk does not mean the end.
         while True:
             with sessions.begin() as session:
-                chunk = select(table.id).where(table.request_pk == request_pk).limit(DELETE_CHUNK_ROWS)
-                deleted = session.execute(
-                    delete(table)
-                    .where(table.id.in_(chunk.scalar_subquery()))
-                    .execution_options(synchronize_session=False)
-                ).rowcount
+                # The ids first, then a DELETE by primary key: as one statement with a
+                # subquery, PostgreSQL hashes the ids and scans every row of the table.
+                chunk = session.scalars(
+                    select(table.id).where(table.request_pk == request_pk).limit(DELETE_CHUNK_ROWS)
+                ).all()
+                deleted = (
+                    session.execute(
+                        delete(table).where(table.id.in_(chunk)).execution_options(synchronize_session=False)
+                    ).rowcount
+                    if chunk
+                    else 0
+                )
             if not deleted:
                 break
     # The rest is small; the foreign keys' ON DELETE CASCADE takes the webhook events,
