@@ -4,10 +4,12 @@ SQLAlchemy's executemany elsewhere. Only flushes; the caller owns the transactio
 import io
 import json
 import re
+from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 
-from sqlalchemy import Connection, Engine, Table, func, insert, select, text
+from sqlalchemy import Connection, Engine, Table, bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -148,34 +150,55 @@ def insert_hosts(connection: Connection, hosts: set[str]) -> None:
 
 def link_copies(connection: Connection, request_pk: int, urls: set[str]) -> None:
     """Among the request's images naming one of `urls`, the later images of each URL
-    named more than once become copies of its first image, which counts them. One pass
-    over the request's images, by the database: nothing per image comes back here."""
+    named more than once become copies of its first image, which counts them.
+
+    One read of the request's images that name one of `urls` (a pass over the request's
+    rows with a hashed filter), then updates by primary key. Not one UPDATE joining the
+    images to their first image by URL: until the ANALYZE after the upload, PostgreSQL
+    believes the new request has no rows and picks a nested loop, a pass over the
+    request's images for each of them. Memory: the ids of the repeated images (16 bytes
+    each), beside the URLs already flagged."""
     if not urls:
         return
     if connection.dialect.name == "postgresql":
         named, urls_value = "input_url = ANY(:urls)", sorted(urls)
     else:  # SQLite: one parameter, whatever the number of URLs
         named, urls_value = "input_url IN (SELECT value FROM json_each(:urls))", json.dumps(sorted(urls))
-    connection.execute(
-        text(
-            "UPDATE images SET status = :copy, source_image_id = firsts.first_id "
-            "FROM (SELECT input_url, min(id) AS first_id FROM images "
-            f"WHERE request_pk = :request_pk AND {named} "
-            "GROUP BY input_url HAVING count(*) > 1) AS firsts "
-            "WHERE images.request_pk = :request_pk AND images.input_url = firsts.input_url "
-            "AND images.id <> firsts.first_id"
-        ),
-        {"copy": ImageStatus.COPY.value, "request_pk": request_pk, "urls": urls_value},
+    first: dict[str, int] = {}
+    copies: Counter[str] = Counter()
+    copy_ids, source_ids = array("q"), array("q")
+    named_images = connection.execute(
+        text(f"SELECT id, input_url FROM images WHERE request_pk = :request_pk AND {named} ORDER BY id"),
+        {"request_pk": request_pk, "urls": urls_value},
     )
-    connection.execute(
-        text(
-            "UPDATE images SET copies = counted.copies "
-            "FROM (SELECT source_image_id, count(*) AS copies FROM images "
-            "WHERE request_pk = :request_pk AND status = :copy GROUP BY source_image_id) AS counted "
-            "WHERE images.id = counted.source_image_id"
-        ),
-        {"copy": ImageStatus.COPY.value, "request_pk": request_pk},
-    )
+    for image_id, url in named_images:
+        source_id = first.setdefault(url, image_id)
+        if source_id != image_id:
+            copy_ids.append(image_id)
+            source_ids.append(source_id)
+            copies[url] += 1
+    for start in range(0, len(copy_ids), LINK_BATCH):
+        connection.execute(
+            update(Image.__table__)
+            .where(Image.id == bindparam("copy_id"))
+            .values(status=ImageStatus.COPY, source_image_id=bindparam("new_source_image_id")),
+            [
+                {"copy_id": copy_id, "new_source_image_id": source_id}
+                for copy_id, source_id in zip(
+                    copy_ids[start : start + LINK_BATCH], source_ids[start : start + LINK_BATCH], strict=True
+                )
+            ],
+        )
+    if copies:
+        connection.execute(
+            update(Image.__table__)
+            .where(Image.id == bindparam("source_id"))
+            .values(copies=bindparam("count")),
+            [{"source_id": first[url], "count": count} for url, count in copies.items()],
+        )
+
+
+LINK_BATCH = 5000
 
 
 _COPY_TEXT_SPECIAL = re.compile(r"[\\\t\n\r]")
