@@ -109,9 +109,12 @@ class Settings(BaseSettings):
     fetch_breaker_failures: int = Field(5, ge=1)
 
     # -- uploads ---------------------------------------------------------------------------
-    max_csv_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    # A catalogue of a million products: 3 URLs of about 120 characters a row is about
+    # 400 bytes a row. The body is spooled to a temporary file and read in blocks, so the
+    # size costs temporary disk, not memory (docs/operations.md, "Large catalogues").
+    max_csv_bytes: int = Field(512 * 1024 * 1024, gt=0)
     max_line_bytes: int = Field(1024 * 1024, gt=0)
-    max_rows: int = Field(200_000, gt=0)
+    max_rows: int = Field(1_000_000, gt=0)
     max_urls_per_row: int = Field(50, gt=0)
     idempotency_key_ttl_seconds: float = Field(24 * 3600, gt=0)
     csv_escape_formulas: bool = True

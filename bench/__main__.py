@@ -45,8 +45,9 @@ BENCH_STATUS_SECONDS (15), BENCH_POSTGRES_URL
 (postgresql+psycopg2://postgres@127.0.0.1:5432/image_bench), BENCH_CELERY_BROKER_URL
 (amqp://guest:guest@127.0.0.1:5672//).
 BENCH_DATABASE_URL and BENCH_CELERY_DATABASE_URL are refused: BENCH_POSTGRES_URL
-replaced both. Flag: --no-postgres (`make bench BENCH_ARGS=--no-postgres`) runs SQLite
-only.
+replaced both. Flags: --no-postgres (`make bench BENCH_ARGS=--no-postgres`) runs SQLite
+only; --million (`make bench BENCH_ARGS=--million`) runs only the million-row catalogue
+of bench/million.py, which a plain `make bench` never runs.
 """
 
 import argparse
@@ -749,12 +750,21 @@ def _stop_on_sigterm(signum, frame) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the service.")
     parser.add_argument("--no-postgres", action="store_true", help="run on SQLite only")
+    parser.add_argument(
+        "--million",
+        action="store_true",
+        help="only the million-row catalogue on PostgreSQL (bench/million.py); minutes, GBs of disk",
+    )
     args = parser.parse_args(argv)
     for name in RENAMED_ENV:
         if name in os.environ:
             parser.error(f"{name} is now BENCH_POSTGRES_URL")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     params = Params.from_env()
+    if args.million:
+        from bench.million import run
+
+        return run(params)
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     say(f"work folder (logs, SQLite file, outputs): {work}")

@@ -8,18 +8,20 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.db.models import (
     IdempotencyKey,
     Image,
     ProcessingRequest,
     Product,
+    RequestStatus,
     WebhookDelivery,
     WebhookEvent,
 )
 from app.db.session import build_engine
 from app.main import create_app
+from app.services.lifecycle import CANCEL_BATCH_IMAGES, purge_expired
 from tests.conftest import csv_of, upload, wait_finished
 from tests.support import images
 from tests.support.servers import send
@@ -106,7 +108,7 @@ def test_cancel_during_a_slow_batch_fetches_nothing_more(make_settings, image_se
         try:
             cancelled = client.post(f"/requests/{request_id}/cancel")
             assert cancelled.status_code == 202
-            assert cancelled.json()["status"] == "processing"  # two images are in flight
+            assert cancelled.json()["status"] == "cancelling"  # two images are in flight
             assert cancelled.json()["cancel_requested_at"] is not None
         finally:
             gate.set()
@@ -343,3 +345,79 @@ def test_retention_of_zero_keeps_everything_and_purges_expired_keys(
         request_pk = request_pk_of(database_url, request_id)
         wait_until(lambda: rows_of(database_url, request_pk)["idempotency_keys"] == 0)
         assert client.get(f"/status/{request_id}").status_code == 200
+
+
+# -- large requests ----------------------------------------------------------------------
+
+
+def test_a_large_request_is_cancelled_and_deleted_in_batches_after_a_quick_answer(
+    make_settings, image_server, database_url
+):
+    """The cancel cancels its first CANCEL_BATCH_IMAGES images and answers `cancelling`;
+    the rest go in batches after the answer. A DELETE of more than DELETE_CHUNK_ROWS rows
+    answers 202 `deleting`, and the request is gone once the background is done."""
+    gate = threading.Event()
+    gated = image_server.add_handler(gated_image(gate, images.jpeg((8, 8))), ".jpg")
+    rows = [(n, f"P{n}", [f"{gated}?n={n}&k={k}" for k in range(3)]) for n in range(1, 4001)]
+    with TestClient(create_app(make_settings(worker_concurrency=2))) as client:
+        request_id = upload(client, csv_of(rows)).json()["request_id"]
+        wait_until(lambda: image_server.hits_for(gated) >= 1)
+        try:
+            cancelled = client.post(f"/requests/{request_id}/cancel")
+        finally:
+            gate.set()
+        assert cancelled.status_code == 202
+        assert cancelled.json()["status"] == "cancelling"
+        assert cancelled.json()["progress"]["cancelled_images"] == CANCEL_BATCH_IMAGES
+        status = wait_finished(client, request_id)
+        assert status["status"] == "cancelled"
+        progress = status["progress"]
+        assert progress["cancelled_images"] + progress["processed_images"] == 12_000
+        assert progress["processed_images"] <= 4  # the images in flight at the cancel
+
+        request_pk = request_pk_of(database_url, request_id)
+        deleting = client.delete(f"/requests/{request_id}")
+        assert deleting.status_code == 202
+        assert deleting.json()["status"] == "deleting"
+        wait_until(lambda: client.get(f"/status/{request_id}").status_code == 404)
+    assert not any(rows_of(database_url, request_pk).values())
+
+
+def test_a_sweep_finishes_a_delete_or_a_cancel_a_restart_interrupted(
+    make_settings, image_server, database_url
+):
+    """Requests left `deleting` or `cancelling` (the process stopped before its
+    background work was done) are finished by the next retention sweep."""
+    with TestClient(create_app(make_settings(worker_concurrency=1))) as client:
+        finished = upload(client, csv_of([(1, "P", [image_server.add(images.jpeg((8, 8)))])])).json()
+        wait_finished(client, finished["request_id"])
+        gate = threading.Event()
+        gated = image_server.add_handler(gated_image(gate, images.jpeg((8, 8))), ".jpg")
+        running = upload(client, csv_of([(n, "P", [f"{gated}?n={n}"]) for n in range(1, 51)])).json()
+        wait_until(lambda: image_server.hits_for(gated) >= 1)
+        engine = build_engine(database_url)
+        with engine.begin() as connection:
+            connection.execute(
+                update(ProcessingRequest)
+                .where(ProcessingRequest.request_id == finished["request_id"])
+                .values(status=RequestStatus.DELETING)
+            )
+            connection.execute(
+                update(ProcessingRequest)
+                .where(ProcessingRequest.request_id == running["request_id"])
+                .values(status=RequestStatus.CANCELLING, cancelled_at=func.now())
+            )
+        engine.dispose()
+        app = client.app
+        try:
+            purge_expired(
+                app.state.writer_sessions, app.state.storage, retention_days=0, ledger=app.state.ledger
+            )
+        finally:
+            gate.set()
+        assert client.get(f"/status/{finished['request_id']}").status_code == 404
+        status = wait_finished(client, running["request_id"])
+        assert status["status"] == "cancelled"
+        progress = status["progress"]
+        assert progress["cancelled_images"] + progress["processed_images"] == 50
+        assert progress["cancelled_images"] >= 40  # all but those the runner held

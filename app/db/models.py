@@ -16,6 +16,12 @@ class RequestStatus(StrEnum):
     COMPLETED_WITH_ERRORS = "completed_with_errors"
     FAILED = "failed"
     CANCELLED = "cancelled"  # POST /requests/{id}/cancel: what was not started never will be
+    # A cancel came: no claim serves it any more; its pending images are being cancelled
+    # in batches and those in flight finish, then it ends `cancelled`.
+    CANCELLING = "cancelling"
+    # DELETE of a large finished request: its outputs and rows are being removed in
+    # batches in the background; it is gone once done.
+    DELETING = "deleting"
 
 
 UNFINISHED_REQUEST_STATUSES = (RequestStatus.PENDING, RequestStatus.PROCESSING)

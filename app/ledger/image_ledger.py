@@ -502,33 +502,53 @@ class ImageLedger:
         except Exception:
             log.exception("could not remove the outputs stored for deleted requests %s", sorted(request_ids))
 
-    def cancel(self, request_pk: int) -> Cancellation:
+    def cancel(self, request_pk: int, limit: int | None = None) -> Cancellation:
         """Cancel a request: its pending images (waiting for a retry too) become cancelled,
         guarded like a claim, so none is claimed afterwards; images in flight finish. The
         request finishes `cancelled` here if nothing of it is in flight, else when the last
         outcome is recorded (_count_and_maybe_finish decides, in both cases). Cancelling a
-        cancelled request changes nothing."""
+        cancelled request changes nothing.
+
+        With `limit`, at most that many images are cancelled, so the transaction holds
+        its locks briefly however large the request: the request is `cancelling`
+        meanwhile, a status no claim serves (app/ledger/turns.py takes unfinished requests
+        only), and calling again cancels the next ones (fewer than `limit`: the last)."""
         now = utcnow()
         with self.sessions.begin() as session:
             connection = session.connection()
             # Images first, then the request row: the order claims and recording lock them in.
+            # Copies too: their source may be cancelled with them, and a copy of a
+            # source in flight takes nothing from it once cancelled (record_copies).
+            waiting = (
+                Image.request_pk == request_pk,
+                Image.status.in_((ImageStatus.PENDING, ImageStatus.COPY)),
+            )
+            chosen = ()
+            if limit is not None:
+                # The ids first, then an UPDATE by primary key: as one statement with a
+                # subquery, PostgreSQL hashes the ids and scans every image of the table.
+                # SKIP LOCKED (PostgreSQL): a batch never waits for the images a claim is
+                # taking (the claim gets them, and they run as images in flight), so a
+                # claim and a batch never lock the same images in opposite orders.
+                batch = connection.scalars(
+                    select(Image.id).where(*waiting).limit(limit).with_for_update(skip_locked=True)
+                ).all()
+                chosen = (Image.id.in_(batch),)
             cancelled = connection.execute(
                 update(Image.__table__)
-                # Copies too: their source may be cancelled with them, and a copy of a
-                # source in flight takes nothing from it once cancelled (record_copies).
-                .where(
-                    Image.request_pk == request_pk,
-                    Image.status.in_((ImageStatus.PENDING, ImageStatus.COPY)),
-                )
+                .where(*waiting, *chosen)
                 .values(status=ImageStatus.CANCELLED, retry_at=None, finished_at=now)
             ).rowcount
             marked = connection.execute(
                 update(ProcessingRequest.__table__)
                 .where(
                     ProcessingRequest.id == request_pk,
-                    ProcessingRequest.status.not_in(FINISHED_REQUEST_STATUSES),
+                    ProcessingRequest.status.not_in((*FINISHED_REQUEST_STATUSES, RequestStatus.DELETING)),
                 )
-                .values(cancelled_at=func.coalesce(ProcessingRequest.cancelled_at, now))
+                .values(
+                    cancelled_at=func.coalesce(ProcessingRequest.cancelled_at, now),
+                    status=RequestStatus.CANCELLING,
+                )
             ).rowcount
             if not marked:  # finished already: then no image was pending either
                 status = connection.scalar(

@@ -63,7 +63,10 @@ class WorkerRuntime:
         self.last_request_served = 0  # this worker's place in the requests' turns
         self.retention = RetentionSweep(
             lambda: purge_expired(
-                parts.writer_sessions, parts.storage, retention_days=self.settings.retention_days
+                parts.writer_sessions,
+                parts.storage,
+                retention_days=self.settings.retention_days,
+                ledger=parts.ledger,
             ),
             self.settings.retention_interval_seconds,
         )

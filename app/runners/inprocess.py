@@ -92,7 +92,10 @@ class InProcessRunner:
             recovery_interval_seconds=settings.recovery_interval_seconds,
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
             purge=lambda: purge_expired(
-                parts.writer_sessions, parts.storage, retention_days=settings.retention_days
+                parts.writer_sessions,
+                parts.storage,
+                retention_days=settings.retention_days,
+                ledger=parts.ledger,
             ),
             retention_interval_seconds=settings.retention_interval_seconds,
         )

@@ -2,28 +2,26 @@
 
 Functions here only flush; the caller owns the transaction."""
 
+import io
 import uuid
 from collections.abc import Callable
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from app.db.models import ProcessingRequest, Product, RequestStatus
+from app.db.models import ProcessingRequest, RequestStatus
 from app.errors import InvalidInput
 from app.ledger.units import OutputOptions
 from app.net.urls import url_problem
 from app.services.bulk_insert import (
-    PRODUCT_INSERT_COLUMNS,
-    bulk_insert,
-    copy_text_value,
-    count_and_link_copies,
+    CHUNK_ROWS,
+    RepeatedUrls,
     insert_hosts,
-    insert_images,
-    numbered,
-    reserve_ids,
+    insert_rows,
+    link_copies,
     uses_copy,
 )
-from app.services.csv_checks import CheckedRows, CsvLimits, most_rows, parse_csv
+from app.services.csv_checks import CheckedRows, CsvLimits, check_csv, most_rows
 
 
 def checked_webhook_url(webhook_url: str | None) -> str | None:
@@ -44,51 +42,51 @@ def create_batch(
     owner: str | None,
     on_request_created: Callable[[ProcessingRequest], None] | None = None,
     options: OutputOptions | None = None,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> ProcessingRequest:
-    """Read and check a CSV and store it as a request with its products and images;
-    returns the request, or raises as parse_csv does (the caller's transaction then holds
-    a part of the rows and must be rolled back). Images are pending, except later rows
-    naming a URL an earlier row of the request names: those are copies of the first
-    (app/ledger/copies.py), which alone is fetched.
+    """Read and check a CSV (a seekable file: the upload's spooled body) and store it as a
+    request with its products and images; returns the request, or raises as check_csv
+    does (the caller's transaction then holds a part of the rows and must be rolled
+    back). Images are pending, except later rows naming a URL an earlier row of the
+    request names: those are copies of the first (app/ledger/copies.py), which alone is
+    fetched.
 
-    On PostgreSQL (with psycopg2's COPY) the rows are checked while they are sent: the
-    server inserts images on one core while this process reads the CSV on the other.
-    Elsewhere the whole CSV is checked before the first write: on SQLite the write
-    transaction holds the database's one write lock, which every upload and worker waits
-    for."""
+    Memory stays flat whatever the size: rows go to the database in chunks as they are
+    read (bulk_insert.insert_rows), repeated URLs are found by the database among the few
+    a fixed-size filter flags (RepeatedUrls, link_copies). On PostgreSQL (with psycopg2's
+    COPY) the rows are checked while they are sent: the server inserts on one core while
+    this process reads the CSV on the other, and the transaction holds no lock another
+    upload or a worker waits for until its last statements. Elsewhere the whole CSV is
+    checked first and read again to be stored: on SQLite the write transaction holds the
+    database's one write lock, which every upload and worker waits for, so it is taken
+    only once the file is known to be good."""
     streaming = uses_copy(session.get_bind())
-    checked = CheckedRows(csv_file, limits) if streaming else parse_csv(csv_file, limits)
+    start = csv_file.tell()
+    if not streaming:
+        check_csv(csv_file, limits)
+        csv_file.seek(start)
+    bound = most_rows(csv_file, limits)
+    csv_bytes = csv_file.seek(0, io.SEEK_END) - start
+    csv_file.seek(start)
     request = ProcessingRequest(
         request_id=str(uuid.uuid4()),
         status=RequestStatus.PENDING,
         owner=owner,
         callback_url=webhook_url,
-        total_products=len(checked.rows),
-        total_images=checked.total_images,
         options=options.to_json() if options is not None else None,
     )
     session.add(request)
     session.flush()
     connection = session.connection()
-    row_ids = most_rows(csv_file, limits) if streaming else len(checked.rows)
-    product_ids = reserve_ids(connection, Product.__table__, row_ids)
+    checked = CheckedRows(csv_file, limits)
     hosts: set[str] = set()
-    copies = insert_images(
-        connection, request.id, numbered(checked if streaming else checked.rows, product_ids), hosts
-    )
-    request.host_count = len(hosts)
+    repeated = RepeatedUrls(csv_bytes)
+    insert_rows(connection, request.id, checked, bound, hosts, repeated, chunk_rows)
     checked.raise_problems()
-    name_value = copy_text_value if streaming else str
-    products = (
-        (product_id, request.id, serial_number, name_value(name))
-        for product_id, (serial_number, name, _) in zip(product_ids, checked.rows, strict=False)
-    )
-    bulk_insert(connection, Product.__table__, PRODUCT_INSERT_COLUMNS, products)
-    if streaming:
-        request.total_products, request.total_images = len(checked.rows), checked.total_images
-        session.flush()
-    if copies:
-        count_and_link_copies(connection, request.id, copies)
+    request.total_products, request.total_images = checked.row_count, checked.total_images
+    request.host_count = len(hosts)
+    session.flush()
+    link_copies(connection, request.id, repeated.flagged)
     insert_hosts(connection, hosts)
     # Last: what it does (an idempotency key's row, expired ones deleted) then holds its
     # locks for the commit only, not while a large CSV is read.

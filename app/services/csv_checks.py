@@ -26,18 +26,19 @@ URL_SEPARATOR = "\n"
 
 class CheckedRows:
     """An uploaded CSV's rows as they are read and checked, each (serial number, product
-    name, image URLs joined by URL_SEPARATOR): one string per row rather than one per URL
-    keeps a 50 MiB upload of short URLs to about twice its size in memory.
+    name, image URLs joined by URL_SEPARATOR): one string per row rather than one per URL.
+    Nothing is kept: a caller that stores the rows as they come holds at most a chunk of
+    them, whatever the size of the file.
 
     Iterating yields the good rows up to the first problem, then reads on without yielding
     to find every problem; raise_problems() then raises InvalidCsv listing them, or
-    PayloadTooLarge. `rows` keeps the rows yielded."""
+    PayloadTooLarge. `row_count` and `total_images` count the rows yielded."""
 
     def __init__(self, csv_file: BinaryIO, limits: CsvLimits):
         self.limits = limits
         self.errors = CsvErrors()
         self.too_large = False
-        self.rows: list[tuple[int, str, str]] = []
+        self.row_count = 0
         self.total_images = 0
         self._products = read_products(
             csv_file,
@@ -53,10 +54,9 @@ class CheckedRows:
             for product in self._products:
                 if self.errors:
                     continue  # keep reading to report every problem, keep nothing more
-                row = (product.serial_number, product.product_name, URL_SEPARATOR.join(product.image_urls))
-                self.rows.append(row)
+                self.row_count += 1
                 self.total_images += len(product.image_urls)
-                yield row
+                yield (product.serial_number, product.product_name, URL_SEPARATOR.join(product.image_urls))
         except CsvTooLarge:
             self.too_large = True
 
@@ -71,9 +71,9 @@ class CheckedRows:
             )
 
 
-def parse_csv(csv_file: BinaryIO, limits: CsvLimits) -> CheckedRows:
-    """Read and check the whole CSV, touching no database; raises InvalidCsv listing every
-    problem found, or PayloadTooLarge."""
+def check_csv(csv_file: BinaryIO, limits: CsvLimits) -> CheckedRows:
+    """Read and check the whole CSV, touching no database and keeping no row; raises
+    InvalidCsv listing every problem found, or PayloadTooLarge."""
     checked = CheckedRows(csv_file, limits)
     for _ in checked:
         pass

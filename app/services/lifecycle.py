@@ -3,26 +3,30 @@
     cancel_request   its images not yet started never will be (the ledger decides)
     retry_failed_images  the failed images of a finished request are tried again
     delete_request   outputs, rows (products, images, webhook events and deliveries,
-                     idempotency key) of a finished request
+                     idempotency key) of a finished request; a large one is marked
+                     `deleting` and finish_deleting removes it in the background
+    cancel_the_rest  the pending images of a `cancelling` request, a batch at a time
     purge_expired    what RETENTION_DAYS no longer keeps, deleted as delete_request
                      does, plus expired idempotency keys and what re-imports remember
-                     of sources not downloaded since; a bounded amount per call
+                     of sources not downloaded since; a bounded amount per call; and
+                     what a restart left `deleting` or `cancelling`
 
 Outputs are never shared between requests (a re-import copies the output it reuses under
 its own keys), so deleting a request's prefix never takes another request's outputs.
 
-Deleting works in short transactions of at most DELETE_CHUNK_ROWS rows each, so a
-200,000-image request never holds SQLite's write lock (or many PostgreSQL row locks) for
-long: uploads and image work go on between the chunks. Outputs go first; a delete that
-stops half-way leaves a finished request with fewer rows or files, which the next DELETE
-(or sweep) finishes.
+Deleting works in short transactions of at most DELETE_CHUNK_ROWS rows each, and
+cancelling in transactions of at most CANCEL_BATCH_IMAGES images, so a 3,000,000-image
+request never holds SQLite's write lock (or many PostgreSQL row locks) for long: uploads
+and image work go on between the chunks, and the API answers before the rest is done.
+Outputs go first; a delete that stops half-way leaves a finished (or `deleting`) request
+with fewer rows or files, which the next DELETE (or sweep) finishes.
 """
 
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.base import utcnow
@@ -42,20 +46,42 @@ from app.storage import ImageStorage, StoreFailure, request_prefix
 log = logging.getLogger(__name__)
 
 DELETE_CHUNK_ROWS = 5000
+CANCEL_BATCH_IMAGES = 5000
 PURGE_REQUESTS_PER_SWEEP = 50
 PURGE_KEYS_PER_SWEEP = 5000
 
 
 def cancel_request(ledger: ImageLedger, request: ProcessingRequest) -> Cancellation:
-    """Cancel a request that has not finished; cancelling a cancelled one again is a no-op,
-    one that finished otherwise is a Conflict."""
-    cancellation = ledger.cancel(request.id)
+    """Cancel a request that has not finished, its first CANCEL_BATCH_IMAGES images at
+    once (cancel_the_rest takes the others, when more_to_cancel says there are);
+    cancelling a cancelled request again is a no-op, one that finished otherwise (or is
+    being deleted) is a Conflict."""
+    cancellation = ledger.cancel(request.id, limit=CANCEL_BATCH_IMAGES)
     if cancellation.finished_before:
         raise Conflict(
             f"request {request.request_id} has already finished ({cancellation.status})",
             request_status=cancellation.status,
         )
     return cancellation
+
+
+def more_to_cancel(cancellation: Cancellation) -> bool:
+    """Whether the request may have images left to cancel. Not "a whole batch": a claim
+    may take some of a batch's images first, and the batch then falls short."""
+    return cancellation.status == RequestStatus.CANCELLING and cancellation.cancelled_images > 0
+
+
+def cancel_the_rest(ledger: ImageLedger, request_pk: int) -> list[int]:
+    """The pending images of a cancelling request, CANCEL_BATCH_IMAGES a transaction
+    (each holds its locks for a fraction of a second), until a batch finds none; returns
+    the webhook event the last one created, if it finished the request."""
+    events = []
+    while True:
+        cancellation = ledger.cancel(request_pk, limit=CANCEL_BATCH_IMAGES)
+        if cancellation.event_id is not None:
+            events.append(cancellation.event_id)
+        if cancellation.finished_before or not more_to_cancel(cancellation):
+            return events
 
 
 def retry_failed_images(
@@ -84,34 +110,71 @@ def retry_failed_images(
 
 def delete_request(
     sessions: sessionmaker[Session], storage: ImageStorage, request: ProcessingRequest
-) -> None:
+) -> bool:
     """Delete a finished request: its outputs, then its rows. A request still running is
-    a Conflict (cancel it first). Storage failures raise (StoreFailure) before any row
-    is deleted, so the request stays visible and the delete can be repeated."""
+    a Conflict (cancel it first). A small request (at most DELETE_CHUNK_ROWS rows) is
+    deleted here, and True is returned; storage failures raise (StoreFailure) before any
+    row is deleted, so the request stays visible and the delete can be repeated. A larger
+    one is marked `deleting` and False is returned: the caller runs finish_deleting in
+    the background (and a retention sweep finishes what a restart interrupted)."""
+    if request.status == RequestStatus.DELETING:
+        return False
     if request.completed_at is None:
         raise Conflict(
             f"request {request.request_id} is {request.status}; cancel it first "
             f"(POST /requests/{request.request_id}/cancel), then delete it",
             request_status=request.status,
         )
+    if request.total_images + request.total_products <= DELETE_CHUNK_ROWS:
+        try:
+            _delete(sessions, storage, request.id, request.request_id)
+        except StoreFailure as failure:
+            raise ServiceUnavailable(f"the outputs could not be deleted: {failure.message}") from failure
+        return True
+    with sessions.begin() as session:
+        session.execute(
+            update(ProcessingRequest)
+            .where(
+                ProcessingRequest.id == request.id,
+                ProcessingRequest.status.in_(FINISHED_REQUEST_STATUSES),
+            )
+            .values(status=RequestStatus.DELETING)
+            .execution_options(synchronize_session=False)
+        )
+    return False
+
+
+def finish_deleting(
+    sessions: sessionmaker[Session], storage: ImageStorage, request_pk: int, request_id: str
+) -> None:
+    """The rest of a DELETE of a large request, in the background: what fails is logged,
+    and the next retention sweep tries again (the request stays `deleting`)."""
     try:
-        _delete(sessions, storage, request.id, request.request_id)
-    except StoreFailure as failure:
-        raise ServiceUnavailable(f"the outputs could not be deleted: {failure.message}") from failure
+        _delete(sessions, storage, request_pk, request_id)
+    except Exception:
+        log.exception("request %s: deleting failed; the retention sweep tries again", request_id)
 
 
 def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: int, request_id: str) -> None:
     removed = storage.delete_prefix(request_prefix(request_id))
     for table in (Image, Product):
+        # Until a chunk finds nothing: two deletes of one request at once (a DELETE and a
+        # sweep) take chunks from each other, so a short chunk does not mean the end.
         while True:
             with sessions.begin() as session:
-                chunk = select(table.id).where(table.request_pk == request_pk).limit(DELETE_CHUNK_ROWS)
-                deleted = session.execute(
-                    delete(table)
-                    .where(table.id.in_(chunk.scalar_subquery()))
-                    .execution_options(synchronize_session=False)
-                ).rowcount
-            if deleted < DELETE_CHUNK_ROWS:
+                # The ids first, then a DELETE by primary key: as one statement with a
+                # subquery, PostgreSQL hashes the ids and scans every row of the table.
+                chunk = session.scalars(
+                    select(table.id).where(table.request_pk == request_pk).limit(DELETE_CHUNK_ROWS)
+                ).all()
+                deleted = (
+                    session.execute(
+                        delete(table).where(table.id.in_(chunk)).execution_options(synchronize_session=False)
+                    ).rowcount
+                    if chunk
+                    else 0
+                )
+            if not deleted:
                 break
     # The rest is small; the foreign keys' ON DELETE CASCADE takes the webhook events,
     # their deliveries and the idempotency key with the request row.
@@ -144,11 +207,14 @@ def purge_expired(
     *,
     retention_days: float,
     max_requests: int = PURGE_REQUESTS_PER_SWEEP,
+    ledger: ImageLedger | None = None,
 ) -> Purged:
-    """One sweep: up to max_requests requests finished more than retention_days ago
-    (none when it is 0), and expired idempotency keys. Requests still running are never
-    touched, however old."""
+    """One sweep: what a restart interrupted (requests left `deleting`, and with `ledger`
+    those left `cancelling` with images still pending), up to max_requests requests
+    finished more than retention_days ago (none when it is 0), and expired idempotency
+    keys. Requests still running are never touched, however old."""
     purged = Purged()
+    _finish_interrupted(sessions, storage, ledger, max_requests, purged)
     with sessions.begin() as session:
         purged.idempotency_keys = session.execute(
             delete(IdempotencyKey)
@@ -188,6 +254,28 @@ def purge_expired(
             purged.sources,
         )
     return purged
+
+
+def _finish_interrupted(
+    sessions: sessionmaker[Session],
+    storage: ImageStorage,
+    ledger: ImageLedger | None,
+    max_requests: int,
+    purged: Purged,
+) -> None:
+    with sessions() as session:
+        left = session.execute(
+            select(ProcessingRequest.id, ProcessingRequest.request_id, ProcessingRequest.status)
+            .where(ProcessingRequest.status.in_((RequestStatus.DELETING, RequestStatus.CANCELLING)))
+            .order_by(ProcessingRequest.id)
+            .limit(max_requests)
+        ).all()
+    for request_pk, request_id, status in left:
+        if status == RequestStatus.DELETING:
+            _delete(sessions, storage, request_pk, request_id)
+            purged.requests += 1
+        elif ledger is not None:
+            cancel_the_rest(ledger, request_pk)
 
 
 def _delete_expired_requests(

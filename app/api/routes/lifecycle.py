@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Form, Query, Response
 
 from app.api.deps import (
     LedgerDep,
@@ -18,7 +18,15 @@ from app.api.deps import (
 from app.api.image_errors import parse_error_codes
 from app.api.routes.problems import PROBLEM_RESPONSES
 from app.api.schemas import RequestSummary, RetryAccepted
-from app.services.lifecycle import cancel_request, delete_request, retry_failed_images
+from app.services.lifecycle import (
+    DELETE_CHUNK_ROWS,
+    cancel_request,
+    cancel_the_rest,
+    delete_request,
+    finish_deleting,
+    more_to_cancel,
+    retry_failed_images,
+)
 from app.services.results import get_request
 
 router = APIRouter(tags=["batches"], responses=PROBLEM_RESPONSES)
@@ -38,6 +46,8 @@ CONFLICT = {
     summary="Cancel a request: images not yet started are never fetched",
     description=(
         "Images not yet started become `cancelled`; images in flight finish. The request "
+        "is `cancelling` (no image of it is started any more; a large one's images are "
+        "cancelled in batches in the background) and "
         "ends `cancelled` once none is in flight (at once if none was), its webhook fires "
         'with `"status": "cancelled"`, and its result CSV holds what finished. Cancelling '
         "a cancelled request again answers 202; one that finished otherwise, 409."
@@ -49,11 +59,20 @@ def cancel(
     sessions: ReaderSessionsDep,
     runner: RunnerDep,
     settings: SettingsDep,
+    background: BackgroundTasks,
 ) -> RequestSummary:
     cancellation = cancel_request(ledger, request)
     runner.cancel(request.request_id)
     if cancellation.event_id is not None:
         runner.notify_webhooks()
+    if more_to_cancel(cancellation):
+        request_pk = request.id
+
+        def cancel_rest() -> None:
+            if cancel_the_rest(ledger, request_pk):
+                runner.notify_webhooks()
+
+        background.add_task(cancel_rest)
     with sessions() as session:
         fresh = get_request(session, request.request_id, None)
         return RequestSummary.of(fresh, settings.base_url)
@@ -102,14 +121,35 @@ def retry_failed(
     "/requests/{request_id}",
     status_code=204,
     response_class=Response,
-    responses={409: CONFLICT},
+    responses={
+        202: {
+            "description": "a large request: it is `deleting`, and gone once its rows and outputs are",
+            "model": RequestSummary,
+        },
+        409: CONFLICT,
+    },
     summary="Delete a finished request, its outputs and its webhook log",
     description=(
         "Removes the request's rows, output images, webhook events and deliveries and its "
         "Idempotency-Key. Its status, download and output URLs answer 404 afterwards. A "
-        "request still running is a 409: cancel it first."
+        "request still running is a 409: cancel it first. A request of more than "
+        f"{DELETE_CHUNK_ROWS} rows (products and images) answers 202 at once with its "
+        "status `deleting`: it is removed in batches in the background, and its status "
+        "answers 404 once it is gone."
     ),
 )
-def delete(request: ProcessingRequestDep, sessions: WriterSessionsDep, storage: StorageDep) -> Response:
-    delete_request(sessions, storage, request)
-    return Response(status_code=204)
+def delete(
+    request: ProcessingRequestDep,
+    sessions: WriterSessionsDep,
+    reader_sessions: ReaderSessionsDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    background: BackgroundTasks,
+) -> Response:
+    if delete_request(sessions, storage, request):
+        return Response(status_code=204)
+    background.add_task(finish_deleting, sessions, storage, request.id, request.request_id)
+    with reader_sessions() as session:
+        fresh = get_request(session, request.request_id, None)
+        summary = RequestSummary.of(fresh, settings.base_url)
+    return Response(summary.model_dump_json(), status_code=202, media_type="application/json")
