@@ -353,7 +353,7 @@ def test_a_cancel_ends_its_own_requests_pending_images_and_no_one_elses(engine, 
     before = utcnow()
 
     cancellation = services.ledger.cancel(request_pk)
-    assert cancellation == Cancellation("processing", 3, None, finished_before=False)
+    assert cancellation == Cancellation("cancelling", 3, None, finished_before=False)
     for image_id in ids[1:]:
         image = image_row(engine, image_id)
         assert (image.status, image.retry_at) == ("cancelled", None)
@@ -366,7 +366,7 @@ def test_a_cancel_ends_its_own_requests_pending_images_and_no_one_elses(engine, 
     assert request_row(engine, other_pk).cancelled_at is None
 
     # Again while the image in flight runs: nothing more, and the first cancel's time stays.
-    assert services.ledger.cancel(request_pk) == Cancellation("processing", 0, None, finished_before=False)
+    assert services.ledger.cancel(request_pk) == Cancellation("cancelling", 0, None, finished_before=False)
     assert request_row(engine, request_pk).cancelled_at == cancelled_at
 
     # The image in flight finishes: the request ends cancelled, with its one event.
