@@ -18,8 +18,6 @@ from PIL import ExifTags, Image, ImageDraw
 
 from tests.support.images import encode
 
-pillow_heif.register_heif_opener()
-
 COPYRIGHT = "(c) 2026 Example Shop"
 ARTIST = "A. Photographer"
 SERIAL = "SN-4711-SECRET"
@@ -114,8 +112,12 @@ def phone_jpeg(orientation: int = 6, quality: int = 90) -> bytes:
 def phone_heic(orientation: int = 6) -> bytes:
     # Given as bytes, pillow-heif writes the EXIF orientation as the HEIF transform (irot)
     # too, as phones do; readers follow the transform.
-    exif = phone_exif(orientation).tobytes()
-    return encode(stored_for(orientation, upright()), "HEIF", quality=80, exif=exif, xmp=XMP)
+    # Written with pillow-heif's own API, not as a Pillow plugin: the service registers
+    # the plugin itself, and a test must not do it in its place.
+    buffer = io.BytesIO()
+    heif = pillow_heif.from_pillow(stored_for(orientation, upright()))
+    heif.save(buffer, quality=80, exif=phone_exif(orientation).tobytes(), xmp=XMP)
+    return buffer.getvalue()
 
 
 def phone_avif(orientation: int = 6) -> bytes:
