@@ -125,7 +125,8 @@ def test_a_kept_cmyk_or_sideways_original_would_not_be_right_so_the_re_encode_is
         assert len(result.data) > len(data) or not smaller
         assert not result.kept_original
         assert Image.open(io.BytesIO(result.data)).mode == "RGB"
-        assert mean_difference(Image.open(io.BytesIO(result.data)), picture) < 20
+        if smaller:  # upright (Pillow's CMYK is no press separation: its colours differ)
+            assert mean_difference(Image.open(io.BytesIO(result.data)), picture) < 20
 
 
 def _refused_before_admission(data: bytes, error: type) -> str:
