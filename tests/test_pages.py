@@ -606,7 +606,7 @@ def _status_when_finished(service, request_id: str, timeout: float = 60) -> dict
 def test_options_through_the_page_with_the_apis_messages_beside_the_fields(
     chromium, start_service, image_server, tmp_path
 ):
-    service = start_service(JPEG_QUALITY="70")
+    service = start_service(JPEG_QUALITY="70", JPEG_PROGRESSIVE="true")
     browser = BrowserPage(chromium, service.base_url)
     page = browser.page
     url = image_server.add(corpus.phone_heic(), content_type="image/heic")
@@ -614,6 +614,7 @@ def test_options_through_the_page_with_the_apis_messages_beside_the_fields(
     assert page.get_by_label("Quality").input_value() == "70"
     assert page.get_by_label("Format").input_value() == "jpeg"
     assert not page.get_by_label("Keep an input that is already smaller").is_checked()
+    assert page.get_by_label("Progressive JPEG").is_checked()  # JPEG_PROGRESSIVE
 
     # The sample CSV downloads as a file with the columns the page asks for.
     with page.expect_download() as download:
@@ -637,6 +638,7 @@ def test_options_through_the_page_with_the_apis_messages_beside_the_fields(
     page.get_by_label("Quality").fill("80")
     page.get_by_label("Largest width").fill("200")
     page.get_by_label("Format").select_option("webp")
+    page.get_by_label("Progressive JPEG").uncheck()  # sent as false, not left to the default
     page.get_by_role("button", name="Upload").click()
     page.wait_for_url(re.compile(r"/requests/[0-9a-f-]{36}$"))
     status = _status_when_finished(service, page.url.rsplit("/", 1)[1])
