@@ -179,3 +179,16 @@ def test_bad_heif_and_avif_fail_alone_with_clear_codes_and_the_worker_goes_on(ma
         )
         again = wait_finished(client, response.json()["request_id"], timeout=60)
         assert again["products"][0]["images"][0]["status"] == "succeeded"
+
+
+def test_a_copyright_in_utf_8_is_published_byte_for_byte():
+    # Pillow's own EXIF writer would turn every non-ASCII byte into "?".
+    copyright = "© 2026 Müller & Söhne".encode()
+    field = copyright + b"\0"
+    tiff = b"MM\x00*\x00\x00\x00\x08\x00\x01\x82\x98\x00\x02" + len(field).to_bytes(4, "big")
+    tiff += (8 + 2 + 12 + 4).to_bytes(4, "big") + b"\x00\x00\x00\x00" + field
+    data = corpus.encode(corpus.upright(), "JPEG", quality=90, exif=b"Exif\x00\x00" + tiff)
+    assert Image.open(io.BytesIO(data)).getexif()[ExifTags.Base.Copyright].encode("latin-1") == copyright
+    for output_format in ("JPEG", "WEBP", "AVIF"):
+        result = compress_image(data, Encoding(50, output_format=output_format), max_pixels=10**7)
+        assert field in result.data, output_format

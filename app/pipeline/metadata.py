@@ -36,14 +36,29 @@ def published_exif(exif: Image.Exif | None, policy: str) -> bytes:
     b"" when there is nothing to publish."""
     if policy != "copyright" or exif is None:
         return b""
-    kept = Image.Exif()
-    for tag in PUBLISHED_EXIF_TAGS:
+    kept = []
+    for tag in sorted(PUBLISHED_EXIF_TAGS):
         value = exif.get(tag)
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        if isinstance(value, str) and value.strip("\x00 "):
-            kept[tag] = value
-    return kept.tobytes() if len(kept) else b""
+        # Pillow reads ASCII fields as latin-1: encoding back gives the bytes as stored,
+        # UTF-8 included (many tools write it there), which Pillow's writer would replace.
+        raw = value.encode("latin-1", "replace") if isinstance(value, str) else value
+        if isinstance(raw, bytes) and raw.strip(b"\x00 "):
+            kept.append((tag, raw.rstrip(b"\x00")))
+    return _ascii_exif(kept) if kept else b""
+
+
+def _ascii_exif(entries: list[tuple[int, bytes]]) -> bytes:
+    """An EXIF block of one IFD holding these ASCII fields (tags in ascending order)."""
+    values_at = 8 + 2 + 12 * len(entries) + 4  # after the TIFF header and the IFD
+    ifd, values = struct.pack(">H", len(entries)), b""
+    for tag, raw in entries:
+        raw += b"\x00"
+        if len(raw) <= 4:
+            ifd += struct.pack(">HHI", tag, 2, len(raw)) + raw.ljust(4, b"\x00")
+        else:
+            ifd += struct.pack(">HHII", tag, 2, len(raw), values_at + len(values))
+            values += raw + b"\x00" * (len(raw) & 1)  # each value starts on a word boundary
+    return EXIF_HEADER + b"MM\x00*" + struct.pack(">I", 8) + ifd + b"\x00\x00\x00\x00" + values
 
 
 # -- JPEG -------------------------------------------------------------------------------
