@@ -5,6 +5,7 @@ colour difference and drops the profile; keep keeps it; CMYK without a profile i
 as printed on coated paper within the difference colour.py states."""
 
 import io
+import itertools
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from app.main import create_app
 from app.pipeline.compress import Encoding, compress_image
 from tests.conftest import csv_of, wait_finished
 from tests.support import corpus
+from tests.support.icc import cmyk_profile
 
 FOGRA39 = Path("/usr/share/color/icc/FOGRA39L.ti3")
 _SRGB_TO_LAB = ImageCms.buildTransform(
@@ -156,3 +158,56 @@ def test_cmyk_without_a_profile_shows_as_printed_on_coated_paper():
     assert len(differences) > 1200
     assert mean < 7.5
     assert differences[int(0.95 * len(differences))] < 16
+
+
+# Lab (D50) of the solids of a coated press (FOGRA39L), paper as white; the profile's
+# grid corners, so that a single ink's tint is the straight line from paper to solid.
+PRESS_SOLIDS = {
+    (0, 0, 0, 0): (100.0, 0.0, 0.0),
+    (1, 0, 0, 0): (55.0, -37.0, -50.0),
+    (0, 1, 0, 0): (48.0, 74.0, -3.0),
+    (0, 0, 1, 0): (89.0, -5.0, 93.0),
+    (0, 0, 0, 1): (16.0, 0.0, 0.0),
+}
+
+
+def _press_corners() -> dict[tuple[int, int, int, int], tuple[float, float, float]]:
+    """Every overprint: the darker ink's Lab darkened by the others (a plausible press)."""
+    corners = {}
+    for bits in itertools.product((0, 1), repeat=4):
+        inks = [PRESS_SOLIDS[tuple(int(n == i) for n in range(4))] for i, on in enumerate(bits) if on]
+        if not inks:
+            corners[bits] = PRESS_SOLIDS[(0, 0, 0, 0)]
+            continue
+        lightness = 100.0
+        for ink in inks:
+            lightness *= ink[0] / 100
+        corners[bits] = (
+            max(lightness, 10.0),
+            sum(i[1] for i in inks) / len(inks),
+            sum(i[2] for i in inks) / len(inks),
+        )
+    return corners
+
+
+def test_cmyk_with_a_profile_converts_through_the_profile():
+    icc = cmyk_profile(_press_corners(), "Test press (FOGRA39-like)")
+    tints = [(0.4, 0, 0, 0), (0, 0.4, 0, 0), (0, 0, 0.5, 0), (0, 0, 0, 0.5), (0, 0, 0, 0)]
+    image = Image.new("CMYK", (PATCH * len(tints), PATCH))
+    for n, tint in enumerate(tints):
+        image.paste(tuple(round(v * 255) for v in tint), (n * PATCH, 0, (n + 1) * PATCH, PATCH))
+    data = corpus.encode(image, "JPEG", quality=100, icc_profile=icc)
+    profiled = Image.open(io.BytesIO(compress_image(data, Encoding(95), max_pixels=10**6).data))
+    without = corpus.encode(image, "JPEG", quality=100)
+    default = Image.open(io.BytesIO(compress_image(without, Encoding(95), max_pixels=10**6).data))
+    assert profiled.mode == "RGB" and not profiled.info.get("icc_profile")
+    far_from_default = 0.0
+    for n, tint in enumerate(tints):
+        ink = next((i for i, v in enumerate(tint) if v), None)
+        paper = PRESS_SOLIDS[(0, 0, 0, 0)]
+        solid = PRESS_SOLIDS[tuple(int(i == ink) for i in range(4))] if ink is not None else paper
+        share = tint[ink] if ink is not None else 0
+        wanted = tuple(p + share * (s - p) for p, s in zip(paper, solid, strict=True))
+        assert math.dist(_lab(_centre(profiled, n)), wanted) < 3, (tint, _lab(_centre(profiled, n)), wanted)
+        far_from_default = max(far_from_default, math.dist(_lab(_centre(default, n)), wanted))
+    assert far_from_default > 5  # the profile was used, not the default for untagged CMYK
