@@ -9,6 +9,7 @@ import itertools
 import math
 from pathlib import Path
 
+import pillow_heif
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageCms
@@ -211,3 +212,15 @@ def test_cmyk_with_a_profile_converts_through_the_profile():
         assert math.dist(_lab(_centre(profiled, n)), wanted) < 3, (tint, _lab(_centre(profiled, n)), wanted)
         far_from_default = max(far_from_default, math.dist(_lab(_centre(default, n)), wanted))
     assert far_from_default > 5  # the profile was used, not the default for untagged CMYK
+
+
+def test_a_heic_with_a_wide_gamut_profile_becomes_srgb():
+    # pillow-heif's pixels are read-only: they are converted into a copy, not in place.
+    icc = _profile("AdobeRGB1998.icc")
+    image = Image.open(io.BytesIO(_patches(icc)))
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(image).save(buffer, quality=95, icc_profile=icc)
+    output = Image.open(io.BytesIO(compress_image(buffer.getvalue(), Encoding(95), max_pixels=10**6).data))
+    assert not output.info.get("icc_profile")
+    for n, colour in enumerate(PATCHES):
+        assert math.dist(_lab(_centre(output, n)), _lab(colour, icc)) < 3, colour

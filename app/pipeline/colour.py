@@ -76,13 +76,17 @@ def is_srgb(icc_profile: bytes) -> bool:
 
 
 def rgb_to_srgb(image: Image.Image, icc_profile: bytes | None) -> Image.Image:
-    """An RGB image's pixels in sRGB, converted in place (no second copy of the pixels);
-    unchanged when it has no profile, an sRGB one or one that cannot be read."""
+    """An RGB image's pixels in sRGB, converted in place (no second copy of the pixels)
+    unless they are read-only (pillow-heif's are its decoder's buffer); unchanged when it
+    has no profile, an sRGB one or one that cannot be read."""
     if profile_colour_space(icc_profile) != b"RGB " or is_srgb(icc_profile):
         return image
     transform = _to_srgb(icc_profile, "RGB")
-    if transform is not None:
-        ImageCms.applyTransform(image, transform, inPlace=True)
+    if transform is None:
+        return image
+    if image.readonly:
+        return ImageCms.applyTransform(image, transform)
+    ImageCms.applyTransform(image, transform, inPlace=True)
     return image
 
 

@@ -422,6 +422,8 @@ def _conversion_bytes_per_pixel(image: Image.Image) -> tuple[int, int]:
         return 1, 1
     if mode not in ("RGB", "L"):
         return 4, 4
+    if image.format == "HEIF" and image.info.get("icc_profile"):
+        return 4, 4  # its pixels are read-only: converted to sRGB into a copy (colour.py)
     return 0, _stored_bytes_per_pixel(mode)
 
 
