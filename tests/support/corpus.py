@@ -9,6 +9,7 @@ person should see, whatever the file says about rotation.
 """
 
 import io
+import itertools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pillow_heif
 from PIL import ExifTags, Image, ImageDraw
 
+from tests.support.icc import cmyk_profile
 from tests.support.images import encode
 
 COPYRIGHT = "(c) 2026 Example Shop"
@@ -31,6 +33,20 @@ LEAKS = (SERIAL.encode(), b"SecretTool", b"MakerNoteSecret", b"Phone Model X")
 
 # Real ICC profiles from Debian's colord-data and icc-profiles-free (.ci/run installs them).
 PROFILE_DIRS = (Path("/usr/share/color/icc/colord"), Path("/usr/share/color/icc"))
+
+
+# A CMYK press profile (tests/support/icc.py): paper white, each solid ink, overprints.
+PRESS = cmyk_profile(
+    {
+        bits: (
+            max(100 - 30 * sum(bits[:3]) - 84 * bits[3], 10),
+            20 * (bits[1] - bits[0]),
+            30 * (bits[2] - bits[0]),
+        )
+        for bits in itertools.product((0, 1), repeat=4)
+    },
+    "Corpus press",
+)
 
 
 def profile_bytes(name: str) -> bytes | None:
@@ -153,6 +169,9 @@ def corpus() -> list[Sample]:
         Sample("phone.webp", phone_webp(), picture, copyright=True),
         Sample("phone-upright.webp", phone_webp(orientation=1, quality=10), picture, copyright=True),
         Sample("cmyk.jpg", encode(picture.convert("CMYK"), "JPEG", quality=95), None),
+        Sample(
+            "cmyk-profiled.jpg", encode(picture.convert("CMYK"), "JPEG", quality=95, icc_profile=PRESS), None
+        ),
         Sample("animated.gif", animation("GIF"), Image.new("RGB", (60, 40), (230, 20, 20))),
         Sample("animated.webp", animation("WEBP"), Image.new("RGB", (60, 40), (230, 20, 20))),
         Sample("animated.png", animation("PNG"), Image.new("RGB", (60, 40), (230, 20, 20))),
