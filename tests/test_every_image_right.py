@@ -192,3 +192,28 @@ def test_a_copyright_in_utf_8_is_published_byte_for_byte():
     for output_format in ("JPEG", "WEBP", "AVIF"):
         result = compress_image(data, Encoding(50, output_format=output_format), max_pixels=10**7)
         assert field in result.data, output_format
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"progressive": True}, {"restart_marker_blocks": 1}, {"progressive": True, "restart_marker_rows": 1}],
+)
+def test_a_kept_jpeg_is_rewritten_segment_by_segment_whatever_its_scans(params):
+    source = corpus.encode(
+        corpus.upright(),
+        "JPEG",
+        quality=10,
+        optimize=True,
+        exif=corpus.phone_exif(1),
+        xmp=corpus.XMP,
+        **params,
+    )
+    trailer = corpus.encode(Image.new("RGB", (8, 8)), "JPEG", exif=corpus.phone_exif(1))  # as phones append
+    data = source + trailer
+    result = compress_image(data, Encoding(95, keep_smaller=True), max_pixels=10**7)
+    assert result.kept_original
+    _assert_private_metadata_gone(result.data, Image.open(io.BytesIO(result.data)), str(params))
+    assert result.data.endswith(b"\xff\xd9") and result.data.count(b"\xff\xd8") == 1
+    kept, original = Image.open(io.BytesIO(result.data)), Image.open(io.BytesIO(source))
+    assert kept.tobytes() == original.tobytes()
+    assert kept.getexif().get(ExifTags.Base.Copyright) == corpus.COPYRIGHT
