@@ -62,6 +62,8 @@ def stage_config(settings: Settings) -> StageConfig:
         log_level=settings.log_level,
         jpeg_optimize=settings.jpeg_optimize,
         jpeg_progressive=settings.jpeg_progressive,
+        metadata=settings.metadata,
+        color_profile=settings.color_profile,
     )
 
 

@@ -90,6 +90,11 @@ class Settings(BaseSettings):
         2304, gt=0, validation_alias=AliasChoices("image_memory_mb", "worker_memory_mb")
     )
     allow_private_hosts: str = ""
+    # What every output carries beside its pixels: only the EXIF Copyright and Artist
+    # fields, or nothing (app/pipeline/metadata.py); and its colours: converted to sRGB
+    # without a profile, or the source's profile kept (app/pipeline/colour.py).
+    metadata: Literal["copyright", "none"] = "copyright"
+    color_profile: Literal["srgb", "keep"] = "srgb"
 
     # -- the ledger: claims, recovery, waiting after a transient failure ------------------
     lease_seconds: float = Field(30.0, gt=0)

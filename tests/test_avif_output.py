@@ -30,7 +30,9 @@ def test_a_profile_that_does_not_describe_the_output_is_not_kept_in_an_avif():
     assert not avif.info.get("icc_profile")
 
 
-def test_an_rgb_profile_is_kept_in_an_avif():
+def test_with_color_profile_keep_an_rgb_profile_is_kept_in_an_avif():
     data, icc = _jpeg_with_profile(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")))
-    output = compress_image(data, AVIF, max_pixels=1_000_000).data
+    output = compress_image(
+        data, Encoding(60, output_format="AVIF", color_profile="keep"), max_pixels=1_000_000
+    ).data
     assert Image.open(io.BytesIO(output)).info.get("icc_profile") == icc

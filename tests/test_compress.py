@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from app.pipeline.compress import compress_to_jpeg
+from app.pipeline.compress import Encoding, compress_image, compress_to_jpeg
 from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
 from tests.support import images
 
@@ -100,13 +100,17 @@ def test_other_formats_are_converted(make):
     assert result.source_format == source.format
 
 
-def test_icc_profile_is_kept_and_comments_dropped():
+def test_with_color_profile_keep_the_icc_profile_is_kept_and_comments_dropped():
     data, profile = images.jpeg_with_icc()
     source = Image.open(io.BytesIO(data))
     source.info["comment"] = b"secret"
-    _, out = compress(data)
+    result = compress_image(data, Encoding(50, color_profile="keep"), max_pixels=10_000_000)
+    out = Image.open(io.BytesIO(result.data))
     assert out.info.get("icc_profile") == profile
     assert "comment" not in out.info
+    # By default (COLOR_PROFILE=srgb) an sRGB profile is simply dropped.
+    _, out = compress(data)
+    assert "icc_profile" not in out.info
 
 
 def test_pixel_cap_refuses_before_decoding():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from app.ledger.units import WorkUnit
-from app.pipeline.compress import compress_to_jpeg
+from app.pipeline.compress import compress_to_jpeg  # registers the HEIF plugin
 from app.pipeline.failures import OverMemoryBudget
 from app.pipeline.memory import MIB, MemoryBudget
 from app.pipeline.stages import ImageStages, StageConfig
@@ -160,6 +160,12 @@ MODES = {
     ),
     "webp_rotated": lambda: images.encode(images.photo_like(SIZE), "WEBP", exif=_exif_rotated()),
     "tiff_32_bit": lambda: images.encode(Image.new("I", SIZE, 70_000), "TIFF"),
+    "heic": lambda: images.encode(images.photo_like(SIZE), "HEIF", quality=80),
+    "heic_rotated": lambda: images.encode(images.photo_like(SIZE), "HEIF", quality=80, exif=_exif_rotated()),
+    "heic_rgba": lambda: images.encode(images.photo_like(SIZE, "RGBA"), "HEIF", quality=80),
+    "avif": lambda: images.encode(images.photo_like(SIZE), "AVIF", quality=80),
+    "avif_rotated": lambda: images.encode(images.photo_like(SIZE), "AVIF", quality=80, exif=_exif_rotated()),
+    "avif_444": lambda: images.encode(images.photo_like(SIZE), "AVIF", quality=80, subsampling="4:4:4"),
 }
 
 

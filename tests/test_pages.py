@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import requests
@@ -26,7 +27,7 @@ from app.main import create_app
 from app.pipeline import failures
 from app.storage.local import LocalFileStorage
 from tests.conftest import csv_of, upload, wait_finished
-from tests.support import images
+from tests.support import corpus, images
 from tests.support.servers import Handler, Origin, UnpublishedImage, delayed
 from tests.support.service_process import ServiceProcess
 
@@ -588,3 +589,70 @@ def test_an_image_waiting_for_its_origin_says_for_which_host_and_how_long(
         seconds = int(re.search(r"retry in (\d+) s", waiting.inner_text())[1])
         assert 30 <= seconds <= 40
         assert browser.errors == []
+
+
+def _status_when_finished(service, request_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = service.get(f"/status/{request_id}").json()
+        if body["status"] not in ("pending", "processing"):
+            return body
+        assert time.monotonic() < deadline, body["progress"]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_options_through_the_page_with_the_apis_messages_beside_the_fields(
+    chromium, start_service, image_server, tmp_path
+):
+    service = start_service(JPEG_QUALITY="70", JPEG_PROGRESSIVE="true")
+    browser = BrowserPage(chromium, service.base_url)
+    page = browser.page
+    url = image_server.add(corpus.phone_heic(), content_type="image/heic")
+    page.goto("/")
+    assert page.get_by_label("Quality").input_value() == "70"
+    assert page.get_by_label("Format").input_value() == "jpeg"
+    assert not page.get_by_label("Keep an input that is already smaller").is_checked()
+    assert page.get_by_label("Progressive JPEG").is_checked()  # JPEG_PROGRESSIVE
+
+    # The sample CSV downloads as a file with the columns the page asks for.
+    with page.expect_download() as download:
+        page.get_by_role("link", name="download a sample CSV").click()
+    sample = download.value
+    assert sample.suggested_filename == "sample-products.csv"
+    assert Path(sample.path()).read_text().splitlines()[0] == "S. No.,Product Name,Input Image Urls"
+
+    page.get_by_label("CSV file").set_input_files(write_csv(tmp_path, [(1, "Phone photo", [url])]))
+    page.get_by_label("Quality").fill("100")
+    page.get_by_label("Largest width").fill("0")
+    page.get_by_role("button", name="Upload").click()
+    quality_problem = page.locator("#quality-problem")
+    quality_problem.wait_for()
+    assert quality_problem.inner_text() == "'100' is not a whole number from 1 to 95."
+    assert page.locator("#max_width-problem").inner_text() == "'0' is not a whole number from 1 to 20000."
+    assert page.get_by_label("Quality").get_attribute("aria-invalid") == "true"
+    assert page.locator("#max_height-problem").is_hidden()
+    assert service.get("/requests").json()["items"] == []  # nothing was stored
+
+    page.get_by_label("Quality").fill("80")
+    page.get_by_label("Largest width").fill("200")
+    page.get_by_label("Format").select_option("webp")
+    page.get_by_label("Progressive JPEG").uncheck()  # sent as false, not left to the default
+    page.get_by_role("button", name="Upload").click()
+    page.wait_for_url(re.compile(r"/requests/[0-9a-f-]{36}$"))
+    status = _status_when_finished(service, page.url.rsplit("/", 1)[1])
+    assert status["options"] == {
+        "quality": 80,
+        "format": "webp",
+        "max_width": 200,
+        "max_height": None,
+        "keep_smaller": False,
+        "progressive": False,
+    }
+    (image,) = status["products"][0]["images"]
+    assert image["status"] == "succeeded", image
+    output = Image.open(io.BytesIO(service.get(image["output_url"].removeprefix(service.base_url)).content))
+    # The phone photo (stored sideways, 300x600 as shown) fitted into 200 px of width.
+    assert (output.format, output.size) == ("WEBP", (200, 400))
+    assert browser.errors_besides(422) == []

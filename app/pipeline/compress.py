@@ -2,10 +2,17 @@
 AVIF a batch asks for, app/pipeline/options.py) at the set quality, fitted inside the
 batch's largest size if it has one.
 
+Inputs: JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF (Pillow's plugin, libavif) and HEIC/HEIF
+(pillow-heif, libheif). Of an animation (GIF, APNG, animated WebP or AVIF) or a HEIF
+holding several images, the first frame or the primary image is the output; the pixel
+limit counts the canvas that is decoded for it.
+
 Limits come before work: the format is decided from the bytes (not the Content-Type or
-extension), and the pixel count is checked from the header before any pixel is decoded.
-The output keeps the dimensions (after EXIF orientation) and the ICC colour profile
-where it still describes the output's colour space; all other metadata is dropped.
+extension), and the pixel count is checked from the header (for HEIF and AVIF, from
+every size the file declares) before any pixel is decoded. Outputs are upright (EXIF
+orientation applied; HEIF and AVIF transforms too), L or RGB, in sRGB without a profile
+unless COLOR_PROFILE=keep (app/pipeline/colour.py), and carry only the metadata METADATA
+allows (app/pipeline/metadata.py).
 
 The memory the work will take at its peak is estimated from the header too
 (`peak_memory_bytes`), so the caller can admit the decode against a memory budget.
@@ -19,11 +26,23 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
-from PIL import Image, ImageCms, UnidentifiedImageError
+import pillow_heif
+from PIL import AvifImagePlugin, Image, UnidentifiedImageError
 
+from app.pipeline import colour
 from app.pipeline.failures import CorruptImage, DecompressionBomb, NotAnImage
+from app.pipeline.formats import isobmff_declared_pixels, sniffed_format
+from app.pipeline.metadata import NotStrippable, published_exif, strip_original
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# One thread per decode, as for the AVIF encoder below: COMPRESS_CONCURRENCY decides how
+# many decodes share the cores, and the memory estimate is per thread. HEIF files also
+# carry thumbnails, depth maps and other auxiliary images: never decoded.
+AvifImagePlugin.DEFAULT_MAX_THREADS = 1
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False, decode_threads=1)
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
+# The formats a kept original may be in: those whose metadata metadata.py can remove.
+STRIPPABLE_FORMATS = ("JPEG", "WEBP")
 EXIF_ORIENTATION = 0x0112
 TRANSPOSE_FOR_ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -43,8 +62,6 @@ _thread_sink = threading.local()
 # process-wide guard would otherwise refuse or warn at a different, fixed size.
 Image.MAX_IMAGE_PIXELS = None
 
-_SRGB_PROFILE = ImageCms.createProfile("sRGB")
-
 
 @dataclass(frozen=True)
 class CompressedImage:
@@ -52,7 +69,8 @@ class CompressedImage:
     width: int
     height: int
     source_format: str
-    kept_original: bool = False  # keep_smaller: the input was smaller, so it is the output
+    # keep_smaller: the input, its metadata removed, was smaller, so it is the output.
+    kept_original: bool = False
     # A small JPEG of the output (make_thumbnail), made from its pixels before they go.
     thumbnail: bytes | None = None
 
@@ -61,8 +79,9 @@ class CompressedImage:
 class Encoding:
     """How to encode: Pillow's format name and quality; for JPEG, optimized Huffman tables
     (lossless: same pixels, same quantisation tables, smaller file) and progressive
-    scans; a box the output must fit in; and whether a smaller input of the same format
-    is kept instead."""
+    scans; a box the output must fit in; whether a smaller input of the same format
+    is kept instead; which metadata is published (METADATA) and whether colours are
+    converted to sRGB or the profile kept (COLOR_PROFILE)."""
 
     quality: int
     output_format: str = "JPEG"
@@ -70,6 +89,8 @@ class Encoding:
     progressive: bool = False
     max_size: tuple[int, int] | None = None
     keep_smaller: bool = False
+    metadata: str = "copyright"
+    color_profile: str = "srgb"
 
     def save_params(self) -> dict:
         if self.output_format == "JPEG":
@@ -117,15 +138,26 @@ def compress_image(
     it may wait for memory, or refuse the image by raising an ImageFailure. With a
     thumbnail_side, the result carries a JPEG thumbnail of the output that fits in it."""
     quality = encoding.quality
+    claimed_format = sniffed_format(data)
+    if claimed_format in ("HEIF", "AVIF"):
+        declared = isobmff_declared_pixels(data)
+        if declared is not None and declared[0] * declared[1] > max_pixels:
+            raise DecompressionBomb(
+                f"the {claimed_format} file declares an image of {declared[0]}x{declared[1]} = "
+                f"{declared[0] * declared[1]} pixels; the limit is {max_pixels}"
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError as exc:
+        if claimed_format is not None:
+            # The signature of a supported format, but no decoder could read the header.
+            raise CorruptImage(f"the {claimed_format} image is truncated or damaged") from exc
         raise NotAnImage("the content is not an image in a supported format") from exc
     except Image.DecompressionBombError as exc:
         raise DecompressionBomb(str(exc)) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, SyntaxError, RuntimeError) as exc:
         raise CorruptImage(f"the image header cannot be read: {exc}") from exc
 
     # Decode in one call rather than in 64 KiB steps: each step re-takes the GIL, and with
@@ -141,8 +173,23 @@ def compress_image(
         )
     try:
         orientation = _header_orientation(image)
+        exif = published_exif(_header_exif(image), encoding.metadata)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise CorruptImage(f"the image metadata cannot be read: {exc}") from exc
+    source_icc = image.info.get("icc_profile")
+    keep_icc = encoding.color_profile == "keep"
+    # What a kept original must already be: its output's format, L or RGB without
+    # transparency, one frame, upright, in sRGB unless profiles are kept, and at its size.
+    may_keep = (
+        encoding.keep_smaller
+        and source_format == encoding.output_format
+        and source_format in STRIPPABLE_FORMATS
+        and image.mode in ("RGB", "L")
+        and "transparency" not in image.info
+        and getattr(image, "n_frames", 1) == 1
+        and orientation in (None, 1)
+        and (keep_icc or not source_icc or colour.is_srgb(source_icc))
+    )
     # The box in the stored (not yet rotated) orientation: resizing comes before the
     # transpose, so the transpose copies the smaller image.
     box = encoding.max_size
@@ -162,7 +209,7 @@ def compress_image(
     with admission(cost) if admission is not None else nullcontext():
         try:
             image.load()  # first frame of an animation
-            image, icc_profile = _jpeg_compatible(image)
+            image, icc_profile = _jpeg_compatible(image, keep_icc=keep_icc)
             if resized != image.size:
                 image = image.resize(resized, Image.Resampling.LANCZOS, reducing_gap=3.0)
             # Transposed after the conversion, which leaves at most as many bytes a pixel
@@ -174,6 +221,9 @@ def compress_image(
             # Explicitly empty when dropped: the AVIF encoder falls back to the profile in
             # image.info, which may describe the source's colour space, not the output's.
             params["icc_profile"] = icc_profile or b""
+            params["exif"] = exif
+            if encoding.output_format != "JPEG":
+                params["xmp"] = b""
             encoded = _encode(image, encoding.output_format, **params)
             thumbnail = make_thumbnail(image, thumbnail_side) if thumbnail_side > 0 else None
             del image  # the pixels go before the output is copied out, so it can reuse them
@@ -186,15 +236,15 @@ def compress_image(
             Image.DecompressionBombError,
         ) as exc:
             raise CorruptImage(f"the image cannot be decoded: {exc}") from exc
-    if (
-        encoding.keep_smaller
-        and source_format == encoding.output_format
-        and resized == image_size
-        and len(data) <= len(output)
-    ):
-        return CompressedImage(
-            bytes(data), width, height, source_format, kept_original=True, thumbnail=thumbnail
-        )
+    if may_keep and resized == image_size:
+        try:
+            original = strip_original(data, source_format, exif, keep_icc=keep_icc, size=image_size)
+        except NotStrippable:
+            original = None
+        if original is not None and len(original) <= len(output):
+            return CompressedImage(
+                original, width, height, source_format, kept_original=True, thumbnail=thumbnail
+            )
     return CompressedImage(output, width, height, source_format, thumbnail=thumbnail)
 
 
@@ -220,6 +270,14 @@ def _header_orientation(image: Image.Image) -> int | None:
     if image.format == "PNG" and "exif" not in image.info:
         return None
     return image.getexif().get(EXIF_ORIENTATION)
+
+
+def _header_exif(image: Image.Image) -> Image.Exif | None:
+    """The EXIF the header holds (None for a PNG whose eXIf chunk, if any, comes after
+    the image data: see _header_orientation)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return None
+    return image.getexif()
 
 
 def _encode(image: Image.Image, output_format: str, **params) -> Callable[[], bytes]:
@@ -251,28 +309,29 @@ def _encode(image: Image.Image, output_format: str, **params) -> Callable[[], by
     return read_out
 
 
-def _profile_colour_space(icc_profile: bytes | None) -> bytes | None:
-    return icc_profile[16:20] if icc_profile and len(icc_profile) >= 20 else None
-
-
-def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
-    """Return an L or RGB image and the ICC profile that still describes it, if any."""
+def _jpeg_compatible(image: Image.Image, *, keep_icc: bool = False) -> tuple[Image.Image, bytes | None]:
+    """Return an L or RGB image and the ICC profile that still describes it, if any: with
+    keep_icc the source's, when it matches; otherwise none, the pixels converted to sRGB."""
     icc_profile = image.info.get("icc_profile")
-    mode = image.mode
+    image, icc_profile = _l_or_rgb(image, icc_profile)
+    if keep_icc:
+        return image, icc_profile
+    if image.mode == "RGB":
+        # In place: the conversion allocates nothing per pixel.
+        image = colour.rgb_to_srgb(image, icc_profile)
+    # A grey profile is dropped as it is: greys differ from sRGB's by a gamma curve at most.
+    return image, None
 
+
+def _l_or_rgb(image: Image.Image, icc_profile: bytes | None) -> tuple[Image.Image, bytes | None]:
+    mode = image.mode
     if mode == "CMYK":
-        if _profile_colour_space(icc_profile) == b"CMYK":
-            try:
-                source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
-                return ImageCms.profileToProfile(image, source, _SRGB_PROFILE, outputMode="RGB"), None
-            except ImageCms.PyCMSError:
-                pass
-        return image.convert("RGB"), None
+        return colour.cmyk_to_srgb(image, icc_profile), None
 
     if mode in SIXTEEN_BIT_MODES or mode == "I":
         # 16-bit samples: scale to 8 bits rather than clipping everything above 255.
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
-        return image, icc_profile if _profile_colour_space(icc_profile) == b"GRAY" else None
+        return image, icc_profile if colour.profile_colour_space(icc_profile) == b"GRAY" else None
     if mode == "F":
         return image.convert("L"), None
 
@@ -291,7 +350,7 @@ def _jpeg_compatible(image: Image.Image) -> tuple[Image.Image, bytes | None]:
         image = image.convert("RGB")
 
     expected = b"GRAY" if image.mode == "L" else b"RGB "
-    return image, icc_profile if _profile_colour_space(icc_profile) == expected else None
+    return image, icc_profile if colour.profile_colour_space(icc_profile) == expected else None
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -304,9 +363,11 @@ def _has_alpha(image: Image.Image) -> bool:
 # Measured (VmHWM delta in a fresh process, 12 MP images, worker allocator settings) and
 # estimated, in bytes a pixel, flat images at quality 50 (the estimate adds 0.83 for the
 # JPEG output and the input's size): JPEG RGB 4.0 (est. 4.8), EXIF-rotated 8.0 (8.8),
-# progressive 4:4:4 10.0 (10.8), CMYK 8.0 (8.8), PNG RGBA 8.0 (8.8), palette with
-# transparency 9.0 (9.8), 16-bit grey 10.0 (10.8), LA 6.0 (6.8), WebP 16.0 (16.8),
-# EXIF-rotated WebP 17.2 (20.8), TIFF 32-bit int 12.0 (16.8, the input is 4 of them).
+# progressive 4:4:4 10.0 (10.8), CMYK without a profile 11.3 (12.8), PNG RGBA 8.0 (8.8),
+# palette with transparency 9.0 (9.8), 16-bit grey 10.0 (10.8), LA 6.0 (6.8), WebP 16.0 (16.8),
+# EXIF-rotated WebP 17.2 (20.8), TIFF 32-bit int 12.0 (16.8, the input is 4 of them),
+# HEIC 9.0 (10.8), HEIC rotated by its irot 10.5 (10.8), HEIC RGBA 11.0 (13.9), AVIF
+# 12.2 (14.8), AVIF 4:4:4 13.7 (14.8), AVIF rotated 12.2 (14.8).
 # tests/test_memory.py checks the bound per mode.
 
 
@@ -325,6 +386,14 @@ def _decoder_bytes_per_pixel(image: Image.Image) -> tuple[float, float]:
         # Pillow decodes WebP with libwebp's animation decoder: two RGBA canvases that live
         # as long as the image, and a copy of the frame while it is decoded.
         return 12, 8
+    if image.format == "HEIF":
+        # libheif's YCbCr planes (a second set when it applies the file's rotation) and
+        # the interleaved RGB(A) pillow-heif copies from, which it may hold until closed.
+        return (9, 4) if image.mode == "RGBA" else (6, 3)
+    if image.format == "AVIF":
+        # libavif's YCbCr planes, which the decoder keeps as long as the image lives (two
+        # bytes a sample above 8 bits), dav1d's frame buffers and the RGBA it converts to.
+        return 10, 6
     if image.format == "JPEG" and "progressive" in image.info:
         # libjpeg keeps every DCT coefficient (two bytes) until the last scan.
         sampling = [(h, v) for _id, h, v, _table in getattr(image, "layer", [])] or [(1, 1)] * 4
@@ -338,7 +407,8 @@ def _conversion_bytes_per_pixel(image: Image.Image) -> tuple[int, int]:
     and the bytes a pixel of the image it returns."""
     mode = image.mode
     if mode == "CMYK":
-        return 4, 4
+        # Without a profile, Pillow's RGB and then the press table's (app/pipeline/colour.py).
+        return 4 + 4, 4
     if mode in SIXTEEN_BIT_MODES or mode == "I":
         return 4 + 4, 1  # convert("I") and point(); the final L comes after the first goes
     if mode == "F":
@@ -352,6 +422,8 @@ def _conversion_bytes_per_pixel(image: Image.Image) -> tuple[int, int]:
         return 1, 1
     if mode not in ("RGB", "L"):
         return 4, 4
+    if image.format == "HEIF" and image.info.get("icc_profile"):
+        return 4, 4  # its pixels are read-only: converted to sRGB into a copy (colour.py)
     return 0, _stored_bytes_per_pixel(mode)
 
 
@@ -412,7 +484,10 @@ def peak_memory_bytes(
         # Without a conversion the source is still alive when copied, and with one heap
         # arena the copy may not fit where the decoder's freed buffers were (measured:
         # a rotated WebP 17.2 bytes a pixel, not 16).
-        source = decoded + decoding if converting == 0 else final
+        # libavif's and libheif's own buffers are gone by then (measured: a rotated AVIF
+        # 12.2 bytes a pixel, as an upright one).
+        held = decoder_kept if image.format in ("AVIF", "HEIF") else decoding
+        source = decoded + held if converting == 0 else final
         per_pixel = max(per_pixel, source + final)
     # The thumbnail is made once the encoder's buffers are gone, from the final image: a
     # box-reduced copy of at most a quarter of its pixels.
@@ -426,11 +501,14 @@ def warm_up() -> bool:
     not pay for loading Pillow's format plugins and codec libraries. Run at start-up, in
     the service and in each compress worker process."""
     sample = Image.linear_gradient("L").resize((64, 48)).convert("RGB")
-    for source_format in ("JPEG", "PNG", "WEBP", "GIF"):
+    for source_format in ("JPEG", "PNG", "WEBP", "GIF", "AVIF", "HEIF"):
         buffer = io.BytesIO()
         try:
             sample.save(buffer, source_format)
         except (OSError, KeyError):  # a Pillow built without this codec: nothing to warm
             continue
         compress_to_jpeg(buffer.getvalue(), quality=50, max_pixels=SMALL_IMAGE_PIXELS)
+    buffer = io.BytesIO()
+    sample.convert("CMYK").save(buffer, "JPEG")  # builds the press table once
+    compress_to_jpeg(buffer.getvalue(), quality=50, max_pixels=SMALL_IMAGE_PIXELS)
     return True

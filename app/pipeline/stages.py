@@ -60,6 +60,8 @@ class StageConfig:
     log_level: str = "INFO"
     jpeg_optimize: bool = False  # optimized Huffman tables (JPEG_OPTIMIZE)
     jpeg_progressive: bool = False  # progressive JPEGs unless a batch says (JPEG_PROGRESSIVE)
+    metadata: str = "copyright"  # what outputs publish beside the pixels (METADATA)
+    color_profile: str = "srgb"  # convert to sRGB, or keep the source's profile (COLOR_PROFILE)
 
 
 class StageRunner(Protocol):
@@ -87,11 +89,21 @@ class ImageStages:
         decoding_slots: DecodingSlots,
         jpeg_optimize: bool = False,
         jpeg_progressive: bool = False,
+        metadata: str = "copyright",
+        color_profile: str = "srgb",
     ):
         self.fetcher = fetcher
         self.jpeg_optimize = jpeg_optimize
+        self.metadata = metadata
+        self.color_profile = color_profile
         self._encodings: dict[OutputOptions, Encoding] = {}  # a few per batch running
-        self.default_encoding = Encoding(jpeg_quality, optimize=jpeg_optimize, progressive=jpeg_progressive)
+        self.default_encoding = Encoding(
+            jpeg_quality,
+            optimize=jpeg_optimize,
+            progressive=jpeg_progressive,
+            metadata=metadata,
+            color_profile=color_profile,
+        )
         self.storage = storage
         self.max_image_pixels = max_image_pixels
         # Downloads may run many at once; decoding and encoding only as many as there are
@@ -123,6 +135,8 @@ class ImageStages:
             decoding_slots=decoding_slots or DecodingSlots.in_memory(config.compress_slots),
             jpeg_optimize=config.jpeg_optimize,
             jpeg_progressive=config.jpeg_progressive,
+            metadata=config.metadata,
+            color_profile=config.color_profile,
         )
 
     def encoding(self, options: OutputOptions | None) -> Encoding:
@@ -141,6 +155,8 @@ class ImageStages:
             progressive=options.progressive,
             max_size=options.max_size,
             keep_smaller=options.keep_smaller,
+            metadata=self.metadata,
+            color_profile=self.color_profile,
         )
 
     def close(self) -> None:

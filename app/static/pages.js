@@ -140,8 +140,46 @@ function setUpUploadPage() {
     if (event.dataTransfer.files.length) fileInput.files = event.dataTransfer.files;
   });
 
+  const fieldProblems = form.querySelectorAll(".field-problem");
+
+  function clearFieldProblems() {
+    for (const target of fieldProblems) {
+      target.hidden = true;
+      target.textContent = "";
+    }
+    for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  }
+
+  /* An output option's problem goes beside its field; true when every problem found one. */
+  function showFieldProblems(errors) {
+    let placed = 0;
+    for (const item of errors) {
+      const target = item.field ? document.getElementById(`${item.field}-problem`) : null;
+      if (!target) continue;
+      target.textContent = sentence(item.message ?? "");
+      target.hidden = false;
+      form.elements.namedItem(item.field)?.setAttribute("aria-invalid", "true");
+      placed += 1;
+    }
+    return errors.length > 0 && placed === errors.length;
+  }
+
+  function formData() {
+    const data = new FormData(form);
+    for (const [name, value] of [...data.entries()]) {
+      if (typeof value === "string" && value.trim() === "") data.delete(name);
+    }
+    // An unchecked box sends nothing, which would mean "the server's default": say no.
+    for (const box of form.querySelectorAll("input[type=checkbox]")) data.set(box.name, box.checked ? "true" : "false");
+    return data;
+  }
+
   function showProblems(problem) {
     document.getElementById("upload-problems-summary").textContent = sentence(problem.detail ?? problem.title);
+    if (showFieldProblems(problem.errors ?? [])) {
+      form.querySelector("[aria-invalid]")?.focus();
+      return;
+    }
     const items = (problem.errors ?? []).map((item) => el("li", {}, describeCsvProblem(item)));
     if (problem.errors_not_shown) items.push(el("li", {}, `…and ${problem.errors_not_shown} more.`));
     document.getElementById("upload-problems-list").replaceChildren(...items);
@@ -154,9 +192,10 @@ function setUpUploadPage() {
     const button = form.querySelector("button[type=submit]");
     button.disabled = true;
     problems.hidden = true;
+    clearFieldProblems();
     status.textContent = "Uploading…";
     try {
-      const response = await apiFetch("/upload", { method: "POST", body: new FormData(form) });
+      const response = await apiFetch("/upload", { method: "POST", body: formData() });
       if (response.status === 202) {
         const accepted = await response.json();
         status.textContent = "Uploaded. Opening the request's page…";

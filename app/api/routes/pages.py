@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.html import BrowserRoute, render_page
 from app.api.image_errors import ERROR_SENTENCES_FOR_PAGES
+from app.ledger.units import MAX_DIMENSION, MAX_QUALITY, MIN_QUALITY
+from app.pipeline.options import avif_supported
 
 router = APIRouter(include_in_schema=False, route_class=BrowserRoute)
 request_pages = APIRouter(include_in_schema=False)
@@ -16,7 +18,21 @@ request_pages = APIRouter(include_in_schema=False)
 
 @router.get("/")
 def upload_page(request: Request) -> Response:
-    return render_page(request, "upload.html", {"page": "upload"})
+    settings = request.app.state.settings
+    return render_page(
+        request,
+        "upload.html",
+        {
+            "page": "upload",
+            # The form offers what the API accepts, with the defaults it would use.
+            "default_quality": settings.jpeg_quality,
+            "default_progressive": settings.jpeg_progressive,
+            "min_quality": MIN_QUALITY,
+            "max_quality": MAX_QUALITY,
+            "max_dimension": MAX_DIMENSION,
+            "avif_supported": avif_supported(),
+        },
+    )
 
 
 @router.get("/requests")
