@@ -15,7 +15,7 @@ from app.config import Settings
 from app.db.session import build_engine, reader_sessionmaker, writer_sessionmaker
 from app.ledger.hosts import HostPoliteness
 from app.ledger.image_ledger import ImageLedger
-from app.ledger.units import OutputOptions
+from app.ledger.units import OUTPUT_PIPELINE_VERSION, EncodingKeys, OutputOptions
 from app.metrics import ServiceMetrics
 from app.net.guard import AddressPolicy, guarded_session, parse_allowlist
 from app.pipeline.compress import warm_up
@@ -122,6 +122,14 @@ def host_politeness(settings: Settings) -> HostPoliteness:
     )
 
 
+def output_policy(settings: Settings) -> str:
+    """The settings that change an output's bytes beside its options, for EncodingKeys."""
+    return (
+        f"metadata={settings.metadata};colour={settings.color_profile};"
+        f"optimize={int(settings.jpeg_optimize)};pipeline={OUTPUT_PIPELINE_VERSION}"
+    )
+
+
 def build_parts(
     settings: Settings,
     *,
@@ -157,7 +165,10 @@ def build_parts(
         on_requests_gone=lambda request_ids: delete_requests_outputs(storage, request_ids),
         on_host_backoffs=metrics.count_host_backoffs,
         # What a request uploaded without options gets (ImageStages.default_encoding).
-        default_options=OutputOptions(quality=settings.jpeg_quality, progressive=settings.jpeg_progressive),
+        encodings=EncodingKeys(
+            OutputOptions(quality=settings.jpeg_quality, progressive=settings.jpeg_progressive),
+            policy=output_policy(settings),
+        ),
     )
     parts = Parts(
         settings=settings,

@@ -146,6 +146,24 @@ def test_other_output_options_encode_again_without_asking(client, image_server):
     assert source.answers == [(None, 200), (None, 200), ('"v1"', 304)]
 
 
+@pytest.mark.parametrize(
+    "setting", [{"metadata": "none"}, {"color_profile": "keep"}, {"jpeg_optimize": False}]
+)
+def test_an_output_made_under_other_output_settings_is_encoded_again(make_settings, image_server, setting):
+    """Metadata, colour and encoder settings change an output's bytes as options do: an
+    output stored under others may carry what this service would no longer publish."""
+    source = RevalidatingSource(images.jpeg((200, 100)))
+    catalogue = csv_of([(1, "A", [publish(image_server, source)])])
+    with TestClient(create_app(make_settings())) as client:
+        import_catalogue(client, catalogue)
+    with TestClient(create_app(make_settings(**setting))) as client:
+        other = import_catalogue(client, catalogue)
+        again = import_catalogue(client, catalogue)
+    assert results(other)[0]["reused"] is False
+    assert results(again)[0]["reused"] is True
+    assert source.answers == [(None, 200), (None, 200), ('"v1"', 304)]
+
+
 def test_no_store_from_the_origin_disables_reuse(client, image_server):
     source = RevalidatingSource(images.jpeg((200, 100)), headers={"Cache-Control": "private, no-store"})
     catalogue = csv_of([(1, "A", [publish(image_server, source)])])

@@ -56,7 +56,7 @@ from app.ledger.turns import (
     not_waiting_for_retry,
     seconds_until_next_retry,
 )
-from app.ledger.units import ImageOutcome, OutputOptions, WorkUnit, options_from_json
+from app.ledger.units import EncodingKeys, ImageOutcome, WorkUnit, options_from_json
 from app.webhooks.events import create_finished_event
 
 log = logging.getLogger(__name__)
@@ -267,17 +267,18 @@ class ImageLedger:
         on_recorded: Callable[[Sequence[ImageOutcome]], None] | None = None,
         on_requests_gone: Callable[[set[str]], None] | None = None,
         on_host_backoffs: Callable[[int], None] | None = None,
-        default_options: OutputOptions | None = None,
+        encodings: EncodingKeys | None = None,
     ):
         """`sessions` write (they take SQLite's write lock at BEGIN), `reader_sessions`
         only read. `on_recorded` is told, after each commit, the outcomes that commit
         recorded (never one ignored as stale), e.g. to count them (app/metrics.py), and
         `on_host_backoffs` how many hosts it put in backoff. `on_requests_gone` is told
         the request ids (uuids) of outcomes whose request no longer exists, to remove
-        what their stages stored (app/composition.py). `default_options` are the
-        settings' encoding, the one requests uploaded without options get: their outputs
-        are reused only for the same encoding (None: never)."""
-        self.default_options = default_options
+        what their stages stored (app/composition.py). `encodings` names the encoding
+        each output is made with (the options a request was uploaded with, or the
+        settings'; and the output policy): re-imports reuse an output only for the same
+        encoding (without default options, never for a request uploaded without any)."""
+        self.encodings = encodings or EncodingKeys()
         self.on_recorded = on_recorded
         self.on_requests_gone = on_requests_gone
         self.on_host_backoffs = on_host_backoffs
@@ -383,7 +384,7 @@ class ImageLedger:
         if not units:
             return list(units)
         with self.reader_sessions() as session:
-            return attach_revalidation(session, units, self.default_options)
+            return attach_revalidation(session, units, self.encodings)
 
     def release(self, units: Sequence[WorkUnit]) -> None:
         """Hand claimed but unprocessed units back (graceful shutdown, a lost worker)."""
@@ -463,7 +464,7 @@ class ImageLedger:
             record_copies(
                 session, [o for o in fresh if o.unit.copies and not o.cancelled], succeeded, failed, reused
             )
-            remember_sources(session, fresh, self.default_options)
+            remember_sources(session, fresh, self.encodings)
             events = []
             for request_pk in sorted(succeeded.keys() | failed.keys() | cancelled.keys()):
                 event_id = self._count_and_maybe_finish(

@@ -28,13 +28,12 @@ from sqlalchemy.orm import Session
 from app.db.base import utcnow
 from app.db.models import ProcessingRequest, SourceOutput, SourceValidators
 from app.ledger.units import (
+    EncodingKeys,
     ImageOutcome,
-    OutputOptions,
     Revalidation,
     SourceState,
     StoredOutput,
     WorkUnit,
-    encoding_key,
 )
 
 
@@ -44,11 +43,6 @@ def url_sha256(url: str) -> str:
 
 def owner_scope(owner: str | None) -> str:
     return owner or ""
-
-
-def _encoding_of(unit: WorkUnit, default_options: OutputOptions | None) -> str | None:
-    options = unit.options or default_options
-    return encoding_key(options) if options is not None else None
 
 
 # Built once, as the ledger's claim statements: run beside every claim.
@@ -95,20 +89,20 @@ _SOURCE_IDS = select(SourceValidators.id, SourceValidators.owner_scope, SourceVa
 
 
 def attach_revalidation(
-    session: Session, units: Sequence[WorkUnit], default_options: OutputOptions | None
+    session: Session, units: Sequence[WorkUnit], encodings: EncodingKeys
 ) -> list[WorkUnit]:
     """The units, each with what its owner's earlier imports of its URL left (if any).
-    `default_options` are the settings' encoding, for requests uploaded without options."""
+    `encodings` names each unit's encoding (its options and the output policy)."""
     if not units:
         return list(units)
     hashes = {unit.image_id: url_sha256(unit.input_url) for unit in units}
-    encodings = {encoding for unit in units if (encoding := _encoding_of(unit, default_options))}
+    wanted = {unit.image_id: encodings.of(unit.options) for unit in units}
     rows = (
         session.connection()
         .execute(
             _EARLIER_IMPORTS,
             {
-                "encodings": sorted(encodings),
+                "encodings": sorted({encoding for encoding in wanted.values() if encoding}),
                 "request_pks": sorted({unit.request_pk for unit in units}),
                 "url_hashes": sorted(set(hashes.values())),
             },
@@ -139,7 +133,7 @@ def attach_revalidation(
         if source is None:
             attached.append(unit)
             continue
-        output = outputs.get((unit.request_pk, hashes[unit.image_id], _encoding_of(unit, default_options)))
+        output = outputs.get((unit.request_pk, hashes[unit.image_id], wanted[unit.image_id]))
         attached.append(replace(unit, revalidation=Revalidation(source, output)))
     return attached
 
@@ -179,9 +173,7 @@ def _upserts(dialect: str):
     )
 
 
-def remember_sources(
-    session: Session, outcomes: Sequence[ImageOutcome], default_options: OutputOptions | None
-) -> None:
+def remember_sources(session: Session, outcomes: Sequence[ImageOutcome], encodings: EncodingKeys) -> None:
     """Store what these just-recorded successes learned about their sources, in the
     caller's transaction: one upsert of validators, one of outputs. Outcomes of requests
     deleted meanwhile are left out (their outputs are being removed)."""
@@ -231,10 +223,16 @@ def remember_sources(
     stored: dict[tuple[int, str], dict] = {}
     for key in keys:
         outcome, source = latest[key]
-        options = outcome.unit.options or default_options
-        if source.no_store or options is None or not outcome.output_key or key not in source_ids:
+        options = outcome.unit.options or encodings.default_options
+        encoding = encodings.of(outcome.unit.options)
+        if (
+            source.no_store
+            or options is None
+            or encoding is None
+            or not outcome.output_key
+            or key not in source_ids
+        ):
             continue
-        encoding = encoding_key(options)
         stored[source_ids[key], encoding] = {
             "source_id": source_ids[key],
             "encoding": encoding,

@@ -70,6 +70,30 @@ def options_from_json(text: str | None) -> OutputOptions | None:
     return OutputOptions(**json.loads(text))
 
 
+# Raise when a change to the stages changes an output's bytes for the same options and
+# settings (say, what metadata it keeps): outputs stored before are then encoded again
+# rather than reused by re-imports.
+OUTPUT_PIPELINE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class EncodingKeys:
+    """What decides an output's bytes besides its source, as the key its reuse is stored
+    under: the batch's options (the settings' for a batch uploaded without) and the
+    service's output policy (METADATA, COLOR_PROFILE, JPEG_OPTIMIZE and the pipeline's
+    version). An output made under another policy is never reused: it may carry metadata
+    or colours this one would not publish."""
+
+    default_options: OutputOptions | None = None
+    policy: str = ""
+
+    def of(self, options: OutputOptions | None) -> str | None:
+        options = options or self.default_options
+        if options is None:
+            return None
+        return f"{encoding_key(options)}|{self.policy}" if self.policy else encoding_key(options)
+
+
 @lru_cache(maxsize=256)
 def encoding_key(options: OutputOptions) -> str:
     """What makes two outputs of the same bytes equal: every option, as stable JSON
