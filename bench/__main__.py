@@ -36,6 +36,11 @@ Figures of each configuration; "median (min-max)" is over BENCH_RUNS runs:
    how many images it reused. Once per configuration.
 5. Celery against in-process on PostgreSQL, from the medians: photos (service time),
    tiny images per second, and what the broker adds to each image.
+6. input formats, on the compress stage alone (bench/formats.py, once): decode + encode
+   of HEIC and AVIF inputs per megapixel beside JPEG, and the output bytes
+   COLOR_PROFILE=srgb saves against keep on photographs tagged with installed profiles.
+Tiny-image and photo batches ask for new URLs each time (a query string), so every run
+measures downloading, decoding and encoding; re-imports are measured apart (4.).
 A cell marked with a trailing "✗" misses its target. A configuration that fails is
 reported as such and the others go on; the exit status is then 1.
 
@@ -817,6 +822,10 @@ def main(argv: list[str]) -> int:
         results["celery_vs_inprocess"] = celery_vs_inprocess(
             done["postgresql/inprocess"], done["postgresql/celery"]
         )
+    say("== input formats and colour profiles (the compress stage alone)")
+    from bench.formats import measure
+
+    results["formats"] = measure()
     results["bench_seconds"] = round(time.monotonic() - began)
     print_table(results)
     RESULTS_DIR.mkdir(exist_ok=True)

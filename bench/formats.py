@@ -80,21 +80,29 @@ def srgb_savings(megapixels: float) -> list[tuple[str, int, int, int]]:
     return rows
 
 
-def main() -> None:
+def measure() -> dict:
+    """Both figures, printed as they come; `make bench` keeps them in its JSON."""
     megapixels = env_int("BENCH_FORMAT_MP", 4)
     runs = env_int("BENCH_FORMAT_RUNS", 5)
     say(f"decode + encode of a {megapixels} MP photograph to JPEG quality 50, median of {runs}")
     figures = cost_per_megapixel(runs, megapixels)
     for fmt in ("HEIF", "AVIF"):
         say(f"{fmt} costs {figures[fmt] / figures['JPEG']:.2f}x a JPEG input")
+    result: dict = {"ms_per_megapixel": {fmt: round(ms, 1) for fmt, ms in figures.items()}}
     say("output bytes, COLOR_PROFILE=keep against srgb, a 1 MP photograph tagged with each profile")
     rows = srgb_savings(1)
     if rows:
         saved = sum(keep - srgb for _, _, keep, srgb in rows)
         total = sum(keep for _, _, keep, _ in rows)
         say(f"srgb saves {saved} B of {total} B over {len(rows)} images ({100 * saved / total:.1f}%)")
+        result["srgb_saves"] = {"bytes": saved, "of_bytes": total, "images": len(rows)}
     else:
         say(f"no RGB profiles under {PROFILE_FOLDER}: apt-get install colord-data icc-profiles-free")
+    return result
+
+
+def main() -> None:
+    measure()
 
 
 if __name__ == "__main__":
