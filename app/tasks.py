@@ -172,7 +172,7 @@ def process_next_images(
     full: work may be left."""
     deadline = time.monotonic() + max_seconds
     result = ClaimRound(last_request_served=after_request_pk)
-    running: set[Future] = set()
+    running: dict[Future, WorkUnit] = {}
     # Set when an image finishes or new work is committed: the loop's one thing to wait on.
     signal = wake or threading.Event()
     next_timed_claim = time.monotonic() + claim_every_seconds
@@ -198,7 +198,7 @@ def process_next_images(
         for unit in units:
             future = pool.submit(run, unit)
             future.add_done_callback(finished)
-            running.add(future)
+            running[future] = unit
         result.claimed += len(units)
         # Images passed over for their host's limit may be claimed as soon as this
         # process's images of it finish: claim again then, as after a full claim.
@@ -268,7 +268,8 @@ def process_next_images(
                 claim_if_due(woken=False)
             if abandoned():
                 break
-            running -= done
+            for future in done:
+                del running[future]
             outcomes = [outcome for future in done if (outcome := future.result()) is not None]
             for outcome in outcomes:
                 if outcome.retry_later:
@@ -278,6 +279,14 @@ def process_next_images(
             to_record += outcomes
             start_recording()
             claim_if_due(woken=False)
+    except BaseException:
+        # The loop failed (say, a claim while the database was away): nothing it still
+        # holds will be recorded by it. Hand each back (or, without a database, let its
+        # lease expire) as it finishes, rather than renewing its lease for ever.
+        held.hand_back(ledger, [outcome.unit for outcome in to_record])
+        for future, unit in running.items():
+            future.add_done_callback(lambda _, unit=unit: held.hand_back(ledger, [unit]))
+        raise
     finally:
         # A recording under way ends first (a stop makes its retries give up), so nothing
         # is recorded after this returns.

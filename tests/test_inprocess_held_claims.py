@@ -109,3 +109,46 @@ def test_an_image_still_running_when_the_grace_runs_out_is_handed_back_not_recor
         for attempt in range(1, 3):
             stages.let_go[attempt].set()
         services.close()
+
+
+def test_images_held_when_the_image_loop_fails_are_handed_back_and_run_again(make_settings):
+    settings = make_settings(recovery_interval_seconds=0.1)
+    stages = StagesHeldByTheTest()
+    services = build_parts(settings, runs_images=True, stages=stages)
+    engine = services.engine
+    runner = InProcessRunner.from_parts(services)
+    _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
+    claim_next = services.ledger.claim_next
+    failed = threading.Event()
+
+    def claim_failing_once(*args, **kwargs):
+        if not failed.is_set():
+            failed.set()
+            raise ConnectionError("the database went away")
+        return claim_next(*args, **kwargs)
+
+    runner.start()
+    try:
+        first = stages.started.get(timeout=10)
+        # The loop's next claim (every 0.1 s) fails while the image runs: the loop dies
+        # and is started again.
+        services.ledger.claim_next = claim_failing_once
+        assert failed.wait(timeout=10)
+        stages.let_go[first.attempt].set()
+        # Handed back, not renewed for ever: the restarted loop claims it again.
+        second = stages.started.get(timeout=15)
+        assert (second.image_id, second.attempt) == (image_id, first.attempt + 1)
+        stages.let_go[second.attempt].set()
+        deadline = time.monotonic() + 10
+        while True:
+            with writer_sessionmaker(engine)() as session:
+                if session.get(Image, image_id).status == "succeeded":
+                    break
+            assert time.monotonic() < deadline, "the image was never recorded"
+            time.sleep(0.05)
+        assert runner._held.units() == []
+    finally:
+        for attempt in range(1, 4):
+            stages.let_go[attempt].set()
+        runner.stop()
+        services.close()
