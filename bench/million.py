@@ -10,7 +10,7 @@ unique, generated into the work folder and sent from the file):
 - while the request runs: GET /status/{id}?limit=100 and GET /requests latency (p50,
   p95) over BENCH_STATUS_SECONDS;
 - POST /requests/{id}/cancel: the time to its answer, then to "cancelled"; then the
-  time to the first byte of its result CSV, and to its end;
+  time to the first byte of its result CSV, and to its first 100,000 lines;
 - DELETE /requests/{id}: the time to its answer, then until the status answers 404.
 The database (BENCH_POSTGRES_URL) is emptied first. Results are printed and saved under
 bench-results/ as bench-million-*.json.
@@ -44,6 +44,7 @@ from tests.support.service_process import ServiceProcess
 BOUNDARY = "bench-million-boundary"
 URLS_PER_ROW = 3
 WAIT_S = 600.0
+CSV_LINES = 100_000
 
 
 def write_upload_body(path: Path, rows: int, image_url: str) -> int:
@@ -146,17 +147,18 @@ def one_catalogue(service: ServiceProcess, work: Path, rows: int, image_url: str
         return service.get(f"/status/{request_id}").json()["status"] in FINISHED
 
     cancelled_s = cancel_answer_s + wait_for(is_finished, "cancel")
-    # The result CSV of the finished (cancelled) request: its first byte, then all of it.
+    # The result CSV of the finished (cancelled) request: its first byte, then its first
+    # 100,000 lines (the whole file of a million rows would take minutes of the bench).
     start = time.perf_counter()
     download_url = f"{service.base_url}/download/{request_id}"
     with service.http.get(download_url, stream=True, timeout=WAIT_S) as download:
         download.raise_for_status()
-        chunks = download.iter_content(64 * 1024)
-        next(chunks)
+        lines = download.iter_lines()
+        next(lines)
         first_byte_ms = (time.perf_counter() - start) * 1000
-        for _ in chunks:
+        for _ in zip(range(CSV_LINES), lines, strict=False):
             pass
-        whole_csv_s = time.perf_counter() - start
+        csv_lines_s = time.perf_counter() - start
 
     start = time.perf_counter()
     deleted = service.http.delete(f"{service.base_url}/requests/{request_id}", timeout=WAIT_S)
@@ -175,7 +177,7 @@ def one_catalogue(service: ServiceProcess, work: Path, rows: int, image_url: str
         "status_ms": summary(status_ms),
         "requests_list_ms": summary(list_ms),
         "result_csv_first_byte_ms": round(first_byte_ms, 1),
-        "result_csv_whole_s": round(whole_csv_s, 2),
+        "result_csv_100k_lines_s": round(csv_lines_s, 2),
         "status_after_cancel": state,
         "cancel_answer_s": round(cancel_answer_s, 3),
         "cancel_to_finished_s": round(cancelled_s, 2),

@@ -139,6 +139,7 @@ class Cancellation:
     cancelled_images: int
     event_id: int | None = None
     finished_before: bool = False  # the request had already finished (not by a cancel)
+    last_image_id: int = 0  # of a batch (cancel with a limit): where the next one starts
 
 
 @dataclass(frozen=True)
@@ -503,7 +504,7 @@ class ImageLedger:
         except Exception:
             log.exception("could not remove the outputs stored for deleted requests %s", sorted(request_ids))
 
-    def cancel(self, request_pk: int, limit: int | None = None) -> Cancellation:
+    def cancel(self, request_pk: int, limit: int | None = None, after_image_id: int = 0) -> Cancellation:
         """Cancel a request: its pending images (waiting for a retry too) become cancelled,
         guarded like a claim, so none is claimed afterwards; images in flight finish. The
         request finishes `cancelled` here if nothing of it is in flight, else when the last
@@ -513,7 +514,8 @@ class ImageLedger:
         With `limit`, at most that many images are cancelled, so the transaction holds
         its locks briefly however large the request: the request is `cancelling`
         meanwhile, a status no claim serves (app/ledger/turns.py takes unfinished requests
-        only), and calling again cancels the next ones (fewer than `limit`: the last)."""
+        only), and calling again with the batch's last_image_id cancels the next ones; a
+        batch that finds none was the last."""
         now = utcnow()
         with self.sessions.begin() as session:
             connection = session.connection()
@@ -531,10 +533,19 @@ class ImageLedger:
                 # SKIP LOCKED (PostgreSQL): a batch never waits for the images a claim is
                 # taking (the claim gets them, and they run as images in flight), so a
                 # claim and a batch never lock the same images in opposite orders.
+                # In id order from where the last batch ended: the primary key is the
+                # index PostgreSQL takes for this request's images when they are most of
+                # the table, and a scan from the start would pass the images cancelled
+                # by every batch before.
                 batch = connection.scalars(
-                    select(Image.id).where(*waiting).limit(limit).with_for_update(skip_locked=True)
+                    select(Image.id)
+                    .where(*waiting, Image.id > after_image_id)
+                    .order_by(Image.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
                 ).all()
                 chosen = (Image.id.in_(batch),)
+                after_image_id = batch[-1] if batch else after_image_id
             cancelled = connection.execute(
                 update(Image.__table__)
                 .where(*waiting, *chosen)
@@ -560,7 +571,7 @@ class ImageLedger:
             status = connection.scalar(
                 select(ProcessingRequest.status).where(ProcessingRequest.id == request_pk)
             )
-        return Cancellation(status, cancelled, event_id)
+        return Cancellation(status, cancelled, event_id, last_image_id=after_image_id)
 
     def retry_failed(
         self, session: Session, request_pk: int, error_codes: Collection[str] | None = None

@@ -66,21 +66,29 @@ def cancel_request(ledger: ImageLedger, request: ProcessingRequest) -> Cancellat
 
 
 def more_to_cancel(cancellation: Cancellation) -> bool:
-    """Whether the request may have images left to cancel. Not "a whole batch": a claim
-    may take some of a batch's images first, and the batch then falls short."""
-    return cancellation.status == RequestStatus.CANCELLING and cancellation.cancelled_images > 0
+    """Whether the request may have images left to cancel: it is still `cancelling`."""
+    return cancellation.status == RequestStatus.CANCELLING
 
 
-def cancel_the_rest(ledger: ImageLedger, request_pk: int) -> list[int]:
-    """The pending images of a cancelling request, CANCEL_BATCH_IMAGES a transaction
-    (each holds its locks for a fraction of a second), until a batch finds none; returns
-    the webhook event the last one created, if it finished the request."""
+def cancel_the_rest(ledger: ImageLedger, request_pk: int, after_image_id: int = 0) -> list[int]:
+    """The pending images of a cancelling request after `after_image_id` (where the
+    first batch ended), CANCEL_BATCH_IMAGES a transaction (each holds its locks for a
+    fraction of a second), then once more from the start (an image in flight may have
+    gone back to pending behind the batches, e.g. after a transient failure), until a
+    batch from the start finds none; returns the webhook event the last one created, if
+    it finished the request."""
     events = []
     while True:
-        cancellation = ledger.cancel(request_pk, limit=CANCEL_BATCH_IMAGES)
+        cancellation = ledger.cancel(request_pk, limit=CANCEL_BATCH_IMAGES, after_image_id=after_image_id)
         if cancellation.event_id is not None:
             events.append(cancellation.event_id)
         if cancellation.finished_before or not more_to_cancel(cancellation):
+            return events
+        if cancellation.last_image_id != after_image_id:
+            after_image_id = cancellation.last_image_id
+        elif after_image_id:
+            after_image_id = 0
+        else:
             return events
 
 
@@ -158,6 +166,9 @@ def finish_deleting(
 def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: int, request_id: str) -> None:
     removed = storage.delete_prefix(request_prefix(request_id))
     for table in (Image, Product):
+        # In id order from where the last chunk ended, so no chunk passes the rows of
+        # the chunks before it (dead until vacuumed) again.
+        after_id = 0
         # Until a chunk finds nothing: two deletes of one request at once (a DELETE and a
         # sweep) take chunks from each other, so a short chunk does not mean the end.
         while True:
@@ -165,8 +176,12 @@ def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: 
                 # The ids first, then a DELETE by primary key: as one statement with a
                 # subquery, PostgreSQL hashes the ids and scans every row of the table.
                 chunk = session.scalars(
-                    select(table.id).where(table.request_pk == request_pk).limit(DELETE_CHUNK_ROWS)
+                    select(table.id)
+                    .where(table.request_pk == request_pk, table.id > after_id)
+                    .order_by(table.id)
+                    .limit(DELETE_CHUNK_ROWS)
                 ).all()
+                after_id = chunk[-1] if chunk else after_id
                 deleted = (
                     session.execute(
                         delete(table).where(table.id.in_(chunk)).execution_options(synchronize_session=False)

@@ -66,10 +66,10 @@ def cancel(
     if cancellation.event_id is not None:
         runner.notify_webhooks()
     if more_to_cancel(cancellation):
-        request_pk = request.id
+        request_pk, after_image_id = request.id, cancellation.last_image_id
 
         def cancel_rest() -> None:
-            if cancel_the_rest(ledger, request_pk):
+            if cancel_the_rest(ledger, request_pk, after_image_id):
                 runner.notify_webhooks()
 
         background.add_task(cancel_rest)
