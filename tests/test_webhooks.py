@@ -571,3 +571,23 @@ def test_an_event_is_claimed_while_its_attempt_runs(make_settings, image_server)
         assert (_event(services, event_id).state, _event(services, event_id).attempts) == ("delivered", 1)
     finally:
         services.close()
+
+
+def test_the_latest_event_is_the_newest_of_the_request(make_settings, webhook_receiver):
+    """A retried request has an event per finish; its status shows the newest."""
+    from app.composition import build_parts
+    from app.db.models import ProcessingRequest
+    from app.db.session import writer_sessionmaker
+    from app.webhooks.events import create_finished_event, latest_event
+
+    services = build_parts(make_settings(), runs_images=False)
+    try:
+        first_id = _event_for(services, webhook_receiver.new_url())
+        request_pk = _event(services, first_id).request_pk
+        with writer_sessionmaker(services.engine).begin() as session:
+            second_id = create_finished_event(session, session.get(ProcessingRequest, request_pk), "http://t")
+        with writer_sessionmaker(services.engine)() as session:
+            assert latest_event(session, request_pk).id == second_id > first_id
+            assert latest_event(session, request_pk + 1000) is None
+    finally:
+        services.close()
