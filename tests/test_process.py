@@ -406,10 +406,14 @@ def test_a_retry_puts_back_the_failed_images_of_its_own_request_with_a_fresh_sta
     engine, services, image_server
 ):
     missing = [image_server.add(b"gone", "text/plain", status=404, suffix=".jpg") for _ in range(2)]
-    request_pk, ids = make_batch(engine, [(1, "A", missing)])
+    request_pk, (*ids, copy_id) = make_batch(engine, [(1, "A", missing), (2, "A copy", missing[:1])])
     _, other_ids = make_batch(engine, [(1, "B", missing[:1])])
     for image_id in ids + other_ids:
         process_image(services.ledger, services.stages, image_id)
+    assert (image_row(engine, copy_id).status, image_row(engine, copy_id).error_code) == (
+        "failed",
+        "http_404",
+    )
     assert request_row(engine, request_pk).status == "failed"
     with writer_sessionmaker(engine).begin() as session:  # what earlier rounds left
         session.execute(update(Image).where(Image.id.in_(ids)).values(transient_failures=2, crash_count=1))
@@ -419,7 +423,9 @@ def test_a_retry_puts_back_the_failed_images_of_its_own_request_with_a_fresh_sta
             "failed", 0
         )
     with writer_sessionmaker(engine).begin() as session:
-        assert services.ledger.retry_failed(session, request_pk) == FailedImagesRetry("failed", 2)
+        assert services.ledger.retry_failed(session, request_pk) == FailedImagesRetry("failed", 3)
+    copy = image_row(engine, copy_id)  # a copy again, waiting for its source's new result
+    assert (copy.status, copy.error_code, copy.error_message, copy.finished_at) == ("copy", None, None, None)
     for image_id in ids:
         image = image_row(engine, image_id)
         assert (image.status, image.transient_failures, image.crash_count) == ("pending", 0, 0)
@@ -431,3 +437,25 @@ def test_a_retry_puts_back_the_failed_images_of_its_own_request_with_a_fresh_sta
     # A request that is running is not retried.
     with writer_sessionmaker(engine).begin() as session:
         assert services.ledger.retry_failed(session, request_pk) == FailedImagesRetry("processing", 0)
+
+
+def test_release_renew_and_charge_change_only_the_claims_they_name(engine, services, image_server):
+    url = image_server.add(images.jpeg())
+    _, (a, b) = make_batch(engine, [(1, "A", [f"{url}?a", f"{url}?b"])])
+    stale, unit_b = services.ledger.claim_images([a, b])
+    assert stale.attempt == unit_b.attempt
+    services.ledger.release([stale])
+    assert (image_row(engine, a).status, image_row(engine, b).status) == ("pending", "processing")
+
+    (fresh,) = services.ledger.claim_images([a])
+    services.ledger.release([stale])  # an old claim of the image: changes nothing
+    services.ledger.charge_crashes([(stale.image_id, stale.attempt)])
+    image = image_row(engine, a)
+    assert (image.status, image.attempts, image.crash_count) == ("processing", fresh.attempt, 0)
+
+    long_ago = utcnow() - timedelta(hours=1)
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(update(Image).where(Image.id.in_([a, b])).values(claimed_at=long_ago))
+    services.ledger.renew_leases([stale, unit_b])
+    assert image_row(engine, a).claimed_at == long_ago  # the old claim renews nothing
+    assert image_row(engine, b).claimed_at > long_ago

@@ -419,17 +419,26 @@ def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next
         _set_event(services, event_id, claimed_at=utcnow())  # another process is on it
         assert deliverer.due_event_ids() == [] and deliverer.seconds_until_next_due() is None
         assert deliverer.attempt(event_id) is False
-        _set_event(services, event_id, claimed_at=utcnow() - CLAIM_LEASE - timedelta(seconds=1))
-        assert deliverer.due_event_ids() == [event_id] and deliverer.seconds_until_next_due() == 0.0
-
         _set_event(services, event_id, claimed_at=None, next_attempt_at=utcnow() + timedelta(seconds=50))
         assert deliverer.due_event_ids() == [] and 40 < deliverer.seconds_until_next_due() <= 50
         assert deliverer.attempt(event_id) is False
         assert webhook_receiver.received(hook) == []
 
-        _set_event(services, event_id, next_attempt_at=utcnow())
+        # Due, and the claim of a process that stopped long ago has run out.
+        other_id = _event_for(services, webhook_receiver.new_url())  # due as well
+        _set_event(
+            services,
+            event_id,
+            next_attempt_at=utcnow(),
+            claimed_at=utcnow() - CLAIM_LEASE - timedelta(seconds=1),
+        )
+        assert sorted(deliverer.due_event_ids()) == sorted([event_id, other_id])
+        assert deliverer.seconds_until_next_due() == 0.0
         before = utcnow()
         assert deliverer.attempt(event_id) is True
+        other = _event(services, other_id)  # the attempt took only the event it names
+        assert (other.attempts, other.claimed_at, other.state) == (0, None, "pending")
+        _set_event(services, other_id, state="delivered")
         event = _event(services, event_id)
         assert (event.state, event.attempts, event.claimed_at) == ("pending", 1, None)
         assert (event.last_status_code, event.last_error, event.delivered_at) == (300, "HTTP 300", None)
@@ -526,5 +535,61 @@ def test_a_redelivery_queues_the_latest_event_at_once_even_while_an_attempt_hold
         event = _event(services, event_id)
         assert (event.state, event.claimed_at, event.attempts_before_redelivery) == ("pending", None, 3)
         assert services.deliverer.due_event_ids() == [event_id]
+    finally:
+        services.close()
+
+
+def test_an_event_is_claimed_while_its_attempt_runs(make_settings, image_server):
+    """Two attempts of the same event at once: one posts, the other finds it claimed."""
+    import threading
+    import time
+
+    from app.composition import build_parts
+    from tests.support.servers import send
+
+    posted = []
+
+    def slow_receiver(request):
+        posted.append(request.path)
+        time.sleep(0.5)
+        send(request, 200, b"ok", {"Content-Type": "text/plain"})
+
+    services = build_parts(make_settings(), runs_images=False)
+    try:
+        event_id = _event_for(services, image_server.add_handler(slow_receiver))
+        start = threading.Barrier(2)
+        made = []
+
+        def attempt():
+            start.wait()
+            made.append(services.deliverer.attempt(event_id))
+
+        threads = [threading.Thread(target=attempt) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(made) == [False, True] and len(posted) == 1
+        assert (_event(services, event_id).state, _event(services, event_id).attempts) == ("delivered", 1)
+    finally:
+        services.close()
+
+
+def test_the_latest_event_is_the_newest_of_the_request(make_settings, webhook_receiver):
+    """A retried request has an event per finish; its status shows the newest."""
+    from app.composition import build_parts
+    from app.db.models import ProcessingRequest
+    from app.db.session import writer_sessionmaker
+    from app.webhooks.events import create_finished_event, latest_event
+
+    services = build_parts(make_settings(), runs_images=False)
+    try:
+        first_id = _event_for(services, webhook_receiver.new_url())
+        request_pk = _event(services, first_id).request_pk
+        with writer_sessionmaker(services.engine).begin() as session:
+            second_id = create_finished_event(session, session.get(ProcessingRequest, request_pk), "http://t")
+        with writer_sessionmaker(services.engine)() as session:
+            assert latest_event(session, request_pk).id == second_id > first_id
+            assert latest_event(session, request_pk + 1000) is None
     finally:
         services.close()
