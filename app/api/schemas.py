@@ -165,7 +165,10 @@ class RequestSummary(BaseModel):
     request_id: str
     status: RequestStatus = Field(
         examples=["completed"],
-        description="pending, processing, or finished: completed, completed_with_errors, failed, cancelled",
+        description=(
+            "pending, processing, cancelling (a cancel is under way), deleting (a DELETE is under way), "
+            "or finished: completed, completed_with_errors, failed, cancelled"
+        ),
     )
     cancel_requested_at: datetime | None = Field(
         None, description="when a cancel came; the request ends `cancelled` once nothing of it is in flight"

@@ -3,6 +3,7 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import OutputUrlsDep, ProcessingRequestDep, ReaderSessionsDep, SettingsDep
 from app.api.routes.problems import PROBLEM_RESPONSES
+from app.db.models import RequestStatus
 from app.errors import Conflict
 from app.services.results import result_csv_lines
 
@@ -28,7 +29,8 @@ def download_results(
     output_urls: OutputUrlsDep,
     settings: SettingsDep,
 ) -> StreamingResponse:
-    if request.completed_at is None:
+    if request.completed_at is None or request.status == RequestStatus.DELETING:
+        # A request being deleted loses its rows in chunks: its CSV would be cut short.
         raise Conflict(
             f"request {request.request_id} is {request.status}; the CSV is ready when it finishes",
             request_status=request.status,
