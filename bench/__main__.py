@@ -514,25 +514,30 @@ def cancel_and_delete(service: ServiceProcess, request_id: str) -> dict:
             state = status(service, request_id)["status"]
     cancelled_s = time.perf_counter() - start
 
-    # A large request's DELETE answers 202 ("deleting") and goes on in the background:
-    # its time runs until the status answers 404.
-    start = time.perf_counter()
-    response = service.http.delete(f"{service.base_url}/requests/{request_id}", timeout=CANCEL_TIMEOUT_S)
-    delete_answer_s = time.perf_counter() - start
-    if response.status_code not in (202, 204):
-        raise RuntimeError(f"DELETE answered {response.status_code}: {response.text[:300]}")
-    while response.status_code != 404:
-        if time.perf_counter() - start > CANCEL_TIMEOUT_S:
-            raise RuntimeError(f"request {request_id} not gone {CANCEL_TIMEOUT_S} s after its DELETE")
-        time.sleep(STATUS_INTERVAL_S)
-        response = service.get(f"/status/{request_id}?limit=1")
+    delete_answer_s, delete_s = delete_and_wait(service, request_id, CANCEL_TIMEOUT_S)
     return {
         "finished_before_cancel": finished_before,
         "cancel_answer_s": None if finished_before else cancel_answer_s,
         "cancel_to_cancelled_s": None if finished_before else cancelled_s,
         "delete_answer_s": delete_answer_s,
-        "delete_s": time.perf_counter() - start,
+        "delete_s": delete_s,
     }
+
+
+def delete_and_wait(service: ServiceProcess, request_id: str, timeout_s: float) -> tuple[float, float]:
+    """DELETE the request; the seconds to its answer and until its status answers 404. A
+    large request's DELETE answers 202 ("deleting") and goes on in the background."""
+    start = time.perf_counter()
+    response = service.http.delete(f"{service.base_url}/requests/{request_id}", timeout=timeout_s)
+    answer_s = time.perf_counter() - start
+    if response.status_code not in (202, 204):
+        raise RuntimeError(f"DELETE answered {response.status_code}: {response.text[:300]}")
+    while response.status_code != 404:
+        if time.perf_counter() - start > timeout_s:
+            raise RuntimeError(f"request {request_id} not gone {timeout_s} s after its DELETE")
+        time.sleep(STATUS_INTERVAL_S)
+        response = service.get(f"/status/{request_id}?limit=1")
+    return answer_s, time.perf_counter() - start
 
 
 def big_csv_run(service: ServiceProcess, bench: Bench, run: int) -> dict:

@@ -31,6 +31,7 @@ from bench.__main__ import (
     Bench,
     Configuration,
     Params,
+    delete_and_wait,
     empty_postgres,
     ensure_postgres_database,
     percentile,
@@ -160,14 +161,7 @@ def one_catalogue(service: ServiceProcess, work: Path, rows: int, image_url: str
             pass
         csv_lines_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    deleted = service.http.delete(f"{service.base_url}/requests/{request_id}", timeout=WAIT_S)
-    delete_answer_s = time.perf_counter() - start
-    if deleted.status_code not in (202, 204):
-        raise RuntimeError(f"DELETE answered {deleted.status_code}: {deleted.text[:300]}")
-    gone_s = delete_answer_s + wait_for(
-        lambda: service.get(f"/status/{request_id}").status_code == 404, "delete"
-    )
+    delete_answer_s, gone_s = delete_and_wait(service, request_id, WAIT_S)
     figures = {
         "rows": rows,
         "images": rows * URLS_PER_ROW,
