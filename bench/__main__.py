@@ -589,13 +589,18 @@ def big_csv_runs(service: ServiceProcess, bench: Bench) -> dict:
 # -- 4. memory -------------------------------------------------------------------------------
 
 
+def child_pids(pid: int) -> list[int]:
+    """The process's children (its image worker processes), from every thread's list."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of the service and its worker processes, added up."""
-    total_kb = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            total_kb += _peak_kb(int(child))
-    return (total_kb + _peak_kb(pid)) / 1024
+    return (sum(_peak_kb(child) for child in child_pids(pid)) + _peak_kb(pid)) / 1024
 
 
 def _peak_kb(pid: int) -> int:

@@ -22,18 +22,10 @@ from app.db.session import writer_sessionmaker
 from app.ledger.units import ImageOutcome, SourceState, WorkUnit
 from app.services.batches import create_batch
 from app.services.csv_checks import CsvLimits
-from bench.__main__ import say
+from bench.__main__ import csv_bytes, say
 
 CLAIM = 16
 URLS_PER_ROW = 3
-
-
-def catalogue_csv(images: int) -> bytes:
-    lines = ["S. No.,Product Name,Input Image Urls"]
-    for row in range(images // URLS_PER_ROW):
-        urls = ",".join(f"http://127.0.0.1:9/{row}-{n}.jpg" for n in range(URLS_PER_ROW))
-        lines.append(f'{row + 1},Product {row},"{urls}"')
-    return ("\n".join(lines) + "\n").encode()
 
 
 def succeeded(unit: WorkUnit) -> ImageOutcome:
@@ -89,7 +81,8 @@ def main() -> None:
         fetch_per_host_concurrency=64,
     )
     parts = build_parts(settings, runs_images=False)
-    csv_file = catalogue_csv(images)
+    urls = [f"http://127.0.0.1:9/{n}.jpg" for n in range(images - images % URLS_PER_ROW)]
+    csv_file = csv_bytes(urls, URLS_PER_ROW)
     limits = CsvLimits(max_bytes=1 << 30, max_line_bytes=1 << 20, max_rows=10**7, max_urls_per_row=50)
     try:
         for label in ("first import", "re-import"):

@@ -19,6 +19,7 @@ from bench.__main__ import (
     LocalServer,
     Params,
     WebhookReceiver,
+    child_pids,
     running_service,
     say,
     service_env,
@@ -60,11 +61,6 @@ def main() -> None:
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of the process and of its children, so far."""
     tick = os.sysconf("SC_CLK_TCK")
-    children = [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
 
     def used(of: int) -> float:
         try:
@@ -73,7 +69,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / tick
 
-    return used(pid), sum(used(child) for child in children)
+    return used(pid), sum(used(child) for child in child_pids(pid))
 
 
 if __name__ == "__main__":
