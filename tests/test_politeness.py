@@ -19,7 +19,7 @@ from app.db.base import utcnow
 from app.db.models import Host, Image, ProcessingRequest
 from app.db.session import writer_sessionmaker
 from app.main import create_app
-from app.net.urls import url_host
+from app.net.urls import UrlHosts, url_host
 from app.services.batches import create_batch
 from app.services.csv_checks import CsvLimits
 from tests.conftest import csv_of, upload, wait_finished
@@ -100,6 +100,26 @@ def test_the_host_is_the_urls_authority_lower_cased_with_a_port_other_than_the_d
     assert url_host("https://cdn.example.com:443#top") == "cdn.example.com"
     assert url_host("http://127.0.0.1:8080?x") == "127.0.0.1:8080"
     assert url_host("https://[::1]:80/x") == "[::1]:80"
+
+
+def test_hosts_remembered_over_an_upload_are_each_urls_own_host():
+    urls = [
+        "https://CDN.example.com/a.jpg",
+        "https://cdn.example.com/b.jpg",
+        "http://cdn.example.com/a.jpg",
+        "http://cdn.example.com:80/a.jpg",
+        "http://cdn.example.com:8080/a.jpg",
+        "https://user@cdn.example.com/a.jpg",
+        "http://a.example.com?x=1/y",
+        "http://a.example.com?x=2/y",
+        "http://b.example.com#z/y",
+        "https://c.example.com",
+        "https://c.example.com:443",
+        "https://[::1]:80/x",
+        "https://cdn.example.com/b.jpg",
+    ] + [f"https://h{n}.example.com/{n}.jpg" for n in range(UrlHosts.MAX_REMEMBERED + 10)]
+    host_of = UrlHosts()
+    assert [host_of(url) for url in urls + urls] == [url_host(url) for url in urls + urls]
 
 
 def test_uploads_store_each_images_host_and_a_row_per_host(parts_of, origins):

@@ -21,7 +21,7 @@ from app.services.bulk_insert import (
     link_copies,
     uses_copy,
 )
-from app.services.csv_checks import CheckedRows, CsvLimits, check_csv, most_rows
+from app.services.csv_checks import CheckedRows, CsvLimits, SpooledRows, check_csv, most_rows
 
 
 def checked_webhook_url(webhook_url: str | None) -> str | None:
@@ -57,17 +57,20 @@ def create_batch(
     COPY) the rows are checked while they are sent: the server inserts on one core while
     this process reads the CSV on the other, and the transaction holds no lock another
     upload or a worker waits for until its last statements. Elsewhere the whole CSV is
-    checked first and read again to be stored: on SQLite the write transaction holds the
-    database's one write lock, which every upload and worker waits for, so it is taken
-    only once the file is known to be good."""
-    streaming = uses_copy(session.get_bind())
+    checked first, its good rows spooled to a temporary file (check_csv) and stored from
+    there: on SQLite the write transaction holds the database's one write lock, which
+    every upload and worker waits for, so it is taken only once the file is known to be
+    good."""
     start = csv_file.tell()
-    if not streaming:
-        check_csv(csv_file, limits)
-        csv_file.seek(start)
-    bound = most_rows(csv_file, limits)
     csv_bytes = csv_file.seek(0, io.SEEK_END) - start
     csv_file.seek(start)
+    checked: CheckedRows | SpooledRows
+    if uses_copy(session.get_bind()):
+        bound = most_rows(csv_file, limits)
+        checked = CheckedRows(csv_file, limits)
+    else:
+        checked = check_csv(csv_file, limits)
+        bound = checked.row_count
     request = ProcessingRequest(
         request_id=str(uuid.uuid4()),
         status=RequestStatus.PENDING,
@@ -78,7 +81,6 @@ def create_batch(
     session.add(request)
     session.flush()
     connection = session.connection()
-    checked = CheckedRows(csv_file, limits)
     hosts: set[str] = set()
     repeated = RepeatedUrls(csv_bytes)
     insert_rows(connection, request.id, checked, bound, hosts, repeated, chunk_rows)
