@@ -261,6 +261,20 @@ def test_formula_escaping_can_be_turned_off(make_settings, image_server):
         assert _downloaded_names(client, image_server) == FORMULA_NAMES
 
 
+def test_the_result_csv_holds_every_product_across_its_pages_in_csv_order(client, image_server):
+    """2,500 products: three pages of the result CSV's reads (and sends); rows naming one
+    URL are copies of its first image, so one fetch serves them all."""
+    url = image_server.add(images.jpeg())
+    rows = [(serial, f"P{serial}", [url]) for serial in range(1, 2501)]
+    request_id = upload(client, csv_of(rows)).json()["request_id"]
+    wait_finished(client, request_id)
+    table = list(csv.reader(io.StringIO(client.get(f"/download/{request_id}").text)))
+    assert table[0] == ["S. No.", "Product Name", "Input Image Urls", "Output Image Urls"]
+    assert [(row[0], row[1], row[2]) for row in table[1:]] == [(str(n), f"P{n}", url) for n, _, _ in rows]
+    outputs = {row[3] for row in table[1:]}
+    assert len(outputs) == 1 and outputs.pop().startswith("http")
+
+
 @pytest.mark.parametrize("cell", ["=1+2", "+1", "-1", "@A1", "\tx", "\rx"])
 def test_every_formula_start_is_neutralised(cell):
     from app.services.csv_input import neutralised

@@ -5,7 +5,6 @@ are collected in `errors` (bounded) and the caller refuses the upload if any wer
 """
 
 import csv
-import io
 import re
 from array import array
 from bisect import bisect_left
@@ -301,9 +300,3 @@ def neutralised(cell: str) -> str:
     """The cell as a spreadsheet will show it as text rather than run it: prefixed with '
     if it starts like a formula."""
     return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
-
-
-def write_csv_line(cells: list[str]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\r\n").writerow(cells)
-    return buffer.getvalue()
