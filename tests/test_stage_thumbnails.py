@@ -72,6 +72,24 @@ def test_the_stage_stores_the_thumbnail_and_the_route_serves_it_without_opening_
     assert image_opens == []
 
 
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_a_jpeg_output_within_the_thumbnail_box_is_its_own_thumbnail(
+    client, image_server, media_root, output_format
+):
+    status = _finished_batch(client, image_server, [images.jpeg((64, 48))], format=output_format)
+    result = status["products"][0]["images"][0]
+    file_name = _file_name(result["output_url"])
+    image_id = int(file_name.split(".")[0])
+    thumbnail = (media_root / thumbnail_key(status["request_id"], image_id)).read_bytes()
+    output = client.get(f"/thumbnails/{status['request_id']}/{file_name}")
+    assert output.status_code == 200 and output.content == thumbnail
+    assert OPEN_IMAGE(io.BytesIO(thumbnail)).size == (64, 48)
+    output_bytes = client.get(result["output_url"]).content
+    # A WebP output still gets a JPEG thumbnail of its own.
+    assert (thumbnail == output_bytes) is (output_format == "jpeg")
+    assert OPEN_IMAGE(io.BytesIO(thumbnail)).format == "JPEG"
+
+
 def test_an_output_stored_without_a_thumbnail_gets_the_placeholder_not_a_decode(
     client, image_server, media_root, image_opens
 ):

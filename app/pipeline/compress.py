@@ -225,9 +225,21 @@ def compress_image(
             if encoding.output_format != "JPEG":
                 params["xmp"] = b""
             encoded = _encode(image, encoding.output_format, **params)
-            thumbnail = make_thumbnail(image, thumbnail_side) if thumbnail_side > 0 else None
+            # An output that fits the thumbnail's box as a JPEG with no profile is its own
+            # thumbnail: a second encode of the same pixels would only change the quality.
+            output_is_thumbnail = (
+                thumbnail_side > 0
+                and encoding.output_format == "JPEG"
+                and not params["icc_profile"]
+                and max(width, height) <= thumbnail_side
+            )
+            thumbnail = None
+            if thumbnail_side > 0 and not output_is_thumbnail:
+                thumbnail = make_thumbnail(image, thumbnail_side)
             del image  # the pixels go before the output is copied out, so it can reuse them
             output = encoded()
+            if output_is_thumbnail:
+                thumbnail = output
         except (
             OSError,
             ValueError,
