@@ -93,15 +93,14 @@ def check_csv(csv_file: BinaryIO, limits: CsvLimits) -> "SpooledRows":
 
 
 class SpooledRows:
-    """Checked rows in a temporary file, a marshal record of CHUNK_ROWS rows each (in memory
-    up to SPOOL_MEMORY_BYTES, on disk past it), each after its length: iterate them once to store them. Closed
-    when collected."""
+    """Checked rows in a temporary file, a marshal record of CHUNK_ROWS rows each, after its
+    length: iterate them once to store them. Memory holds a chunk; the file is closed when
+    collected."""
 
     CHUNK_ROWS = 5000
-    SPOOL_MEMORY_BYTES = 8 << 20
 
     def __init__(self) -> None:
-        self.file = tempfile.SpooledTemporaryFile(max_size=self.SPOOL_MEMORY_BYTES)  # noqa: SIM115
+        self.file = tempfile.TemporaryFile()  # noqa: SIM115
         self.row_count = 0
         self.total_images = 0
 
