@@ -215,6 +215,36 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
     assert (request.succeeded_images, request.failed_images, request.status) == (2, 0, "completed")
 
 
+def test_a_storage_failure_waits_its_own_backoff_even_when_its_host_has_just_asked_for_less(
+    engine, retrying_services, storage, image_server
+):
+    """The host answered this image; only the storage failed. Its host's backoff (asked
+    for by another image's 429 in the same round) is no reason to come back sooner."""
+    services = retrying_services
+    _, (stored_id, refused_id) = make_batch(
+        engine,
+        [
+            (1, "A", [image_server.add(images.jpeg())]),
+            (2, "B", [image_server.add(b"slow down", "text/plain", 429, headers={"Retry-After": "1"})]),
+        ],
+    )
+    storage.full.set()
+    units = services.ledger.claim_images([stored_id, refused_id])
+    outcomes = [services.stages.run(unit) for unit in units]
+    assert [(o.error_code, o.retry_later, o.origin_failure) for o in outcomes] == [
+        ("storage_error", True, False),
+        ("http_429", True, True),
+    ]
+    before = utcnow()
+    services.ledger.record_outcomes(outcomes)
+    after = utcnow()
+    stored, refused = image_row(engine, stored_id), image_row(engine, refused_id)
+    assert stored.status == refused.status == "pending"
+    # The origin's image waits for the second its host asked for; the other the storage's 10 s.
+    assert before + timedelta(seconds=1) <= refused.retry_at <= after + timedelta(seconds=1)
+    assert before + timedelta(seconds=10) <= stored.retry_at <= after + timedelta(seconds=10)
+
+
 def test_a_transient_failure_puts_back_only_the_image_and_claim_it_names(
     engine, retrying_services, storage, image_server, settings
 ):
