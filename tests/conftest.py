@@ -279,12 +279,6 @@ def pytest_report_header(config) -> str:
     return f"database: {os.environ.get('TEST_DATABASE_URL') or 'SQLite (temporary file)'}"
 
 
-NEED_THE_LIVE_DEADLINE_THREAD = {
-    "test_slow_servers_are_cut_off_by_the_wall_clock_deadline",
-    "test_pooled_connections_still_work_after_a_deadline_cut",
-}
-
-
 def pytest_collection_modifyitems(config, items) -> None:
     """On PostgreSQL (TEST_DATABASE_URL), a test that never touches a database (no
     `database_url` among its fixtures: image codecs, the URL grammar, the fetcher against
@@ -297,14 +291,11 @@ def pytest_collection_modifyitems(config, items) -> None:
             durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
             items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
         # mutmut runs each mutant in a process forked from one that has fetched already:
-        # the fetch deadline's thread (app/net/guard.py) did not survive the fork, so these
-        # would fail whatever the mutant. The reaper's own tests make a reaper of their own.
-        dead_reaper = pytest.mark.skip(
-            reason="the fetch deadline's thread is not alive in a forked mutant run"
-        )
-        for item in items:
-            if getattr(item, "originalname", None) in NEED_THE_LIVE_DEADLINE_THREAD:
-                item.add_marker(dead_reaper)
+        # the fetch deadline's thread (app/net/guard.py) did not survive the fork. A new
+        # reaper starts a thread of its own at its first deadline.
+        from app.net import guard
+
+        guard._reaper = guard.DeadlineReaper()
     if not os.environ.get("TEST_DATABASE_URL"):
         return
     repeat = pytest.mark.skip(reason="touches no database: its SQLite run covers it")
