@@ -143,6 +143,31 @@ def test_renewed_leases_are_not_taken_back(engine, services, image_server, setti
     assert services.ledger.claim_images([image_id]) == []
 
 
+def test_the_claims_of_a_process_that_stopped_renewing_are_taken_back_and_no_others(
+    engine, services, image_server, settings
+):
+    """What the runner's recovery asks the ledger, called directly: whether some image is
+    claimable, then the images whose lease ran out, claimed again (up to the limit)."""
+    urls = [image_server.add(images.jpeg()) for _ in range(3)]
+    _, ids = make_batch(engine, [(n, f"P{n}", [url]) for n, url in enumerate(urls, start=1)])
+    units = services.ledger.claim_images(ids)
+    assert services.ledger.has_claimable_work() is False
+    assert services.ledger.claim_next(8, expired_too=True).units == []
+    with writer_sessionmaker(engine).begin() as session:  # two processes stopped renewing
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(ids[:2]))
+            .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
+        )
+    assert services.ledger.has_claimable_work() is True
+    assert services.ledger.claim_next(8).units == []  # not without expired_too
+    first = services.ledger.claim_next(1, expired_too=True).units
+    assert [(u.image_id, u.attempt) for u in first] == [(ids[0], units[0].attempt + 1)]
+    second = services.ledger.claim_next(8, expired_too=True).units
+    assert [(u.image_id, u.attempt) for u in second] == [(ids[1], units[1].attempt + 1)]
+    assert services.ledger.has_claimable_work() is False
+
+
 @pytest.fixture
 def storage(settings) -> FillableStorage:
     return FillableStorage(settings.media_root)
@@ -280,6 +305,9 @@ def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, servi
     url = image_server.add(images.jpeg())
     waiting = [make_batch(engine, [(1, "W", [url])])[1][0] for _ in range(3)]
     _, (ready_id,) = make_batch(engine, [(1, "R", [url])])
+    with writer_sessionmaker(engine)() as session:
+        assert seconds_until_next_retry(session) is None  # nothing waits yet
+    assert services.ledger.seconds_until_next_retry() is None
     with writer_sessionmaker(engine).begin() as session:
         session.execute(
             update(Image)
@@ -295,6 +323,10 @@ def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, servi
     with writer_sessionmaker(engine)() as session:
         # All the way round with no work at all: an empty answer, not an endless walk.
         assert next_claimable_ids(session, 2, last_served)[0] == []
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(update(Image).where(Image.id == waiting[1]).values(retry_at=utcnow()))
+    with writer_sessionmaker(engine)() as session:  # its wait is over
+        assert next_claimable_ids(session, 2)[0] == [waiting[1]]
 
 
 def test_a_turn_gives_each_request_its_share_and_turns_rotate(engine, services, image_server):
