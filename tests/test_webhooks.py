@@ -510,6 +510,44 @@ def test_the_deliverer_stops_at_the_attempt_limit(make_settings, webhook_receive
         services.close()
 
 
+def test_the_next_attempt_waits_for_the_receivers_retry_after_when_it_is_longer_than_the_backoff(
+    make_settings, image_server
+):
+    """The deliverer on its own: the backoff is 75 to 125 s here; a receiver asking for an
+    hour gets an hour, one asking for a second still gets the backoff."""
+    from app.composition import build_parts
+    from app.db.base import utcnow
+    from tests.support.servers import send
+
+    def asking(seconds: str):
+        def receiver(request):
+            request.rfile.read(int(request.headers["Content-Length"]))
+            send(request, 503, b"busy", {"Retry-After": seconds})
+
+        return receiver
+
+    services = build_parts(
+        make_settings(webhook_retry_base_seconds=100, webhook_max_attempts=5), runs_images=False
+    )
+    try:
+        hour = _event_for(services, image_server.add_handler(asking("3600")))
+        second = _event_for(services, image_server.add_handler(asking("1")))
+        before = utcnow()
+        assert services.deliverer.attempt(hour) and services.deliverer.attempt(second)
+        after = utcnow()
+        hour, second = _event(services, hour), _event(services, second)
+    finally:
+        services.close()
+    assert (hour.state, hour.last_status_code, second.state, second.last_status_code) == (
+        "pending",
+        503,
+        "pending",
+        503,
+    )
+    assert before + timedelta(hours=1) <= hour.next_attempt_at <= after + timedelta(hours=1)
+    assert before + timedelta(seconds=75) <= second.next_attempt_at <= after + timedelta(seconds=125)
+
+
 def _deliveries(services, event_id: int) -> list:
     from sqlalchemy import select
 
