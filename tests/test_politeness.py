@@ -151,6 +151,29 @@ def test_requests_take_turns_even_when_their_host_has_room_for_one(parts_of, ori
     assert order == [first, second, first, second]
 
 
+def test_the_next_turn_starts_after_a_request_that_had_nothing_to_give_when_no_host_was_full(
+    parts_of, origins
+):
+    """A turn of two requests: the first gives its image, the second has only images waiting
+    for a retry. No host ran out of room, so the whole turn was served and the next starts
+    after the second; only a turn cut short by a full host ends at the last request given."""
+    origin = start_origin(origins)
+    parts = parts_of()
+    giving, _ = make_batch(parts.engine, origin.urls(1))
+    waiting, waiting_ids = make_batch(parts.engine, origin.urls(2))
+    _, later_ids = make_batch(parts.engine, origin.urls(1))
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id.in_(waiting_ids)).values(retry_at=utcnow() + timedelta(minutes=5))
+        )
+    claim = parts.ledger.claim_next(2)
+    assert [unit.request_pk for unit in claim.units] == [giving]
+    assert (claim.last_request_served, claim.passed_over_hosts) == (waiting, False)
+    assert [
+        unit.image_id for unit in parts.ledger.claim_next(2, claim.last_request_served).units
+    ] == later_ids
+
+
 def test_a_request_naming_several_hosts_looks_past_a_host_at_its_limit(parts_of, origins):
     busy, other = start_origin(origins), start_origin(origins)
     parts = parts_of(fetch_per_host_concurrency=2)
