@@ -188,8 +188,10 @@ def test_claiming_by_id_keeps_to_the_limit_too(parts_of, origins):
     origin = start_origin(origins)
     parts = parts_of(fetch_per_host_concurrency=2)
     _, ids = make_batch(parts.engine, origin.urls(4))
+    assert parts.ledger.has_claimable_work() is True
     assert len(parts.ledger.claim_images(ids)) == 2
     assert parts.ledger.claim_images(ids) == []
+    assert parts.ledger.has_claimable_work() is False  # the other two wait for the host's room
 
 
 def test_a_429_puts_the_host_in_backoff_for_its_retry_after_and_the_image_back_to_wait(parts_of, origins):
