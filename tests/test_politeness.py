@@ -184,6 +184,28 @@ def test_a_request_naming_several_hosts_looks_past_a_host_at_its_limit(parts_of,
     )
 
 
+def test_the_next_retry_is_the_earliest_of_an_images_wait_and_a_hosts_backoff(parts_of, origins):
+    """What the feeder sleeps for when nothing is claimable: an image's own wait, or its
+    host's backoff when no image waits (nothing else would wake it)."""
+    backing_off, waiting = start_origin(origins), start_origin(origins)
+    parts = parts_of()
+    make_batch(parts.engine, backing_off.urls(1))
+    _, (waiting_id,) = make_batch(parts.engine, waiting.urls(1))
+    assert parts.ledger.seconds_until_next_retry() is None
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id == waiting_id).values(retry_at=utcnow() + timedelta(seconds=60))
+        )
+    assert 59 < parts.ledger.seconds_until_next_retry() <= 60
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Host)
+            .where(Host.name == url_host(backing_off.urls(1)[0]))
+            .values(backoff_until=utcnow() + timedelta(seconds=30), consecutive_failures=1)
+        )
+    assert 29 < parts.ledger.seconds_until_next_retry() <= 30
+
+
 def test_claiming_by_id_keeps_to_the_limit_too(parts_of, origins):
     origin = start_origin(origins)
     parts = parts_of(fetch_per_host_concurrency=2)
