@@ -64,6 +64,9 @@ def test_processing_an_image_twice_changes_nothing_the_second_time(
     assert len(first) == 1 and second == []
     request = request_row(engine, request_pk)
     assert (request.succeeded_images, request.failed_images, request.status) == (1, 0, "completed")
+    # Counted once in the metrics, as in the request.
+    counted = services.metrics.registry.get_sample_value
+    assert counted("image_service_images_total", {"outcome": "succeeded", "code": ""}) == 1
     assert event_count(engine, request_pk) == 1
     assert len(list(media_root.glob("*/*.jpg"))) == 1  # outputs; thumbnails are in */thumbs/
 
