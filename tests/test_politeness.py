@@ -284,6 +284,22 @@ def test_an_image_waits_for_its_origin_only_for_the_retry_window(parts_of, origi
         assert session.get(ProcessingRequest, request_pk).status == "failed"
 
 
+@pytest.mark.parametrize("window", [0, 1])
+def test_with_a_short_retry_window_an_origins_failure_is_final_only_once_the_window_is_over(
+    parts_of, origins, window
+):
+    """FETCH_RETRY_WINDOW_SECONDS=0 fails an image at its origin's first passing trouble;
+    a window of a second still lets the image wait once."""
+    origin = start_origin(origins)
+    origin.down_for(3600)
+    parts = parts_of(fetch_retry_window_seconds=window)
+    _, (image_id,) = make_batch(parts.engine, origin.urls(1))
+    (unit,) = parts.ledger.claim_images([image_id])
+    parts.ledger.record_outcomes([parts.stages.run(unit)])
+    image = image_row(parts.engine, image_id)
+    assert (image.status, image.error_code) == ("failed" if window == 0 else "pending", "http_503")
+
+
 def test_permanent_answers_fail_at_once(parts_of, origins):
     origin = start_origin(origins)
     parts = parts_of()
