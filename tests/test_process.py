@@ -1,6 +1,7 @@
 """The unit of work called directly: idempotent, guarded, finishing a request exactly once."""
 
 import io
+import json
 import threading
 from datetime import timedelta
 
@@ -67,7 +68,12 @@ def test_processing_an_image_twice_changes_nothing_the_second_time(
     # Counted once in the metrics, as in the request.
     counted = services.metrics.registry.get_sample_value
     assert counted("image_service_images_total", {"outcome": "succeeded", "code": ""}) == 1
-    assert event_count(engine, request_pk) == 1
+    with writer_sessionmaker(engine)() as session:  # the webhook's link is the service's own
+        (payload,) = session.scalars(
+            select(WebhookEvent.payload).where(WebhookEvent.request_pk == request_pk)
+        )
+        request_id = session.get(ProcessingRequest, request_pk).request_id
+    assert json.loads(payload)["download_url"] == f"http://testserver/download/{request_id}"
     assert len(list(media_root.glob("*/*.jpg"))) == 1  # outputs; thumbnails are in */thumbs/
 
 
