@@ -57,6 +57,7 @@ def event_count(engine, request_pk) -> int:
 def test_processing_an_image_twice_changes_nothing_the_second_time(
     engine, services, image_server, media_root
 ):
+    other_pk, _ = make_batch(engine, [(1, "B", [image_server.add(images.jpeg())])])
     request_pk, (image_id,) = make_batch(
         engine, [(1, "A", [image_server.add(images.jpeg())])], "https://h.example/x"
     )
@@ -65,6 +66,8 @@ def test_processing_an_image_twice_changes_nothing_the_second_time(
     assert len(first) == 1 and second == []
     request = request_row(engine, request_pk)
     assert (request.succeeded_images, request.failed_images, request.status) == (1, 0, "completed")
+    other = request_row(engine, other_pk)  # finishing one request finishes no other
+    assert (other.status, other.completed_at, event_count(engine, other_pk)) == ("pending", None, 0)
     # Counted once in the metrics, as in the request.
     counted = services.metrics.registry.get_sample_value
     assert counted("image_service_images_total", {"outcome": "succeeded", "code": ""}) == 1
