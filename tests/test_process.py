@@ -182,6 +182,27 @@ def test_the_claims_of_a_process_that_stopped_renewing_are_taken_back_and_no_oth
     assert services.ledger.has_claimable_work() is False
 
 
+def test_a_cancel_in_batches_cancels_each_batch_in_id_order_and_finishes_with_the_last(
+    engine, services, image_server
+):
+    url = image_server.add(images.jpeg())
+    request_pk, ids = make_batch(engine, [(n, f"P{n}", [url]) for n in range(1, 6)])
+
+    def statuses():
+        with writer_sessionmaker(engine)() as session:
+            return list(session.scalars(select(Image.status).where(Image.id.in_(ids)).order_by(Image.id)))
+
+    batches, after = [], 0
+    while True:
+        cancellation = services.ledger.cancel(request_pk, limit=2, after_image_id=after)
+        batches.append((cancellation.cancelled_images, cancellation.status, statuses().count("cancelled")))
+        if not cancellation.cancelled_images:
+            break
+        assert cancellation.last_image_id == ids[min(2 * len(batches), 5) - 1]
+        after = cancellation.last_image_id
+    assert batches == [(2, "cancelling", 2), (2, "cancelling", 4), (1, "cancelled", 5), (0, "cancelled", 5)]
+
+
 @pytest.fixture
 def storage(settings) -> FillableStorage:
     return FillableStorage(settings.media_root)
