@@ -233,6 +233,7 @@ def test_a_429_puts_the_host_in_backoff_for_its_retry_after_and_the_image_back_t
     assert timedelta(seconds=39) < image.retry_at - before <= timedelta(seconds=41)
     host = host_row(parts.engine, unit.host)
     assert host.backoff_until == image.retry_at and host.consecutive_failures == 1
+    assert parts.metrics.registry.get_sample_value("image_service_host_backoffs_total") == 1
     # No image of the host is fetched before then; the other host's are.
     assert ledger.claim_images(throttled_ids) == []
     assert [u.image_id for u in ledger.claim_next(16).units] == healthy_ids
