@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import threading
 from datetime import timedelta
 
@@ -201,6 +202,9 @@ def test_a_cancel_in_batches_cancels_each_batch_in_id_order_and_finishes_with_th
         assert cancellation.last_image_id == ids[min(2 * len(batches), 5) - 1]
         after = cancellation.last_image_id
     assert batches == [(2, "cancelling", 2), (2, "cancelling", 4), (1, "cancelled", 5), (0, "cancelled", 5)]
+    request = request_row(engine, request_pk)
+    assert (request.cancelled_images, request.succeeded_images, request.failed_images) == (5, 0, 0)
+    assert request.reused_images == 0
 
 
 @pytest.fixture
@@ -232,8 +236,9 @@ def make_due(engine, image_id) -> None:
 
 
 def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
-    engine, retrying_services, storage, image_server
+    engine, retrying_services, storage, image_server, caplog
 ):
+    caplog.set_level(logging.INFO, logger="app.ledger.image_ledger")
     services = retrying_services
     request_pk, (image_id, other_id) = make_batch(
         engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
@@ -263,6 +268,9 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
         make_due(engine, image_id)
     assert image_row(engine, image_id).transient_failures == 3
     assert storage.refused == 3
+    # The operator's log has a line for each wait.
+    waits = [r.getMessage() for r in caplog.records if r.name == "app.ledger.image_ledger"]
+    assert len(waits) == 3 and all(f"image {image_id} waits for a retry: storage_error: " in w for w in waits)
 
     storage.full.clear()
     (unit,) = services.ledger.claim_images([image_id])
