@@ -204,6 +204,7 @@ def test_the_next_retry_is_the_earliest_of_an_images_wait_and_a_hosts_backoff(pa
             .values(backoff_until=utcnow() + timedelta(seconds=30), consecutive_failures=1)
         )
     assert 29 < parts.ledger.seconds_until_next_retry() <= 30
+    assert parts.ledger.has_claimable_work() is False  # the host backs off, the image waits
 
 
 def test_claiming_by_id_keeps_to_the_limit_too(parts_of, origins):
