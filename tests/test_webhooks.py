@@ -425,13 +425,14 @@ def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next
         assert webhook_receiver.received(hook) == []
 
         # Due, and the claim of a process that stopped long ago has run out.
-        other_id = _event_for(services, webhook_receiver.new_url())  # due as well
         _set_event(
             services,
             event_id,
             next_attempt_at=utcnow(),
             claimed_at=utcnow() - CLAIM_LEASE - timedelta(seconds=1),
         )
+        assert deliverer.due_event_ids() == [event_id] and deliverer.seconds_until_next_due() == 0.0
+        other_id = _event_for(services, webhook_receiver.new_url())  # due as well
         assert sorted(deliverer.due_event_ids()) == sorted([event_id, other_id])
         assert deliverer.seconds_until_next_due() == 0.0
         before = utcnow()
