@@ -166,6 +166,7 @@ def test_the_claims_of_a_process_that_stopped_renewing_are_taken_back_and_no_oth
     urls = [image_server.add(images.jpeg()) for _ in range(3)]
     _, ids = make_batch(engine, [(n, f"P{n}", [url]) for n, url in enumerate(urls, start=1)])
     units = services.ledger.claim_images(ids)
+    assert services.ledger.with_revalidation([]) == []  # an empty claim reads nothing
     assert services.ledger.has_claimable_work() is False
     assert services.ledger.claim_next(8, expired_too=True).units == []
     with writer_sessionmaker(engine).begin() as session:  # two processes stopped renewing
