@@ -433,7 +433,10 @@ def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next
         )
         assert deliverer.due_event_ids() == [event_id] and deliverer.seconds_until_next_due() == 0.0
         other_id = _event_for(services, webhook_receiver.new_url())  # due as well
-        assert sorted(deliverer.due_event_ids()) == sorted([event_id, other_id])
+        # Longest due first, not in the order the events were made.
+        _set_event(services, other_id, next_attempt_at=utcnow() - timedelta(minutes=1))
+        assert deliverer.due_event_ids() == [other_id, event_id]
+        assert deliverer.due_event_ids(limit=1) == [other_id]
         assert deliverer.seconds_until_next_due() == 0.0
         before = utcnow()
         assert deliverer.attempt(event_id) is True
