@@ -207,6 +207,15 @@ def test_the_next_retry_is_the_earliest_of_an_images_wait_and_a_hosts_backoff(pa
     assert parts.ledger.has_claimable_work() is False  # the host backs off, the image waits
 
 
+def test_a_claim_says_it_passed_over_an_image_for_its_hosts_limit_even_a_single_one(parts_of, origins):
+    """The image loop claims again as soon as the host's images in flight finish."""
+    origin = start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=2)
+    make_batch(parts.engine, origin.urls(3))
+    claim = parts.ledger.claim_next(8)
+    assert (len(claim.units), claim.passed_over_hosts) == (2, True)
+
+
 def test_claiming_by_id_keeps_to_the_limit_too(parts_of, origins):
     origin = start_origin(origins)
     parts = parts_of(fetch_per_host_concurrency=2)
