@@ -279,10 +279,22 @@ def pytest_report_header(config) -> str:
     return f"database: {os.environ.get('TEST_DATABASE_URL') or 'SQLite (temporary file)'}"
 
 
-NEED_THE_LIVE_DEADLINE_THREAD = {
-    "test_slow_servers_are_cut_off_by_the_wall_clock_deadline",
-    "test_pooled_connections_still_work_after_a_deadline_cut",
-}
+# Under `make mutate`: what each test costs in full (setup, call and teardown), measured in
+# mutmut's stats run; mutmut's own figures count the call alone, and a test that starts
+# the app or a runner spends as long again in its fixtures.
+TEST_COSTS = Path("test-costs.json")
+_measured_costs: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        _measured_costs[report.nodeid] = _measured_costs.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session) -> None:
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats" and _measured_costs:
+        known = json.loads(TEST_COSTS.read_text()) if TEST_COSTS.exists() else {}
+        TEST_COSTS.write_text(json.dumps({**known, **_measured_costs}))
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -290,21 +302,19 @@ def pytest_collection_modifyitems(config, items) -> None:
     `database_url` among its fixtures: image codecs, the URL grammar, the fetcher against
     local servers) would only repeat its SQLite run, so it is skipped there.
 
-    Under `make mutate`, each mutant's tests run quickest first: the run of a mutant ends
-    at its first failing test, so a killed mutant costs its quickest killing test."""
+    Under `make mutate`, each mutant's tests run cheapest first (TEST_COSTS): the run of a
+    mutant ends at its first failing test, so a killed mutant costs its cheapest killing
+    test."""
     if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):
-        if Path("mutmut-stats.json").exists():
-            durations = json.loads(Path("mutmut-stats.json").read_text())["duration_by_test"]
-            items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+        if TEST_COSTS.exists():
+            costs = json.loads(TEST_COSTS.read_text())
+            items.sort(key=lambda item: costs.get(item.nodeid, 0.0))
         # mutmut runs each mutant in a process forked from one that has fetched already:
-        # the fetch deadline's thread (app/net/guard.py) did not survive the fork, so these
-        # would fail whatever the mutant. The reaper's own tests make a reaper of their own.
-        dead_reaper = pytest.mark.skip(
-            reason="the fetch deadline's thread is not alive in a forked mutant run"
-        )
-        for item in items:
-            if getattr(item, "originalname", None) in NEED_THE_LIVE_DEADLINE_THREAD:
-                item.add_marker(dead_reaper)
+        # the fetch deadline's thread (app/net/guard.py) did not survive the fork. A new
+        # reaper starts a thread of its own at its first deadline.
+        from app.net import guard
+
+        guard._reaper = guard.DeadlineReaper()
     if not os.environ.get("TEST_DATABASE_URL"):
         return
     repeat = pytest.mark.skip(reason="touches no database: its SQLite run covers it")

@@ -335,7 +335,11 @@ def test_api_keys_guard_routes_and_scope_requests(make_settings, image_server):
             "request_id"
         ]
         assert client.get(f"/status/{mine}", headers={"Authorization": "Bearer key-one"}).status_code == 200
-        assert client.get(f"/status/{mine}", headers={"X-API-Key": "key-two"}).status_code == 404
+        # Another key's request is answered as one that does not exist, naming the id asked for.
+        for request_id in (mine, "0" * len(mine)):
+            others = client.get(f"/status/{request_id}", headers={"X-API-Key": "key-two"})
+            assert others.status_code == 404
+            assert others.json()["detail"] == f"no request with id {request_id!r}"
         assert client.get("/healthz").status_code == 200
         wait_finished(client, mine, headers={"X-API-Key": "key-one"})
 

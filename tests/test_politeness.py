@@ -171,6 +171,29 @@ def test_requests_take_turns_even_when_their_host_has_room_for_one(parts_of, ori
     assert order == [first, second, first, second]
 
 
+def test_the_next_turn_starts_after_a_request_that_had_nothing_to_give_when_no_host_was_full(
+    parts_of, origins
+):
+    """A turn of two requests: the first gives its image, the second has only images waiting
+    for a retry. No host ran out of room, so the whole turn was served and the next starts
+    after the second; only a turn cut short by a full host ends at the last request given."""
+    origin = start_origin(origins)
+    parts = parts_of()
+    giving, _ = make_batch(parts.engine, origin.urls(1))
+    waiting, waiting_ids = make_batch(parts.engine, origin.urls(2))
+    _, later_ids = make_batch(parts.engine, origin.urls(1))
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id.in_(waiting_ids)).values(retry_at=utcnow() + timedelta(minutes=5))
+        )
+    claim = parts.ledger.claim_next(2)
+    assert [unit.request_pk for unit in claim.units] == [giving]
+    assert (claim.last_request_served, claim.passed_over_hosts) == (waiting, False)
+    assert [
+        unit.image_id for unit in parts.ledger.claim_next(2, claim.last_request_served).units
+    ] == later_ids
+
+
 def test_a_request_naming_several_hosts_looks_past_a_host_at_its_limit(parts_of, origins):
     busy, other = start_origin(origins), start_origin(origins)
     parts = parts_of(fetch_per_host_concurrency=2)
@@ -181,12 +204,46 @@ def test_a_request_naming_several_hosts_looks_past_a_host_at_its_limit(parts_of,
     )
 
 
+def test_the_next_retry_is_the_earliest_of_an_images_wait_and_a_hosts_backoff(parts_of, origins):
+    """What the feeder sleeps for when nothing is claimable: an image's own wait, or its
+    host's backoff when no image waits (nothing else would wake it)."""
+    backing_off, waiting = start_origin(origins), start_origin(origins)
+    parts = parts_of()
+    make_batch(parts.engine, backing_off.urls(1))
+    _, (waiting_id,) = make_batch(parts.engine, waiting.urls(1))
+    assert parts.ledger.seconds_until_next_retry() is None
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id == waiting_id).values(retry_at=utcnow() + timedelta(seconds=60))
+        )
+    assert 59 < parts.ledger.seconds_until_next_retry() <= 60
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Host)
+            .where(Host.name == url_host(backing_off.urls(1)[0]))
+            .values(backoff_until=utcnow() + timedelta(seconds=30), consecutive_failures=1)
+        )
+    assert 29 < parts.ledger.seconds_until_next_retry() <= 30
+    assert parts.ledger.has_claimable_work() is False  # the host backs off, the image waits
+
+
+def test_a_claim_says_it_passed_over_an_image_for_its_hosts_limit_even_a_single_one(parts_of, origins):
+    """The image loop claims again as soon as the host's images in flight finish."""
+    origin = start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=2)
+    make_batch(parts.engine, origin.urls(3))
+    claim = parts.ledger.claim_next(8)
+    assert (len(claim.units), claim.passed_over_hosts) == (2, True)
+
+
 def test_claiming_by_id_keeps_to_the_limit_too(parts_of, origins):
     origin = start_origin(origins)
     parts = parts_of(fetch_per_host_concurrency=2)
     _, ids = make_batch(parts.engine, origin.urls(4))
+    assert parts.ledger.has_claimable_work() is True
     assert len(parts.ledger.claim_images(ids)) == 2
     assert parts.ledger.claim_images(ids) == []
+    assert parts.ledger.has_claimable_work() is False  # the other two wait for the host's room
 
 
 def test_a_429_puts_the_host_in_backoff_for_its_retry_after_and_the_image_back_to_wait(parts_of, origins):
@@ -206,6 +263,7 @@ def test_a_429_puts_the_host_in_backoff_for_its_retry_after_and_the_image_back_t
     assert timedelta(seconds=39) < image.retry_at - before <= timedelta(seconds=41)
     host = host_row(parts.engine, unit.host)
     assert host.backoff_until == image.retry_at and host.consecutive_failures == 1
+    assert parts.metrics.registry.get_sample_value("image_service_host_backoffs_total") == 1
     # No image of the host is fetched before then; the other host's are.
     assert ledger.claim_images(throttled_ids) == []
     assert [u.image_id for u in ledger.claim_next(16).units] == healthy_ids
@@ -255,6 +313,22 @@ def test_an_image_waits_for_its_origin_only_for_the_retry_window(parts_of, origi
     assert (image.status, image.error_code) == ("failed", "http_503")
     with writer_sessionmaker(parts.engine)() as session:
         assert session.get(ProcessingRequest, request_pk).status == "failed"
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_with_a_short_retry_window_an_origins_failure_is_final_only_once_the_window_is_over(
+    parts_of, origins, window
+):
+    """FETCH_RETRY_WINDOW_SECONDS=0 fails an image at its origin's first passing trouble;
+    a window of a second still lets the image wait once."""
+    origin = start_origin(origins)
+    origin.down_for(3600)
+    parts = parts_of(fetch_retry_window_seconds=window)
+    _, (image_id,) = make_batch(parts.engine, origin.urls(1))
+    (unit,) = parts.ledger.claim_images([image_id])
+    parts.ledger.record_outcomes([parts.stages.run(unit)])
+    image = image_row(parts.engine, image_id)
+    assert (image.status, image.error_code) == ("failed" if window == 0 else "pending", "http_503")
 
 
 def test_permanent_answers_fail_at_once(parts_of, origins):

@@ -1,6 +1,8 @@
 """The unit of work called directly: idempotent, guarded, finishing a request exactly once."""
 
 import io
+import json
+import logging
 import threading
 from datetime import timedelta
 
@@ -56,6 +58,7 @@ def event_count(engine, request_pk) -> int:
 def test_processing_an_image_twice_changes_nothing_the_second_time(
     engine, services, image_server, media_root
 ):
+    other_pk, _ = make_batch(engine, [(1, "B", [image_server.add(images.jpeg())])])
     request_pk, (image_id,) = make_batch(
         engine, [(1, "A", [image_server.add(images.jpeg())])], "https://h.example/x"
     )
@@ -64,7 +67,17 @@ def test_processing_an_image_twice_changes_nothing_the_second_time(
     assert len(first) == 1 and second == []
     request = request_row(engine, request_pk)
     assert (request.succeeded_images, request.failed_images, request.status) == (1, 0, "completed")
-    assert event_count(engine, request_pk) == 1
+    other = request_row(engine, other_pk)  # finishing one request finishes no other
+    assert (other.status, other.completed_at, event_count(engine, other_pk)) == ("pending", None, 0)
+    # Counted once in the metrics, as in the request.
+    counted = services.metrics.registry.get_sample_value
+    assert counted("image_service_images_total", {"outcome": "succeeded", "code": ""}) == 1
+    with writer_sessionmaker(engine)() as session:  # the webhook's link is the service's own
+        (payload,) = session.scalars(
+            select(WebhookEvent.payload).where(WebhookEvent.request_pk == request_pk)
+        )
+        request_id = session.get(ProcessingRequest, request_pk).request_id
+    assert json.loads(payload)["download_url"] == f"http://testserver/download/{request_id}"
     assert len(list(media_root.glob("*/*.jpg"))) == 1  # outputs; thumbnails are in */thumbs/
 
 
@@ -119,8 +132,10 @@ def test_concurrent_last_images_finish_the_request_exactly_once(engine, services
     request = request_row(engine, request_pk)
     assert (request.succeeded_images, request.status) == (40, "completed")
     assert request.completed_at is not None
-    assert len(events) == 1
-    assert event_count(engine, request_pk) == 1
+    with writer_sessionmaker(engine)() as session:  # the one its caller dispatches
+        assert events == list(
+            session.scalars(select(WebhookEvent.id).where(WebhookEvent.request_pk == request_pk))
+        )
 
 
 def test_released_units_go_back_to_pending(engine, services, image_server):
@@ -141,6 +156,56 @@ def test_renewed_leases_are_not_taken_back(engine, services, image_server, setti
         )
     services.ledger.renew_leases(units)
     assert services.ledger.claim_images([image_id]) == []
+
+
+def test_the_claims_of_a_process_that_stopped_renewing_are_taken_back_and_no_others(
+    engine, services, image_server, settings
+):
+    """What the runner's recovery asks the ledger, called directly: whether some image is
+    claimable, then the images whose lease ran out, claimed again (up to the limit)."""
+    urls = [image_server.add(images.jpeg()) for _ in range(3)]
+    _, ids = make_batch(engine, [(n, f"P{n}", [url]) for n, url in enumerate(urls, start=1)])
+    units = services.ledger.claim_images(ids)
+    assert services.ledger.with_revalidation([]) == []  # an empty claim reads nothing
+    assert services.ledger.has_claimable_work() is False
+    assert services.ledger.claim_next(8, expired_too=True).units == []
+    with writer_sessionmaker(engine).begin() as session:  # two processes stopped renewing
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(ids[:2]))
+            .values(claimed_at=utcnow() - timedelta(seconds=settings.lease_seconds + 1))
+        )
+    assert services.ledger.has_claimable_work() is True
+    assert services.ledger.claim_next(8).units == []  # not without expired_too
+    first = services.ledger.claim_next(1, expired_too=True).units
+    assert [(u.image_id, u.attempt) for u in first] == [(ids[0], units[0].attempt + 1)]
+    second = services.ledger.claim_next(8, expired_too=True).units
+    assert [(u.image_id, u.attempt) for u in second] == [(ids[1], units[1].attempt + 1)]
+    assert services.ledger.has_claimable_work() is False
+
+
+def test_a_cancel_in_batches_cancels_each_batch_in_id_order_and_finishes_with_the_last(
+    engine, services, image_server
+):
+    url = image_server.add(images.jpeg())
+    request_pk, ids = make_batch(engine, [(n, f"P{n}", [url]) for n in range(1, 6)])
+
+    def statuses():
+        with writer_sessionmaker(engine)() as session:
+            return list(session.scalars(select(Image.status).where(Image.id.in_(ids)).order_by(Image.id)))
+
+    batches, after = [], 0
+    while True:
+        cancellation = services.ledger.cancel(request_pk, limit=2, after_image_id=after)
+        batches.append((cancellation.cancelled_images, cancellation.status, statuses().count("cancelled")))
+        if not cancellation.cancelled_images:
+            break
+        assert cancellation.last_image_id == ids[min(2 * len(batches), 5) - 1]
+        after = cancellation.last_image_id
+    assert batches == [(2, "cancelling", 2), (2, "cancelling", 4), (1, "cancelled", 5), (0, "cancelled", 5)]
+    request = request_row(engine, request_pk)
+    assert (request.cancelled_images, request.succeeded_images, request.failed_images) == (5, 0, 0)
+    assert request.reused_images == 0
 
 
 @pytest.fixture
@@ -172,8 +237,9 @@ def make_due(engine, image_id) -> None:
 
 
 def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
-    engine, retrying_services, storage, image_server
+    engine, retrying_services, storage, image_server, caplog
 ):
+    caplog.set_level(logging.INFO, logger="app.ledger.image_ledger")
     services = retrying_services
     request_pk, (image_id, other_id) = make_batch(
         engine, [(1, "A", [image_server.add(images.jpeg()), image_server.add(images.jpeg())])]
@@ -203,6 +269,9 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
         make_due(engine, image_id)
     assert image_row(engine, image_id).transient_failures == 3
     assert storage.refused == 3
+    # The operator's log has a line for each wait.
+    waits = [r.getMessage() for r in caplog.records if r.name == "app.ledger.image_ledger"]
+    assert len(waits) == 3 and all(f"image {image_id} waits for a retry: storage_error: " in w for w in waits)
 
     storage.full.clear()
     (unit,) = services.ledger.claim_images([image_id])
@@ -213,6 +282,36 @@ def test_a_full_disk_puts_the_image_back_to_wait_with_growing_backoff(
     services.ledger.record_outcomes([services.stages.run(unit)])
     request = request_row(engine, request_pk)
     assert (request.succeeded_images, request.failed_images, request.status) == (2, 0, "completed")
+
+
+def test_a_storage_failure_waits_its_own_backoff_even_when_its_host_has_just_asked_for_less(
+    engine, retrying_services, storage, image_server
+):
+    """The host answered this image; only the storage failed. Its host's backoff (asked
+    for by another image's 429 in the same round) is no reason to come back sooner."""
+    services = retrying_services
+    _, (stored_id, refused_id) = make_batch(
+        engine,
+        [
+            (1, "A", [image_server.add(images.jpeg())]),
+            (2, "B", [image_server.add(b"slow down", "text/plain", 429, headers={"Retry-After": "1"})]),
+        ],
+    )
+    storage.full.set()
+    units = services.ledger.claim_images([stored_id, refused_id])
+    outcomes = [services.stages.run(unit) for unit in units]
+    assert [(o.error_code, o.retry_later, o.origin_failure) for o in outcomes] == [
+        ("storage_error", True, False),
+        ("http_429", True, True),
+    ]
+    before = utcnow()
+    services.ledger.record_outcomes(outcomes)
+    after = utcnow()
+    stored, refused = image_row(engine, stored_id), image_row(engine, refused_id)
+    assert stored.status == refused.status == "pending"
+    # The origin's image waits for the second its host asked for; the other the storage's 10 s.
+    assert before + timedelta(seconds=1) <= refused.retry_at <= after + timedelta(seconds=1)
+    assert before + timedelta(seconds=10) <= stored.retry_at <= after + timedelta(seconds=10)
 
 
 def test_a_transient_failure_puts_back_only_the_image_and_claim_it_names(
@@ -250,6 +349,9 @@ def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, servi
     url = image_server.add(images.jpeg())
     waiting = [make_batch(engine, [(1, "W", [url])])[1][0] for _ in range(3)]
     _, (ready_id,) = make_batch(engine, [(1, "R", [url])])
+    with writer_sessionmaker(engine)() as session:
+        assert seconds_until_next_retry(session) is None  # nothing waits yet
+    assert services.ledger.seconds_until_next_retry() is None
     with writer_sessionmaker(engine).begin() as session:
         session.execute(
             update(Image)
@@ -265,6 +367,10 @@ def test_requests_whose_images_all_wait_for_a_retry_hold_up_nobody(engine, servi
     with writer_sessionmaker(engine)() as session:
         # All the way round with no work at all: an empty answer, not an endless walk.
         assert next_claimable_ids(session, 2, last_served)[0] == []
+    with writer_sessionmaker(engine).begin() as session:
+        session.execute(update(Image).where(Image.id == waiting[1]).values(retry_at=utcnow()))
+    with writer_sessionmaker(engine)() as session:  # its wait is over
+        assert next_claimable_ids(session, 2)[0] == [waiting[1]]
 
 
 def test_a_turn_gives_each_request_its_share_and_turns_rotate(engine, services, image_server):

@@ -77,3 +77,28 @@ def test_copies_are_never_claimed_and_the_source_records_them_exactly_once(
         rows = session.execute(select(Image.status, Image.output_key).where(Image.id.in_(ids))).all()
     assert {row.status for row in rows} == {"succeeded"} and len({row.output_key for row in rows}) == 1
     assert process_image(services.ledger, services.stages, copies[0]) == []
+
+
+def test_a_sources_result_goes_to_its_own_copies_only(services, image_server):  # noqa: F811
+    """Two URLs, each in two rows, in two requests: recording the first URL's source gives
+    its copy the result, and leaves the other URL's copies waiting for theirs."""
+    first, second = image_server.add(images.jpeg()), image_server.add(images.jpeg())
+    first_pk, (source, copy) = make_batch(services.engine, [(1, "A", [first]), (2, "B", [first])])
+    second_pk, second_ids = make_batch(services.engine, [(1, "C", [second]), (2, "D", [second])])
+    _, same_request_ids = make_batch(
+        services.engine, [(1, "E", [second]), (2, "F", [second]), (3, "G", [image_server.add(images.jpeg())])]
+    )
+    (unit,) = services.ledger.claim_images([source])
+    services.ledger.record_outcomes([services.stages.run(unit)])
+    with writer_sessionmaker(services.engine)() as session:
+        status = dict(session.execute(select(Image.id, Image.status)).all())
+    assert (status[source], status[copy]) == ("succeeded", "succeeded")
+    assert [status[i] for i in second_ids + same_request_ids] == [
+        "pending",
+        "copy",
+        "pending",
+        "copy",
+        "pending",
+    ]
+    assert request_row(services.engine, first_pk).status == "completed"
+    assert request_row(services.engine, second_pk).succeeded_images == 0

@@ -425,14 +425,18 @@ def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next
         assert webhook_receiver.received(hook) == []
 
         # Due, and the claim of a process that stopped long ago has run out.
-        other_id = _event_for(services, webhook_receiver.new_url())  # due as well
         _set_event(
             services,
             event_id,
             next_attempt_at=utcnow(),
             claimed_at=utcnow() - CLAIM_LEASE - timedelta(seconds=1),
         )
-        assert sorted(deliverer.due_event_ids()) == sorted([event_id, other_id])
+        assert deliverer.due_event_ids() == [event_id] and deliverer.seconds_until_next_due() == 0.0
+        other_id = _event_for(services, webhook_receiver.new_url())  # due as well
+        # Longest due first, not in the order the events were made.
+        _set_event(services, other_id, next_attempt_at=utcnow() - timedelta(minutes=1))
+        assert deliverer.due_event_ids() == [other_id, event_id]
+        assert deliverer.due_event_ids(limit=1) == [other_id]
         assert deliverer.seconds_until_next_due() == 0.0
         before = utcnow()
         assert deliverer.attempt(event_id) is True
@@ -476,6 +480,7 @@ def test_the_deliverer_attempts_only_due_unclaimed_events_and_schedules_the_next
             "options": {"format": "webp", "quality": 70},
         }
         assert received[1].body == received[0].body
+        assert received[0].headers["content-type"] == "application/json"
         assert received[0].headers["webhook-id"] == received[1].headers["webhook-id"] == event.webhook_id
     finally:
         services.close()
@@ -507,6 +512,218 @@ def test_the_deliverer_stops_at_the_attempt_limit(make_settings, webhook_receive
         assert len(webhook_receiver.received(hook)) == 2
     finally:
         services.close()
+
+
+def test_the_next_attempt_waits_for_the_receivers_retry_after_when_it_is_longer_than_the_backoff(
+    make_settings, image_server
+):
+    """The deliverer on its own: the backoff is 75 to 125 s here; a receiver asking for an
+    hour gets an hour, one asking for a second still gets the backoff."""
+    from app.composition import build_parts
+    from app.db.base import utcnow
+    from tests.support.servers import send
+
+    def asking(seconds: str):
+        def receiver(request):
+            request.rfile.read(int(request.headers["Content-Length"]))
+            send(request, 503, b"busy", {"Retry-After": seconds})
+
+        return receiver
+
+    services = build_parts(
+        make_settings(webhook_retry_base_seconds=100, webhook_max_attempts=5), runs_images=False
+    )
+    try:
+        hour = _event_for(services, image_server.add_handler(asking("3600")))
+        second = _event_for(services, image_server.add_handler(asking("1")))
+        before = utcnow()
+        assert services.deliverer.attempt(hour) and services.deliverer.attempt(second)
+        after = utcnow()
+        hour, second = _event(services, hour), _event(services, second)
+    finally:
+        services.close()
+    assert (hour.state, hour.last_status_code, second.state, second.last_status_code) == (
+        "pending",
+        503,
+        "pending",
+        503,
+    )
+    assert before + timedelta(hours=1) <= hour.next_attempt_at <= after + timedelta(hours=1)
+    assert before + timedelta(seconds=75) <= second.next_attempt_at <= after + timedelta(seconds=125)
+
+
+def _deliveries(services, event_id: int) -> list:
+    from sqlalchemy import select
+
+    from app.db.models import WebhookDelivery
+    from app.db.session import writer_sessionmaker
+
+    with writer_sessionmaker(services.engine)() as session:
+        return list(
+            session.scalars(
+                select(WebhookDelivery)
+                .where(WebhookDelivery.event_id == event_id)
+                .order_by(WebhookDelivery.attempt)
+            )
+        )
+
+
+def test_each_attempt_is_counted_by_how_it_ended_and_each_failed_one_logged(
+    make_settings, webhook_receiver, caplog
+):
+    """`image_service_webhook_deliveries_total` by outcome, the operator's view of the
+    receivers; a failed attempt is logged with its event and error, a delivery is not."""
+    import logging
+
+    from app.composition import build_parts
+    from app.db.base import utcnow
+
+    services = build_parts(
+        make_settings(webhook_retry_base_seconds=100, webhook_max_attempts=2), runs_images=False
+    )
+
+    def counted() -> dict[str, float]:
+        return {
+            outcome: services.metrics.registry.get_sample_value(
+                "image_service_webhook_deliveries_total", {"outcome": outcome}
+            )
+            or 0
+            for outcome in ("delivered", "failed", "exhausted")
+        }
+
+    caplog.set_level(logging.INFO, logger="app.webhooks.delivery")
+    try:
+        retried = _event_for(services, webhook_receiver.new_url(fail_with=[503, 500]))
+        delivered = _event_for(services, webhook_receiver.new_url())
+        blocked = _event_for(services, "http://10.0.0.1/hook")  # a private address
+        assert services.deliverer.attempt(retried) is True
+        assert counted() == {"delivered": 0, "failed": 1, "exhausted": 0}
+        _set_event(services, retried, next_attempt_at=utcnow())
+        assert services.deliverer.attempt(retried) is True
+        assert counted() == {"delivered": 0, "failed": 1, "exhausted": 1}
+        assert services.deliverer.attempt(delivered) is True
+        assert counted() == {"delivered": 1, "failed": 1, "exhausted": 1}
+        # Refused by the guard: no later attempt could do better, so the first is the last.
+        assert services.deliverer.attempt(blocked) is True
+        assert counted() == {"delivered": 1, "failed": 1, "exhausted": 2}
+        event = _event(services, blocked)
+        assert (event.state, event.attempts) == ("failed", 1)
+        assert event.last_error.startswith("blocked_address")
+        ids = {key: _event(services, key).webhook_id for key in (retried, blocked)}
+    finally:
+        services.close()
+    logged = [r.getMessage() for r in caplog.records if r.name == "app.webhooks.delivery"]
+    assert logged == [
+        f"webhook {ids[retried]} attempt 1 failed: HTTP 503",
+        f"webhook {ids[retried]} attempt 2 failed: HTTP 500",
+        f"webhook {ids[blocked]} attempt 1 failed: {event.last_error}",
+    ]
+
+
+def test_a_delivery_row_says_when_its_attempt_started(make_settings, image_server):
+    from app.composition import build_parts
+    from app.db.base import utcnow
+    from tests.support.servers import send
+
+    arrived = []
+
+    def receiver(request):
+        arrived.append(utcnow())
+        request.rfile.read(int(request.headers["Content-Length"]))
+        send(request, 204)
+
+    services = build_parts(make_settings(), runs_images=False)
+    try:
+        event_id = _event_for(services, image_server.add_handler(receiver))
+        before = utcnow()
+        assert services.deliverer.attempt(event_id) is True
+        (delivery,) = _deliveries(services, event_id)
+    finally:
+        services.close()
+    assert (delivery.attempt, delivery.status_code, delivery.error) == (1, 204, None)
+    # Sent after it started: the time is the attempt's start, not when it was written down.
+    assert before <= delivery.attempted_at <= arrived[0]
+
+
+def test_an_attempts_outcome_decides_only_while_its_claim_and_budget_are_current(make_settings, image_server):
+    """An attempt outlived by its claim (another process took the event over) or by a
+    redelivery is written to the log, but leaves the event, and every other event, alone."""
+    from app.composition import build_parts
+    from app.db.base import utcnow
+    from app.db.session import writer_sessionmaker
+    from app.webhooks.events import redeliver
+    from tests.support.servers import send
+
+    services = build_parts(
+        make_settings(webhook_retry_base_seconds=100, webhook_max_attempts=1), runs_images=False
+    )
+    events = {}
+
+    # Each reads the request's body: the next request comes on the same connection.
+    def taken_over(request):  # its lease ran out while it was being answered
+        request.rfile.read(int(request.headers["Content-Length"]))
+        _set_event(services, events["taken over"], attempts=2, claimed_at=utcnow())
+        send(request, 200)
+
+    def redelivered(request):
+        request.rfile.read(int(request.headers["Content-Length"]))
+        with writer_sessionmaker(services.engine).begin() as session:
+            redeliver(session, _event(services, events["redelivered"]).request_pk)
+        send(request, 500)
+
+    try:
+        events["taken over"] = _event_for(services, image_server.add_handler(taken_over))
+        events["redelivered"] = _event_for(services, image_server.add_handler(redelivered))
+        # Another event after its first attempt, waiting for its second.
+        waiting = _event_for(services, image_server.add(b"never asked"))
+        _set_event(services, waiting, attempts=1, next_attempt_at=utcnow() + timedelta(hours=1))
+
+        assert services.deliverer.attempt(events["taken over"]) is True
+        event = _event(services, events["taken over"])
+        assert (event.state, event.attempts, event.last_status_code) == ("pending", 2, None)
+        assert event.claimed_at is not None
+        assert [(d.attempt, d.status_code) for d in _deliveries(services, event.id)] == [(1, 200)]
+
+        # The last attempt of the budget failed, but a redelivery started a new budget.
+        assert services.deliverer.attempt(events["redelivered"]) is True
+        event = _event(services, events["redelivered"])
+        assert (event.state, event.attempts, event.last_status_code) == ("pending", 1, None)
+        assert services.deliverer.due_event_ids() == [event.id]
+        assert [(d.attempt, d.status_code) for d in _deliveries(services, event.id)] == [(1, 500)]
+
+        other = _event(services, waiting)
+        assert (other.state, other.attempts, other.claimed_at, other.last_status_code) == (
+            "pending",
+            1,
+            None,
+            None,
+        )
+    finally:
+        services.close()
+
+
+def test_a_receiver_too_slow_is_cut_off_at_the_timeout_and_its_attempt_recorded_as_one(
+    make_settings, image_server
+):
+    """A receiver sending its answer a byte at a time never lets a read time out: the
+    attempt's wall-clock deadline ends it."""
+    from app.composition import build_parts
+    from tests.support.servers import dripping_headers, observed
+
+    handler, run = observed(dripping_headers(0.05, 600))  # 30 s to answer
+    services = build_parts(
+        make_settings(webhook_timeout_seconds=0.5, webhook_retry_base_seconds=100), runs_images=False
+    )
+    try:
+        event_id = _event_for(services, image_server.add_handler(handler))
+        assert services.deliverer.attempt(event_id) is True
+        event = _event(services, event_id)
+        (delivery,) = _deliveries(services, event_id)
+    finally:
+        services.close()
+    assert run.ended.wait(10) and not run.answered_in_full
+    assert (event.state, event.last_status_code, event.last_error) == ("pending", None, "timeout after 0.5 s")
+    assert (delivery.status_code, delivery.error) == (None, "timeout after 0.5 s")
 
 
 def test_a_redelivery_queues_the_latest_event_at_once_even_while_an_attempt_holds_it(

@@ -49,7 +49,7 @@ class _BaseServer:
         self._server = _Server(("127.0.0.1", port), RequestHandler)
         self.port = self._server.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self):
         self._thread.start()
