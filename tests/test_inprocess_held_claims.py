@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from app.composition import build_parts
+from app.composition import Parts, build_parts
 from app.db.base import utcnow
 from app.db.models import Image
 from app.db.session import writer_sessionmaker
@@ -46,13 +46,20 @@ def backdate_claim(engine, image_id: int, seconds: float) -> None:
         )
 
 
-def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settings):
-    settings = make_settings(lease_seconds=6, recovery_interval_seconds=0.1)
+def held_runner(settings) -> tuple[StagesHeldByTheTest, Parts, InProcessRunner, int]:
+    """An in-process runner (not started) whose images run until the test lets them go,
+    and the id of the one image of a batch waiting for it."""
     stages = StagesHeldByTheTest()
     services = build_parts(settings, runs_images=True, stages=stages)
-    engine = services.engine
     runner = InProcessRunner.from_parts(services)
-    _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
+    _, (image_id,) = make_batch(services.engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
+    return stages, services, runner, image_id
+
+
+def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settings):
+    settings = make_settings(lease_seconds=6, recovery_interval_seconds=0.1)
+    stages, services, runner, image_id = held_runner(settings)
+    engine = services.engine
     runner.start()
     try:
         first = stages.started.get(timeout=10)
@@ -90,11 +97,8 @@ def test_a_late_outcome_of_an_old_claim_leaves_the_new_claim_renewed(make_settin
 
 def test_an_image_still_running_when_the_grace_runs_out_is_handed_back_not_recorded(make_settings):
     settings = make_settings(shutdown_grace_seconds=0.5)
-    stages = StagesHeldByTheTest()
-    services = build_parts(settings, runs_images=True, stages=stages)
+    stages, services, runner, image_id = held_runner(settings)
     engine = services.engine
-    runner = InProcessRunner.from_parts(services)
-    _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
     runner.start()
     try:
         unit = stages.started.get(timeout=10)
@@ -113,11 +117,8 @@ def test_an_image_still_running_when_the_grace_runs_out_is_handed_back_not_recor
 
 def test_images_held_when_the_image_loop_fails_are_handed_back_and_run_again(make_settings):
     settings = make_settings(recovery_interval_seconds=0.1)
-    stages = StagesHeldByTheTest()
-    services = build_parts(settings, runs_images=True, stages=stages)
+    stages, services, runner, image_id = held_runner(settings)
     engine = services.engine
-    runner = InProcessRunner.from_parts(services)
-    _, (image_id,) = make_batch(engine, [(1, "A", ["http://127.0.0.1:9/a.jpg"])])
     claim_next = services.ledger.claim_next
     failed = threading.Event()
 
