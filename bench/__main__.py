@@ -616,6 +616,22 @@ def _peak_kb(pid: int) -> int:
 # -- the databases and the processes ---------------------------------------------------------
 
 
+def fresh_schema(url: str) -> None:
+    """The service's schema from scratch on the database at `url`: every table dropped
+    (unless SQLite: a new file), then Alembic's migrations, in a process of their own. A
+    schema from another checkout's migrations is dropped too, not upgraded."""
+    from sqlalchemy import MetaData, create_engine
+
+    if not url.startswith("sqlite"):
+        engine = create_engine(url)
+        metadata = MetaData()
+        metadata.reflect(engine)
+        metadata.drop_all(engine)
+        engine.dispose()
+    migrate = [sys.executable, "-m", "alembic", "upgrade", "head"]
+    subprocess.run(migrate, env={**os.environ, "DATABASE_URL": url}, check=True, capture_output=True)
+
+
 def empty_postgres(url: str) -> None:
     from sqlalchemy import text
 

@@ -10,15 +10,13 @@ another database (emptied first)."""
 
 import io
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import MetaData, create_engine, text
+from sqlalchemy import text
 
 from app.composition import build_parts
 from app.config import Settings
@@ -28,7 +26,7 @@ from app.services.csv_checks import CsvLimits
 from app.services.lifecycle import cancel_the_rest
 from app.services.results import result_csv_lines
 from app.storage import OutputUrls
-from bench.__main__ import csv_bytes, env_int, say
+from bench.__main__ import csv_bytes, env_int, fresh_schema, say
 
 HOSTS = 7
 URLS_PER_ROW = 3
@@ -48,14 +46,7 @@ def main() -> None:
     rows = env_int("BENCH_CATALOGUE_ROWS", 100_000)
     work = Path(tempfile.mkdtemp(prefix="bench-catalogue-"))
     database_url = os.environ.get("BENCH_CATALOGUE_DATABASE_URL", f"sqlite:///{work / 'catalogue.db'}")
-    if not database_url.startswith("sqlite"):
-        engine = create_engine(database_url)
-        metadata = MetaData()
-        metadata.reflect(engine)
-        metadata.drop_all(engine)
-        engine.dispose()
-    migrate = [sys.executable, "-m", "alembic", "upgrade", "head"]
-    subprocess.run(migrate, env={**os.environ, "DATABASE_URL": database_url}, check=True, capture_output=True)
+    fresh_schema(database_url)
     settings = Settings(
         _env_file=None, database_url=database_url, media_root=work / "media", public_base_url="http://bench"
     )

@@ -8,13 +8,9 @@ URL names one host, allowed 64 images in flight as in `make bench`."""
 
 import io
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-from sqlalchemy import MetaData, create_engine
 
 from app.composition import build_parts
 from app.config import Settings
@@ -22,7 +18,7 @@ from app.db.session import writer_sessionmaker
 from app.ledger.units import ImageOutcome, SourceState, WorkUnit
 from app.services.batches import create_batch
 from app.services.csv_checks import CsvLimits
-from bench.__main__ import csv_bytes, say
+from bench.__main__ import csv_bytes, fresh_schema, say
 
 CLAIM = 16
 URLS_PER_ROW = 3
@@ -64,15 +60,7 @@ def main() -> None:
     images = int(os.environ.get("BENCH_LEDGER_IMAGES", "6000"))
     work = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     database_url = os.environ.get("BENCH_LEDGER_DATABASE_URL", f"sqlite:///{work / 'ledger.db'}")
-    if not database_url.startswith("sqlite"):
-        engine = create_engine(database_url)
-        metadata = MetaData()
-        metadata.reflect(engine)
-        metadata.drop_all(engine)
-        engine.dispose()
-    env = {**os.environ, "DATABASE_URL": database_url}
-    migrate = [sys.executable, "-m", "alembic", "upgrade", "head"]
-    subprocess.run(migrate, env=env, check=True, capture_output=True)
+    fresh_schema(database_url)
     settings = Settings(
         _env_file=None,
         database_url=database_url,
