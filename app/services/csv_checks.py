@@ -2,8 +2,9 @@
 
 import marshal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import BinaryIO
 
 from app.errors import InvalidCsv, PayloadTooLarge
@@ -79,36 +80,29 @@ def check_csv(csv_file: BinaryIO, limits: CsvLimits) -> "SpooledRows":
     for the pass that stores them (reading them back costs a tenth of parsing the CSV
     again; memory holds one chunk)."""
     checked = CheckedRows(csv_file, limits)
-    spooled = SpooledRows()
-    chunk: list[tuple[int, str, str]] = []
-    for row in checked:
-        chunk.append(row)
-        if len(chunk) == SpooledRows.CHUNK_ROWS:
-            spooled.write(chunk)
-            chunk = []
-    spooled.write(chunk)
+    spooled = SpooledRows(checked)
     checked.raise_problems()
     spooled.row_count, spooled.total_images = checked.row_count, checked.total_images
     return spooled
 
 
 class SpooledRows:
-    """Checked rows in a temporary file, a marshal record of CHUNK_ROWS rows each, after its
-    length: iterate them once to store them. Memory holds a chunk; the file is closed when
-    collected."""
+    """Rows written to a temporary file as they come, a marshal record of CHUNK_ROWS rows
+    each, after its length: iterate them once to store them. Memory holds a chunk; the
+    file is closed when collected."""
 
     CHUNK_ROWS = 5000
 
-    def __init__(self) -> None:
+    def __init__(self, rows: Iterable[tuple[int, str, str]]) -> None:
         self.file = tempfile.TemporaryFile()  # noqa: SIM115
         self.row_count = 0
         self.total_images = 0
-
-    def write(self, chunk: list[tuple[int, str, str]]) -> None:
-        if chunk:
+        rows = iter(rows)
+        while chunk := list(islice(rows, self.CHUNK_ROWS)):
             record = marshal.dumps(chunk)
             self.file.write(len(record).to_bytes(8, "little"))
             self.file.write(record)
+            del chunk, record  # before the next chunk is read: one chunk at a time
 
     def __iter__(self) -> Iterator[tuple[int, str, str]]:
         self.file.seek(0)
