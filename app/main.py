@@ -18,6 +18,7 @@ from app.config import Settings, get_settings
 from app.metrics import ServiceMetrics
 from app.pipeline.stages import StageRunner
 from app.runners import build_runner
+from app.services.imports import Importer, statistics_and_dispatch
 from app.storage import OutputUrls, build_storage
 
 
@@ -37,16 +38,25 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
         pending = service_metrics.watch_pending_images(parts.reader_sessions)
         hosts_in_backoff = service_metrics.watch_hosts_in_backoff(parts.reader_sessions)
         runner = build_runner(parts)
+        importer = Importer(
+            parts.writer_sessions,
+            settings.import_dir,
+            statistics_and_dispatch(parts.engine, runner.dispatch),
+        )
         app.state.settings = settings
         app.state.engine = parts.engine
         app.state.sessions = parts.reader_sessions
         app.state.writer_sessions = parts.writer_sessions
         app.state.ledger = parts.ledger
         app.state.runner = runner
+        app.state.importer = importer
         runner.start()
+        importer.resume()
+        importer.start()
         try:
             yield
         finally:
+            importer.stop()
             runner.stop()
             service_metrics.registry.unregister(pending)
             service_metrics.registry.unregister(hosts_in_backoff)

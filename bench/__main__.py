@@ -250,6 +250,7 @@ def service_env(bench: Bench, config: Configuration) -> dict[str, str]:
         "DATABASE_URL": config.database_url,
         "TASK_BACKEND": config.runner,
         "MEDIA_ROOT": str(bench.work / config.slug / "media"),
+        "IMPORT_DIR": str(bench.work / config.slug / "imports"),
         "ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{bench.images_server.port}",
         "WEBHOOK_ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{bench.receiver.port}",
         "CELERY_BROKER_URL": bench.broker_url,

@@ -90,6 +90,7 @@ def make_settings(database_url, tmp_path, image_server, webhook_receiver) -> Cal
         values = {
             "database_url": database_url,
             "media_root": tmp_path / "media",
+            "import_dir": tmp_path / "imports",
             "public_base_url": "http://testserver",
             "allow_private_hosts": f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}",
             "webhook_allow_private_hosts": f"127.0.0.1:{image_server.port},127.0.0.1:{webhook_receiver.port}",
@@ -141,6 +142,7 @@ def deployment_env(database_url, tmp_path, image_server, webhook_receiver) -> di
     return {
         "DATABASE_URL": database_url,
         "MEDIA_ROOT": str(tmp_path / "media"),
+        "IMPORT_DIR": str(tmp_path / "imports"),
         "ALLOW_PRIVATE_HOSTS": hosts,
         "WEBHOOK_ALLOW_PRIVATE_HOSTS": hosts,
         "LEASE_SECONDS": "3",

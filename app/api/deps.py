@@ -20,6 +20,7 @@ from app.errors import Unauthorized
 from app.ledger.image_ledger import ImageLedger
 from app.metrics import ServiceMetrics
 from app.runners import Runner
+from app.services.imports import Importer
 from app.services.results import get_request
 from app.storage import ImageStorage, OutputUrls
 
@@ -32,6 +33,10 @@ async def get_settings(request: Request) -> Settings:
 
 async def get_runner(request: Request) -> Runner:
     return request.app.state.runner
+
+
+async def get_importer(request: Request) -> Importer:
+    return request.app.state.importer
 
 
 async def get_ledger(request: Request) -> ImageLedger:
@@ -114,6 +119,7 @@ def owner_of(request: Request, settings: Settings) -> str | None:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RunnerDep = Annotated[Runner, Depends(get_runner)]
+ImporterDep = Annotated[Importer, Depends(get_importer)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 WriterSessionDep = Annotated[Session, Depends(get_writer_session, scope="function")]
 OwnerDep = Annotated[str | None, Depends(get_owner)]

@@ -12,6 +12,14 @@ from app.storage import OutputUrls
 REQUEST_ID_EXAMPLE = "9b2f6c1e-4f7a-4f55-9f4e-2f2d0c6a7b10"
 
 
+def totals(request: ProcessingRequest) -> tuple[int, int]:
+    """The products and images a request holds; while it is `importing`, those its CSV
+    holds (the stored ones catch up)."""
+    if request.status == RequestStatus.IMPORTING and request.expected_products is not None:
+        return request.expected_products, request.expected_images or 0
+    return request.total_products, request.total_images
+
+
 class UploadAccepted(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -166,7 +174,8 @@ class RequestSummary(BaseModel):
     status: RequestStatus = Field(
         examples=["completed"],
         description=(
-            "pending, processing, cancelling (a cancel is under way), deleting (a DELETE is under way), "
+            "importing (a large CSV, checked and answered, whose rows are being stored), pending, "
+            "processing, cancelling (a cancel is under way), deleting (a DELETE is under way), "
             "or finished: completed, completed_with_errors, failed, cancelled"
         ),
     )
@@ -177,6 +186,9 @@ class RequestSummary(BaseModel):
     completed_at: datetime | None
     callback_url: str | None
     total_products: int
+    stored_products: int = Field(
+        description="products stored so far: fewer than total_products only while `importing`"
+    )
     progress: Progress
     status_url: str
     download_url: str | None = Field(description="set once the request has finished")
@@ -184,6 +196,7 @@ class RequestSummary(BaseModel):
     @classmethod
     def of(cls, request: ProcessingRequest, base_url: str, **extra) -> "RequestSummary":
         finished = request.succeeded_images + request.failed_images + request.cancelled_images
+        total_products, total_images = totals(request)
         return cls(
             request_id=request.request_id,
             status=request.status,
@@ -191,15 +204,16 @@ class RequestSummary(BaseModel):
             created_at=request.created_at,
             completed_at=request.completed_at,
             callback_url=request.callback_url,
-            total_products=request.total_products,
+            total_products=total_products,
+            stored_products=request.total_products,
             progress=Progress(
-                total_images=request.total_images,
+                total_images=total_images,
                 succeeded_images=request.succeeded_images,
                 processed_images=request.succeeded_images,
                 failed_images=request.failed_images,
                 cancelled_images=request.cancelled_images,
                 reused_images=request.reused_images,
-                percent=round(100 * finished / request.total_images, 2) if request.total_images else 100.0,
+                percent=round(100 * finished / total_images, 2) if total_images else 100.0,
             ),
             status_url=f"{base_url}/status/{request.request_id}",
             download_url=f"{base_url}/download/{request.request_id}" if request.completed_at else None,

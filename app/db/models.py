@@ -10,6 +10,9 @@ from app.db.base import Base, UTCDateTime, utcnow
 
 
 class RequestStatus(StrEnum):
+    # A large upload, checked and answered: its rows are being stored in the background
+    # (app/services/imports.py); no claim serves it until it is `pending`.
+    IMPORTING = "importing"
     PENDING = "pending"
     PROCESSING = "processing"
     COMPLETED = "completed"
@@ -79,6 +82,11 @@ class ProcessingRequest(Base):
     # Origin hosts its images name: with more than one, a claim looks past the images of a
     # host at its limit (app/ledger/turns.py). NULL before 0012.
     host_count: Mapped[int | None] = mapped_column(Integer)
+    # A background import (status `importing`): what the checked CSV holds, while the
+    # totals above count what is stored so far; NULL for uploads stored before the answer.
+    expected_products: Mapped[int | None] = mapped_column(Integer)
+    expected_images: Mapped[int | None] = mapped_column(Integer)
+    import_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Product(Base):

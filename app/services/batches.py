@@ -5,6 +5,8 @@ Functions here only flush; the caller owns the transaction."""
 import io
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
@@ -22,6 +24,16 @@ from app.services.bulk_insert import (
     uses_copy,
 )
 from app.services.csv_checks import CheckedRows, CsvLimits, SpooledRows, check_csv, most_rows
+from app.services.imports import create_importing_request
+
+
+@dataclass(frozen=True)
+class BackgroundImports:
+    """Uploads of more than `above_rows` rows are stored after their answer, from a file
+    of their checked rows under `import_dir` (app/services/imports.py)."""
+
+    above_rows: int
+    import_dir: Path
 
 
 def checked_webhook_url(webhook_url: str | None) -> str | None:
@@ -43,6 +55,7 @@ def create_batch(
     on_request_created: Callable[[ProcessingRequest], None] | None = None,
     options: OutputOptions | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    background: BackgroundImports | None = None,
 ) -> ProcessingRequest:
     """Read and check a CSV (a seekable file: the upload's spooled body) and store it as a
     request with its products and images; returns the request, or raises as check_csv
@@ -60,13 +73,33 @@ def create_batch(
     checked first, its good rows spooled to a temporary file (check_csv) and stored from
     there: on SQLite the write transaction holds the database's one write lock, which
     every upload and worker waits for, so it is taken only once the file is known to be
-    good."""
+    good.
+
+    With `background`, a CSV of more lines than it allows is only checked here: the
+    request is `importing`, and its rows are stored after the answer
+    (app/services/imports.py)."""
     start = csv_file.tell()
     csv_bytes = csv_file.seek(0, io.SEEK_END) - start
     csv_file.seek(start)
+    lines = most_rows(csv_file, limits) if background is not None and background.above_rows else None
+    # most_rows counts the header's line break, and one more than the breaks: the rows of a
+    # file whose every line ends in one are `lines - 2`.
+    if background is not None and lines is not None and lines - 2 > background.above_rows:
+        request = create_importing_request(
+            session,
+            csv_file,
+            limits,
+            background.import_dir,
+            webhook_url=webhook_url,
+            owner=owner,
+            options=options,
+        )
+        if on_request_created is not None:
+            on_request_created(request)
+        return request
     checked: CheckedRows | SpooledRows
     if uses_copy(session.get_bind()):
-        bound = most_rows(csv_file, limits)
+        bound = lines if lines is not None else most_rows(csv_file, limits)
         checked = CheckedRows(csv_file, limits)
     else:
         checked = check_csv(csv_file, limits)

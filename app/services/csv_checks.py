@@ -74,27 +74,27 @@ class CheckedRows:
             )
 
 
-def check_csv(csv_file: BinaryIO, limits: CsvLimits) -> "SpooledRows":
+def check_csv(csv_file: BinaryIO, limits: CsvLimits, spool: BinaryIO | None = None) -> "SpooledRows":
     """Read and check the whole CSV, touching no database; raises InvalidCsv listing every
-    problem found, or PayloadTooLarge. Returns the good rows, spooled to a temporary file
-    for the pass that stores them (reading them back costs a tenth of parsing the CSV
-    again; memory holds one chunk)."""
+    problem found, or PayloadTooLarge. Returns the good rows, spooled to `spool` (else a
+    temporary file) for the pass that stores them (reading them back costs a tenth of
+    parsing the CSV again; memory holds one chunk)."""
     checked = CheckedRows(csv_file, limits)
-    spooled = SpooledRows(checked)
+    spooled = SpooledRows(checked, spool)
     checked.raise_problems()
     spooled.row_count, spooled.total_images = checked.row_count, checked.total_images
     return spooled
 
 
 class SpooledRows:
-    """Rows written to a temporary file as they come, a marshal record of CHUNK_ROWS rows
-    each, after its length: iterate them once to store them. Memory holds a chunk; the
-    file is closed when collected."""
+    """Rows written to a file (by default a temporary one) as they come, a marshal record
+    of CHUNK_ROWS rows each, after its length: iterate them to store them. Memory holds a
+    chunk; a temporary file is closed when collected."""
 
     CHUNK_ROWS = 5000
 
-    def __init__(self, rows: Iterable[tuple[int, str, str]]) -> None:
-        self.file = tempfile.TemporaryFile()  # noqa: SIM115
+    def __init__(self, rows: Iterable[tuple[int, str, str]], file: BinaryIO | None = None) -> None:
+        self.file = file if file is not None else tempfile.TemporaryFile()  # noqa: SIM115
         self.row_count = 0
         self.total_images = 0
         rows = iter(rows)
@@ -103,6 +103,11 @@ class SpooledRows:
             self.file.write(len(record).to_bytes(8, "little"))
             self.file.write(record)
             del chunk, record  # before the next chunk is read: one chunk at a time
+
+    @classmethod
+    def reopen(cls, file: BinaryIO) -> "SpooledRows":
+        """The rows an earlier SpooledRows wrote to `file` (e.g. before a restart)."""
+        return cls((), file)  # no rows more: writes nothing
 
     def __iter__(self) -> Iterator[tuple[int, str, str]]:
         self.file.seek(0)

@@ -9,7 +9,8 @@
     purge_expired    what RETENTION_DAYS no longer keeps, deleted as delete_request
                      does, plus expired idempotency keys and what re-imports remember
                      of sources not downloaded since; a bounded amount per call; and
-                     what a restart left `deleting` or `cancelling`
+                     what a restart left `deleting` or `cancelling`, and imports
+                     whose file is lost
 
 Outputs are never shared between requests (a re-import copies the output it reuses under
 its own keys), so deleting a request's prefix never takes another request's outputs.
@@ -49,6 +50,9 @@ DELETE_CHUNK_ROWS = 5000
 CANCEL_BATCH_IMAGES = 5000
 PURGE_REQUESTS_PER_SWEEP = 50
 PURGE_KEYS_PER_SWEEP = 5000
+# An import that stored nothing for this long has lost its file (app/services/imports.py:
+# a server that stopped and did not come back); it is cancelled.
+STALLED_IMPORT_SECONDS = 900.0
 
 
 def cancel_request(ledger: ImageLedger, request: ProcessingRequest) -> Cancellation:
@@ -165,6 +169,27 @@ def finish_deleting(
 
 def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: int, request_id: str) -> None:
     removed = storage.delete_prefix(request_prefix(request_id))
+    delete_rows(sessions, request_pk)
+    # The rest is small; the foreign keys' ON DELETE CASCADE takes the webhook events,
+    # their deliveries and the idempotency key with the request row.
+    with sessions.begin() as session:
+        session.execute(
+            delete(ProcessingRequest)
+            .where(ProcessingRequest.id == request_pk)
+            .execution_options(synchronize_session=False)
+        )
+    # Once more now the rows are gone: an output a stale claim stored since the first
+    # pass goes here; one stored after this, its recording finds the request gone and
+    # removes (ImageLedger.record_outcomes).
+    try:
+        removed += storage.delete_prefix(request_prefix(request_id))
+    except StoreFailure as failure:  # the rows are gone: the request is deleted all the same
+        log.warning("request %s: a late output may be left: %s", request_id, failure.message)
+    log.info("deleted request %s and %d outputs", request_id, removed, extra={"request_id": request_id})
+
+
+def delete_rows(sessions: sessionmaker[Session], request_pk: int) -> None:
+    """A request's images and products, DELETE_CHUNK_ROWS a transaction."""
     for table in (Image, Product):
         # In id order from where the last chunk ended, so no chunk passes the rows of
         # the chunks before it (dead until vacuumed) again.
@@ -191,22 +216,6 @@ def _delete(sessions: sessionmaker[Session], storage: ImageStorage, request_pk: 
                 )
             if not deleted:
                 break
-    # The rest is small; the foreign keys' ON DELETE CASCADE takes the webhook events,
-    # their deliveries and the idempotency key with the request row.
-    with sessions.begin() as session:
-        session.execute(
-            delete(ProcessingRequest)
-            .where(ProcessingRequest.id == request_pk)
-            .execution_options(synchronize_session=False)
-        )
-    # Once more now the rows are gone: an output a stale claim stored since the first
-    # pass goes here; one stored after this, its recording finds the request gone and
-    # removes (ImageLedger.record_outcomes).
-    try:
-        removed += storage.delete_prefix(request_prefix(request_id))
-    except StoreFailure as failure:  # the rows are gone: the request is deleted all the same
-        log.warning("request %s: a late output may be left: %s", request_id, failure.message)
-    log.info("deleted request %s and %d outputs", request_id, removed, extra={"request_id": request_id})
 
 
 @dataclass
@@ -291,6 +300,27 @@ def _finish_interrupted(
             purged.requests += 1
         elif ledger is not None:
             cancel_the_rest(ledger, request_pk)
+    if ledger is None:
+        return
+    with sessions() as session:
+        stalled = session.execute(
+            select(ProcessingRequest.id, ProcessingRequest.request_id)
+            .where(
+                ProcessingRequest.status == RequestStatus.IMPORTING,
+                ProcessingRequest.import_progress_at < utcnow() - timedelta(seconds=STALLED_IMPORT_SECONDS),
+            )
+            .order_by(ProcessingRequest.id)
+            .limit(max_requests)
+        ).all()
+    for request_pk, request_id in stalled:
+        log.warning(
+            "request %s: its import stored nothing for %.0f s (its file is on a server that stopped); "
+            "cancelling it with what was stored",
+            request_id,
+            STALLED_IMPORT_SECONDS,
+            extra={"request_id": request_id},
+        )
+        cancel_the_rest(ledger, request_pk)
 
 
 def _delete_expired_requests(

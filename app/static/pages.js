@@ -5,6 +5,7 @@
 import { apiFetch, ensureKey, readProblem, storedKey } from "./api.js";
 
 const STATUS_WORDS = {
+  importing: "storing its rows",
   pending: "waiting to start",
   processing: "processing",
   completed: "completed",
@@ -330,7 +331,8 @@ function setUpRequestPage() {
       `${finishedImages} of ${progress.total_images} images finished: ` +
       `${progress.succeeded_images} succeeded, ${progress.failed_images} failed, ` +
       `${progress.cancelled_images} cancelled. ` +
-      `${status.total_products} products.`;
+      `${status.total_products} products` +
+      (status.stored_products < status.total_products ? ` (${status.stored_products} stored so far).` : ".");
 
     syncList(productList, status.products, (product) => product.serial_number, productEntry);
     const first = (cursors.length - 1) * PRODUCTS_PER_PAGE + 1;

@@ -4,6 +4,7 @@ from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 
 from app.api.deps import (
     EngineDep,
+    ImporterDep,
     OwnerDep,
     RunnerDep,
     SessionDep,
@@ -12,12 +13,12 @@ from app.api.deps import (
     after_commit,
 )
 from app.api.routes.problems import PROBLEM_RESPONSES
-from app.api.schemas import UploadAccepted
+from app.api.schemas import UploadAccepted, totals
 from app.db.maintenance import refresh_statistics_after_upload
-from app.db.models import ProcessingRequest
+from app.db.models import ProcessingRequest, RequestStatus
 from app.errors import InvalidInput
 from app.pipeline.options import MAX_DIMENSION, options_from_form
-from app.services.batches import checked_webhook_url, create_batch
+from app.services.batches import BackgroundImports, checked_webhook_url, create_batch
 from app.services.csv_checks import CsvLimits
 from app.services.idempotency import check_key, find_original, payload_fingerprint, remember
 
@@ -49,6 +50,7 @@ def upload_csv(
     engine: EngineDep,
     settings: SettingsDep,
     owner: OwnerDep,
+    importer: ImporterDep,
     file: Annotated[UploadFile | None, File(description="the products CSV")] = None,
     webhook_url: Annotated[str | None, Form(description="http(s) URL notified when done")] = None,
     quality: Annotated[
@@ -124,20 +126,25 @@ def upload_csv(
         owner=owner,
         on_request_created=remember_key,
         options=options,
+        background=BackgroundImports(settings.background_import_rows, settings.import_dir),
     )
-    request_pk, total_images = request.id, request.total_images
-    after_commit(session, lambda: runner.dispatch(request_pk))
-    after_commit(session, lambda: refresh_statistics_after_upload(engine, total_images))
+    request_pk, request_id, total_images = request.id, request.request_id, request.total_images
+    if request.status == RequestStatus.IMPORTING:
+        after_commit(session, lambda: importer.submit(request_pk, request_id))
+    else:
+        after_commit(session, lambda: runner.dispatch(request_pk))
+        after_commit(session, lambda: refresh_statistics_after_upload(engine, total_images))
     return _accepted(response, request, settings.base_url)
 
 
 def _accepted(response: Response, request: ProcessingRequest, base_url: str) -> UploadAccepted:
     status_url = f"{base_url}/status/{request.request_id}"
     response.headers["Location"] = status_url
+    total_products, total_images = totals(request)
     return UploadAccepted(
         request_id=request.request_id,
         status=request.status,  # a replay tells the status now, not the first answer's
         status_url=status_url,
-        total_products=request.total_products,
-        total_images=request.total_images,
+        total_products=total_products,
+        total_images=total_images,
     )
