@@ -19,10 +19,15 @@ def _url_pattern(excluded: str = "", port: str = r"(?P<port>[0-9]{1,5})", host: 
 _HTTP_URL = re.compile("(?i)" + _url_pattern())
 
 # URLs as a CSV cell lists them: separated by whitespace, commas or semicolons (so none
-# holds one). A whole cell of URLs url_problem accepts, with a port below 10000 if any,
-# matches _CHECKED_URL_LIST at once; cells it refuses go through url_problem URL by URL.
+# holds one). A cell matches _CHECKED_URL_LIST at once exactly when url_problem accepts
+# each of its URLs; only cells it refuses go through url_problem URL by URL.
 URL_LIST_SEPARATORS = r"[\s,;]"
-_CHECKED_URL = _url_pattern(",;", port=r"(?=[0-9]{1,5}(?![0-9]))0*[1-9][0-9]{0,3}", host="(?:{})")
+# A port as url_problem accepts it: at most 5 digits, leading zeros allowed, 1 to 65535.
+_PORT_1_TO_65535 = (
+    r"(?=[0-9]{1,5}(?![0-9]))0*"
+    r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+)
+_CHECKED_URL = _url_pattern(",;", port=_PORT_1_TO_65535, host="(?:{})")
 _CHECKED_URL_LIST = re.compile(
     rf"(?i){URL_LIST_SEPARATORS}*{_CHECKED_URL}(?:{URL_LIST_SEPARATORS}+{_CHECKED_URL})*{URL_LIST_SEPARATORS}*"
 )
