@@ -1,5 +1,5 @@
 """background imports: a large upload is answered once checked and stored after the
-answer; the request is `importing` meanwhile (a status, no schema change), and holds what
+answer; the request is `importing` meanwhile (a new status value), and holds what
 its CSV will give and when its import last stored a chunk
 
 Revision ID: 0015

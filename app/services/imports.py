@@ -22,6 +22,7 @@ importing request (app/ledger/turns.py serves pending and processing ones).
   (app/services/lifecycle.py).
 """
 
+import fcntl
 import logging
 import os
 import queue
@@ -130,6 +131,10 @@ def import_request(
     repeated = RepeatedUrls(path.stat().st_size)
     try:
         with open(path, "rb") as file:
+            try:  # two processes sharing IMPORT_DIR: the one holding the file imports it
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
             rows = iter(SpooledRows.reopen(file))
             stored = 0
             while chunk := list(islice(rows, chunk_rows)):
