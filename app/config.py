@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     # An upload of more rows than this is answered once its CSV is checked (`importing`)
     # and stored after the answer, from a file of its checked rows under import_dir that
     # lives until it is stored (a restart resumes it); 0: every upload is stored first.
-    background_import_rows: int = Field(50_000, ge=0)
+    background_import_rows: int = Field(100_000, ge=0)
     import_dir: Path = PROJECT_ROOT / "data" / "imports"
     idempotency_key_ttl_seconds: float = Field(24 * 3600, gt=0)
     csv_escape_formulas: bool = True

@@ -42,6 +42,9 @@ def create_app(settings: Settings | None = None, stages: StageRunner | None = No
             parts.writer_sessions,
             settings.import_dir,
             statistics_and_dispatch(parts.engine, runner.dispatch),
+            database_url=settings.database_url,
+            log_format=settings.log_format,
+            log_level=settings.log_level,
         )
         app.state.settings = settings
         app.state.engine = parts.engine

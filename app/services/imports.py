@@ -6,8 +6,9 @@ are spooled to a file under IMPORT_DIR named after the request. The request is c
 `importing`, with what the CSV holds (`expected_products`, `expected_images`), and the
 upload is answered. The Importer then stores the rows IMPORT_CHUNK_ROWS at a time, each
 chunk its own transaction (SQLite's write lock is held for a chunk, not the whole file),
-the request's totals growing with them. The last transaction links the copies, adds the
-hosts and makes the request `pending`; the runner takes it from there. No claim serves an
+the request's totals growing with them, in a process of its own. The last transaction
+links the copies, adds the hosts and makes the request `pending`; the runner takes it
+from there. No claim serves an
 importing request (app/ledger/turns.py serves pending and processing ones).
 
 - A cancel makes the request `cancelling`: the chunk under way finds it no longer
@@ -16,7 +17,7 @@ importing request (app/ledger/turns.py serves pending and processing ones).
   counts only while `importing`).
 - A restart: Importer.resume() at start-up finds the importing requests whose file is in
   its IMPORT_DIR, deletes what was stored of them, and imports them again.
-- An import that fails (the database away) is tried again every RETRY_SECONDS.
+- An import that fails (the database away) is tried again after RETRY_SECONDS.
 - An import whose file is nowhere to be found (another server's, which does not come back)
   makes no progress: the retention sweep cancels it after STALLED_IMPORT_SECONDS
   (app/services/lifecycle.py).
@@ -24,8 +25,11 @@ importing request (app/ledger/turns.py serves pending and processing ones).
 
 import fcntl
 import logging
+import multiprocessing
 import os
 import queue
+import signal
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -39,7 +43,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db.base import utcnow
 from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest, RequestStatus
+from app.db.session import build_engine, writer_sessionmaker
 from app.ledger.units import OutputOptions
+from app.logs import configure_logging
 from app.services.bulk_insert import RepeatedUrls, insert_hosts, insert_rows, link_copies
 from app.services.csv_checks import URL_SEPARATOR, CsvLimits, SpooledRows, check_csv
 from app.services.lifecycle import delete_rows
@@ -197,24 +203,72 @@ def _change_totals(sessions: sessionmaker[Session], request_pk: int, **values) -
         )
 
 
+# How an import process ends (its exit code): imported (or nothing left to import), or
+# stopped (a stop, or the request cancelled). Any other code: it failed.
+IMPORTED_EXIT = 0
+STOPPED_EXIT = 3
+
+
+def _import_process_main(
+    database_url: str,
+    import_dir: str,
+    request_pk: int,
+    request_id: str,
+    chunk_rows: int,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """One import, in a process of its own: formatting a million rows for the database
+    holds the interpreter's lock for half a minute, which the web process's status polls
+    would wait on. SIGTERM stops it at the end of the chunk under way."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the web process decides
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
+    configure_logging(log_format, log_level)
+    engine = build_engine(database_url)
+    try:
+        imported = import_request(
+            writer_sessionmaker(engine),
+            Path(import_dir),
+            request_pk,
+            request_id,
+            stopping=stopping,
+            chunk_rows=chunk_rows,
+        )
+    finally:
+        engine.dispose()
+    sys.exit(IMPORTED_EXIT if imported else STOPPED_EXIT)
+
+
 class Importer:
-    """One thread that imports the requests submitted to it, one at a time (two large
-    imports at once would only share the same cores), and on each import done calls
-    `on_imported(request_pk, images)`: dispatch the work, refresh the statistics."""
+    """Imports the requests submitted to it one at a time (two large imports at once
+    would only share the same cores), each in a process of its own, and on each import
+    done calls `on_imported(request_pk, images)`: dispatch the work, refresh the
+    statistics. An import that fails (the database away, say) is tried again after
+    RETRY_SECONDS, from the start, until it works or the request is cancelled."""
 
     def __init__(
         self,
         sessions: sessionmaker[Session],
         import_dir: Path,
         on_imported: Callable[[int, int], None],
+        *,
+        database_url: str,
+        log_format: str = "text",
+        log_level: str = "INFO",
         chunk_rows: int | None = None,
     ):
         self.sessions = sessions
         self.import_dir = import_dir
         self.on_imported = on_imported
+        self.database_url = database_url
+        self.log_format = log_format
+        self.log_level = log_level
         self.chunk_rows = chunk_rows or IMPORT_CHUNK_ROWS
+        self._context = multiprocessing.get_context("spawn")  # the web process has threads
         self._queue: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._process = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -248,43 +302,59 @@ class Importer:
         return len(needed)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """The import under way stops at its next chunk; its file stays for resume()."""
+        """The import under way stops at the end of its chunk; its file stays, and the
+        next start resumes it."""
         self._stopping.set()
         self._queue.put(None)
+        process = self._process
+        if process is not None and process.is_alive():
+            process.terminate()
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None and not self._stopping.is_set():
             request_pk, request_id = item
-            try:
-                imported = import_request(
-                    self.sessions,
-                    self.import_dir,
+            process = self._context.Process(
+                target=_import_process_main,
+                args=(
+                    self.database_url,
+                    str(self.import_dir),
                     request_pk,
                     request_id,
-                    stopping=self._stopping,
-                    chunk_rows=self.chunk_rows,
-                )
-            except Exception:
-                # The database away, say: try again (from the start: what was stored is
-                # deleted first), until it works or the request is cancelled.
-                log.exception(
-                    "request %s: the import failed; trying again in %.0f s",
+                    self.chunk_rows,
+                    self.log_format,
+                    self.log_level,
+                ),
+                name=f"import-{request_pk}",
+                daemon=True,
+            )
+            self._process = process
+            process.start()
+            process.join()
+            self._process = None
+            if self._stopping.is_set() or process.exitcode == STOPPED_EXIT:
+                continue
+            if process.exitcode != IMPORTED_EXIT:
+                log.error(
+                    "request %s: the import failed (exit code %s); trying again in %.0f s",
                     request_id,
+                    process.exitcode,
                     RETRY_SECONDS,
                     extra={"request_id": request_id},
                 )
                 if not self._stopping.wait(RETRY_SECONDS):
                     self.submit(request_pk, request_id)
                 continue
-            if imported:
-                with self.sessions() as session:
-                    images = session.scalar(
-                        select(ProcessingRequest.total_images).where(ProcessingRequest.id == request_pk)
-                    )
-                log.info("request %s imported", request_id, extra={"request_id": request_id})
-                self.on_imported(request_pk, images or 0)
+            with self.sessions() as session:
+                images = session.scalar(
+                    select(ProcessingRequest.total_images).where(ProcessingRequest.id == request_pk)
+                )
+            log.info("request %s imported", request_id, extra={"request_id": request_id})
+            self.on_imported(request_pk, images or 0)
 
 
 def statistics_and_dispatch(engine: Engine, dispatch: Callable[[int], None]) -> Callable[[int, int], None]:
