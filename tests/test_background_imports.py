@@ -5,6 +5,7 @@ is cancelled by the sweep."""
 
 import io
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -221,3 +222,33 @@ def _age_import(engine, request_pk: int, seconds: float) -> None:
             .where(ProcessingRequest.id == request_pk)
             .values(import_progress_at=utcnow() - timedelta(seconds=seconds))
         )
+
+
+def test_a_stop_during_an_import_leaves_it_to_the_next_start(make_settings, sources, monkeypatch):
+    """The import process stops at the end of its chunk when the service stops; the
+    file stays, and the next start imports the request again, whole."""
+    monkeypatch.setattr(imports, "IMPORT_CHUNK_ROWS", 1)  # a transaction a row: seconds
+    settings = make_settings(background_import_rows=5)
+    rows = [(n, f"Product {n}", [f"{sources[n % len(sources)]}?n={n}"]) for n in range(1, 1501)]
+    with TestClient(create_app(settings)) as client:
+        request_id = upload(client, csv_of(rows)).json()["request_id"]
+        deadline = time.monotonic() + 60
+        while client.get(f"/status/{request_id}").json()["stored_products"] == 0:
+            assert time.monotonic() < deadline, "the import stored nothing"
+            time.sleep(0.05)
+    engine = build_engine(settings.database_url)
+    with Session(engine) as session:
+        status, stored = session.execute(
+            select(ProcessingRequest.status, ProcessingRequest.total_products).where(
+                ProcessingRequest.request_id == request_id
+            )
+        ).one()
+    assert status == "importing" and 0 < stored < 1500
+    assert spool_path(settings.import_dir, request_id).exists()
+    monkeypatch.setattr(imports, "IMPORT_CHUNK_ROWS", 1000)
+    with TestClient(create_app(settings)) as client:
+        body = wait_finished(client, request_id, timeout=120)
+    assert body["status"] == "completed", body["progress"]
+    assert _counts(body) == (1500, 1500, 1500)
+    assert body["progress"]["succeeded_images"] == 1500
+    engine.dispose()
