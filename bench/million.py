@@ -1,5 +1,6 @@
 """`make bench BENCH_ARGS=--million`: one catalogue of a million products against the
-real service on PostgreSQL with the in-process runner, run only when asked (never in CI,
+real service on PostgreSQL, with the in-process runner and then with Celery (one worker;
+BENCH_MILLION_RUNNERS, default "inprocess,celery"), run only when asked (never in CI,
 never in a plain `make bench`): it takes minutes and a few GB of disk.
 
 For each size of BENCH_MILLION_ROWS (default "100000,1000000"; 3 URLs a row, every URL
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.__main__ import (
+    DEFAULT_BROKER_URL,
     DEFAULT_POSTGRES_URL,
     FINISHED,
     RESULTS_DIR,
@@ -213,21 +215,26 @@ def one_catalogue(service: ServiceProcess, bench: Bench, rows: int, image_url: s
 
 def run(params: Params) -> int:
     sizes = [int(size) for size in os.environ.get("BENCH_MILLION_ROWS", "100000,1000000").split(",")]
+    runners = os.environ.get("BENCH_MILLION_RUNNERS", "inprocess,celery").split(",")
     postgres_url = os.environ.get("BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL)
     if not ensure_postgres_database(postgres_url):
         say("--million needs PostgreSQL")
         return 1
     work = Path(tempfile.mkdtemp(prefix="bench-million-"))
     say(f"work folder (logs, upload bodies, outputs): {work}")
-    config = Configuration("postgresql", "inprocess", postgres_url)
-    empty_postgres(postgres_url)
     results: dict = {"when": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(), "runs": []}
+    broker_url = os.environ.get("BENCH_CELERY_BROKER_URL", DEFAULT_BROKER_URL)
     with LocalServer() as images_server, WebhookReceiver() as receiver:
         image_url = images_server.add(_tiny_jpeg())
-        bench = Bench(params, work, [], [image_url], images_server, receiver, None, "")  # type: ignore[arg-type]
-        with running_service(service_env(bench, config), work / config.slug) as service:
-            for rows in sizes:
-                results["runs"].append(one_catalogue(service, bench, rows, image_url, params.status_seconds))
+        bench = Bench(params, work, [], [image_url], images_server, receiver, None, broker_url)  # type: ignore[arg-type]
+        for runner in runners:
+            config = Configuration("postgresql", runner, postgres_url)
+            say(f"== {config.name}")
+            empty_postgres(postgres_url)
+            with running_service(service_env(bench, config), work / config.slug) as service:
+                for rows in sizes:
+                    figures = one_catalogue(service, bench, rows, image_url, params.status_seconds)
+                    results["runs"].append({"configuration": config.name, **figures})
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"bench-million-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(results, indent=2))

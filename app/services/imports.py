@@ -119,58 +119,84 @@ def import_request(
     chunk_rows: int = IMPORT_CHUNK_ROWS,
     on_chunk_stored: Callable[[int], None] | None = None,
 ) -> bool:
-    """Store an importing request's spooled rows; True once it is `pending` (or was not
-    importing to begin with), False when the import stopped: `stopping` was set (the file
-    stays, for resume at the next start) or the request was cancelled meanwhile (the file
-    is removed). What an interrupted import stored before is deleted first.
-    `on_chunk_stored` is told the products stored so far after each chunk's commit."""
+    """Store an importing request's spooled rows; True once it is `pending`. False when
+    there was nothing to import (the request is no longer importing: its file is removed;
+    or its file is not here, or another process holds it) or the import stopped:
+    `stopping` was set (the file stays, for resume at the next start) or the request was
+    cancelled meanwhile (the file is removed). What an interrupted import stored before is
+    deleted first. `on_chunk_stored` is told the products stored so far after each
+    chunk's commit."""
     path = spool_path(import_dir, request_id)
-    with sessions() as session:
-        stored = session.scalar(select(ProcessingRequest.total_products).where(*_still_importing(request_pk)))
-    if stored is None:  # cancelled, deleted or imported already
-        path.unlink(missing_ok=True)
-        return True
-    if stored:
-        delete_rows(sessions, request_pk)
-    _change_totals(sessions, request_pk, total_products=0, total_images=0)
-    hosts: set[str] = set()
-    repeated = RepeatedUrls(path.stat().st_size)
     try:
-        with open(path, "rb") as file:
-            try:  # two processes sharing IMPORT_DIR: the one holding the file imports it
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            rows = iter(SpooledRows.reopen(file))
-            stored = 0
-            while chunk := list(islice(rows, chunk_rows)):
-                if stopping.is_set():
-                    return False
-                images = sum(urls.count(URL_SEPARATOR) + 1 for _serial, _name, urls in chunk)
-                with sessions.begin() as session:
-                    connection = session.connection()
-                    insert_rows(connection, request_pk, chunk, len(chunk), hosts, repeated, chunk_rows)
-                    _count_stored(connection, request_pk, len(chunk), images)
-                stored += len(chunk)
-                if on_chunk_stored is not None:
-                    on_chunk_stored(stored)
-        with sessions.begin() as session:
-            connection = session.connection()
-            link_copies(connection, request_pk, repeated.flagged)
-            insert_hosts(connection, hosts)
-            finished = connection.execute(
-                update(ProcessingRequest.__table__)
-                .where(*_still_importing(request_pk))
-                .values(status=RequestStatus.PENDING, host_count=len(hosts), import_progress_at=None)
-            ).rowcount
-            if not finished:
-                raise _NoLongerImporting
-    except _NoLongerImporting:
-        log.info("request %s: cancelled while importing", request_id, extra={"request_id": request_id})
-        path.unlink(missing_ok=True)
+        file = open(path, "rb")  # noqa: SIM115 - closed below, the lock with it
+    except FileNotFoundError:
+        log.warning("request %s: its import's file is not here", request_id, extra={"request_id": request_id})
         return False
+    with file:
+        try:  # two processes sharing IMPORT_DIR: the one holding the file imports it
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        with sessions() as session:
+            stored = session.scalar(
+                select(ProcessingRequest.total_products).where(*_still_importing(request_pk))
+            )
+        if stored is None:  # cancelled, deleted or imported already
+            path.unlink(missing_ok=True)
+            return False
+        if stored:
+            delete_rows(sessions, request_pk)
+        _change_totals(sessions, request_pk, total_products=0, total_images=0)
+        try:
+            _store(sessions, request_pk, file, stopping, chunk_rows, on_chunk_stored)
+        except _Stopped:
+            return False
+        except _NoLongerImporting:
+            log.info("request %s: cancelled while importing", request_id, extra={"request_id": request_id})
+            path.unlink(missing_ok=True)
+            return False
     path.unlink(missing_ok=True)
     return True
+
+
+class _Stopped(Exception):
+    """A stop came: the import ends after the chunk under way."""
+
+
+def _store(
+    sessions: sessionmaker[Session],
+    request_pk: int,
+    file: BinaryIO,
+    stopping: threading.Event,
+    chunk_rows: int,
+    on_chunk_stored: Callable[[int], None] | None,
+) -> None:
+    hosts: set[str] = set()
+    repeated = RepeatedUrls(os.fstat(file.fileno()).st_size)
+    rows = iter(SpooledRows.reopen(file))
+    stored = 0
+    while chunk := list(islice(rows, chunk_rows)):
+        if stopping.is_set():
+            raise _Stopped
+        images = sum(urls.count(URL_SEPARATOR) + 1 for _serial, _name, urls in chunk)
+        with sessions.begin() as session:
+            connection = session.connection()
+            insert_rows(connection, request_pk, chunk, len(chunk), hosts, repeated, chunk_rows)
+            _count_stored(connection, request_pk, len(chunk), images)
+        stored += len(chunk)
+        if on_chunk_stored is not None:
+            on_chunk_stored(stored)
+    with sessions.begin() as session:
+        connection = session.connection()
+        link_copies(connection, request_pk, repeated.flagged)
+        insert_hosts(connection, hosts)
+        finished = connection.execute(
+            update(ProcessingRequest.__table__)
+            .where(*_still_importing(request_pk))
+            .values(status=RequestStatus.PENDING, host_count=len(hosts), import_progress_at=None)
+        ).rowcount
+        if not finished:
+            raise _NoLongerImporting
 
 
 def _still_importing(request_pk: int) -> tuple:
