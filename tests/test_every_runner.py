@@ -58,6 +58,27 @@ def test_each_image_is_stored_once_and_the_webhook_sent_once(
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
+def test_a_catalogue_stored_after_its_answer_is_processed_and_its_webhook_sent_once(
+    runner, deploy, image_server, webhook_receiver, tmp_path
+):
+    deployment = deploy(runner, BACKGROUND_IMPORT_ROWS="4")
+    hook = webhook_receiver.new_url()
+    accepted = deployment.api.post(
+        "/upload",
+        files={"file": ("products.csv", slow_batch(image_server, 30, delay_seconds=0), "text/csv")},
+        data={"webhook_url": hook},
+    )
+    assert accepted.status_code == 202, accepted.text
+    assert (accepted.json()["status"], accepted.json()["total_images"]) == ("importing", 30)
+    request_id = accepted.json()["request_id"]
+
+    deployment.wait_done(request_id, timeout=60)
+
+    assert_completed_with_one_output_each(deployment, request_id, 30, local_stored_keys(tmp_path / "media"))
+    assert_webhook_delivered_once(deployment, webhook_receiver, hook, request_id)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 def test_sigkill_of_the_process_doing_the_work_mid_batch(
     runner, deploy, image_server, webhook_receiver, tmp_path
 ):

@@ -24,6 +24,7 @@ from app.services.batches import create_batch
 from app.services.bulk_insert import RepeatedUrls, insert_rows, link_copies
 from app.services.csv_checks import CsvLimits
 from app.services.csv_input import SerialNumbers
+from tests.support.images import jpeg
 
 HEADER = "S. No.,Product Name,Input Image Urls"
 
@@ -186,3 +187,42 @@ def test_an_upload_whose_client_goes_away_half_way_stores_nothing(settings):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.mark.slow
+def test_an_import_cut_by_a_sigkill_of_the_api_ends_whole_once_it_starts_again(deploy, image_server):
+    """The API dies mid-import: its import process stops at the end of its chunk (it is
+    told when its parent dies), and the API started again imports the request from its
+    file, whole: every row once, every image processed."""
+    deployment = deploy("inprocess", BACKGROUND_IMPORT_ROWS="5")
+    sources = [image_server.add(jpeg((16 + n, 16))) for n in range(20)]
+    rows = 120_000
+    data = f"{HEADER}\n" + "".join(f"{n},P{n},{sources[n % 20]}\n" for n in range(1, rows + 1))
+    accepted = deployment.api.post("/upload", files={"file": ("p.csv", data.encode(), "text/csv")})
+    assert accepted.status_code == 202 and accepted.json()["status"] == "importing", accepted.text
+    request_id = accepted.json()["request_id"]
+    deadline = time.monotonic() + 120
+    while (state := deployment.request_state(request_id)).total == 0:
+        assert time.monotonic() < deadline and state.status == "importing", state
+        time.sleep(0.05)
+    deployment.kill_api()
+    assert deployment.request_state(request_id).status == "importing"
+
+    deployment.start_api()
+    final = deployment.wait_done(request_id, timeout=300)
+
+    assert (final.status, final.total, final.processed) == ("completed", rows, rows)
+    engine = build_engine(deployment.database_url)
+    with engine.connect() as connection:
+        request_pk = connection.scalar(
+            select(ProcessingRequest.id).where(ProcessingRequest.request_id == request_id)
+        )
+        stored = connection.execute(
+            select(func.count(), func.count(func.distinct(Product.serial_number))).where(
+                Product.request_pk == request_pk
+            )
+        ).one()
+    engine.dispose()
+    assert tuple(stored) == (rows, rows)
+    # One download per distinct URL: the other rows are copies of the first naming it.
+    assert all(image_server.hits_for(url) == 1 for url in sources)

@@ -23,6 +23,9 @@ importing request (app/ledger/turns.py serves pending and processing ones).
   (app/services/lifecycle.py).
 """
 
+import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import logging
 import multiprocessing
@@ -105,6 +108,20 @@ def create_importing_request(
     return request
 
 
+class StopFlag:
+    """Set from a signal handler: a plain attribute, no lock (a handler that waited for a
+    lock the code it interrupted holds, as threading.Event's does, would wait for ever)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class _NoLongerImporting(Exception):
     """The request was cancelled (or is gone) while a chunk was being stored."""
 
@@ -115,13 +132,13 @@ def import_request(
     request_pk: int,
     request_id: str,
     *,
-    stopping: threading.Event,
+    stopping: threading.Event | StopFlag,
     chunk_rows: int = IMPORT_CHUNK_ROWS,
     on_chunk_stored: Callable[[int], None] | None = None,
 ) -> bool:
     """Store an importing request's spooled rows; True once it is `pending`. False when
     there was nothing to import (the request is no longer importing: its file is removed;
-    or its file is not here, or another process holds it) or the import stopped:
+    or its file is not here) or the import stopped:
     `stopping` was set (the file stays, for resume at the next start) or the request was
     cancelled meanwhile (the file is removed). What an interrupted import stored before is
     deleted first. `on_chunk_stored` is told the products stored so far after each
@@ -133,10 +150,10 @@ def import_request(
         log.warning("request %s: its import's file is not here", request_id, extra={"request_id": request_id})
         return False
     with file:
-        try:  # two processes sharing IMPORT_DIR: the one holding the file imports it
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
+        # Another process holding the file (an import of a stopped server finishing its
+        # chunk, or a second process sharing IMPORT_DIR) imports it; this one waits, and
+        # then finds the request imported, or the rest to do.
+        fcntl.flock(file, fcntl.LOCK_EX)
         with sessions() as session:
             stored = session.scalar(
                 select(ProcessingRequest.total_products).where(*_still_importing(request_pk))
@@ -167,7 +184,7 @@ def _store(
     sessions: sessionmaker[Session],
     request_pk: int,
     file: BinaryIO,
-    stopping: threading.Event,
+    stopping: threading.Event | StopFlag,
     chunk_rows: int,
     on_chunk_stored: Callable[[int], None] | None,
 ) -> None:
@@ -233,6 +250,7 @@ def _change_totals(sessions: sessionmaker[Session], request_pk: int, **values) -
 # stopped (a stop, or the request cancelled). Any other code: it failed.
 IMPORTED_EXIT = 0
 STOPPED_EXIT = 3
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def _import_process_main(
@@ -248,8 +266,9 @@ def _import_process_main(
     holds the interpreter's lock for half a minute, which the web process's status polls
     would wait on. SIGTERM stops it at the end of the chunk under way."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the web process decides
-    stopping = threading.Event()
+    stopping = StopFlag()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stopping.set())
+    _stop_with_parent()
     configure_logging(log_format, log_level)
     engine = build_engine(database_url)
     try:
@@ -264,6 +283,16 @@ def _import_process_main(
     finally:
         engine.dispose()
     sys.exit(IMPORTED_EXIT if imported else STOPPED_EXIT)
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM when the web process dies, however (Linux): an import outliving it would
+    hold its file while the restarted service waits to resume it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the call: nobody waits for this import
+        sys.exit(STOPPED_EXIT)
 
 
 class Importer:
