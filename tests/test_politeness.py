@@ -100,6 +100,10 @@ def test_the_host_is_the_urls_authority_lower_cased_with_a_port_other_than_the_d
     assert url_host("https://cdn.example.com:443#top") == "cdn.example.com"
     assert url_host("http://127.0.0.1:8080?x") == "127.0.0.1:8080"
     assert url_host("https://[::1]:80/x") == "[::1]:80"
+    assert url_host("http://XYZ.example/a/b/c/d.jpg") == "xyz.example"
+    assert url_host("HTTPS://h.example:443/a") == "h.example"
+    assert url_host("https://h.example:80/a") == "h.example:80"
+    assert url_host("http://h.example:443") == "h.example:443"
 
 
 def test_hosts_remembered_over_an_upload_are_each_urls_own_host():
@@ -117,6 +121,8 @@ def test_hosts_remembered_over_an_upload_are_each_urls_own_host():
         "https://c.example.com:443",
         "https://[::1]:80/x",
         "https://cdn.example.com/b.jpg",
+        "http://h.example:8080",
+        "http://h.example:8081",
     ] + [f"https://h{n}.example.com/{n}.jpg" for n in range(UrlHosts.MAX_REMEMBERED + 10)]
     host_of = UrlHosts()
     assert [host_of(url) for url in urls + urls] == [url_host(url) for url in urls + urls]
