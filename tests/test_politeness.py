@@ -104,6 +104,7 @@ def test_the_host_is_the_urls_authority_lower_cased_with_a_port_other_than_the_d
     assert url_host("HTTPS://h.example:443/a") == "h.example"
     assert url_host("https://h.example:80/a") == "h.example:80"
     assert url_host("http://h.example:443") == "h.example:443"
+    assert url_host("http://h.example?a=1?b=2#c#d") == "h.example"
 
 
 def test_hosts_remembered_over_an_upload_are_each_urls_own_host():
