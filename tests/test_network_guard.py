@@ -193,3 +193,23 @@ def test_the_deadline_reapers_thread_is_a_daemon_named_for_thread_dumps():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_new_earliest_deadline_wakes_the_reaper_waiting_for_a_later_one():
+    """The reaper sleeps until its earliest deadline; one watched meanwhile that comes
+    sooner must wake it. The first cut is the signal that it sleeps for the far one."""
+    reaper = DeadlineReaper()
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        (far, _), (first, _), (near, _) = pairs
+        first.settimeout(5)
+        near.settimeout(5)
+        reaper.watch(far, time.monotonic() + 60)
+        reaper.watch(first, time.monotonic() + 0.05)
+        assert first.recv(1) == b""
+        reaper.watch(near, time.monotonic() + 0.05)
+        assert near.recv(1) == b""
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
