@@ -286,6 +286,21 @@ def pytest_report_header(config) -> str:
 # the app or a runner spends as long again in its fixtures.
 TEST_COSTS = Path("test-costs.json")
 _measured_costs: dict[str, float] = {}
+# Every test that fetches or builds the service reaches the network guard and the URL
+# grammar. Their mutants run only the tests of the guard and the grammar themselves and of
+# the fetcher (docs/mutation.md): a surviving one would otherwise run about a hundred tests.
+# MUTATE_EVERY_TEST=1 runs them against every selected test that reaches them.
+NET_MUTANT_TESTS = (
+    "tests/test_network_guard.py::",
+    "tests/test_urls.py::",
+    "tests/test_fetch.py::",
+    "tests/test_csv_upload.py::test_a_url_list_is_checked",
+    "tests/test_csv_upload.py::test_a_5_digit_port",
+    "tests/test_csv_upload.py::test_ordinary_url_lists",
+    "tests/test_csv_upload.py::test_the_url_grammar_as_built",
+    "tests/test_politeness.py::test_the_host_is_the_urls_authority",
+    "tests/test_politeness.py::test_hosts_remembered_over_an_upload",
+)
 
 
 def pytest_runtest_logreport(report) -> None:
@@ -306,8 +321,14 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     Under `make mutate`, each mutant's tests run cheapest first (TEST_COSTS): the run of a
     mutant ends at its first failing test, so a killed mutant costs its cheapest killing
-    test."""
-    if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):
+    test. A mutant of the network guard or the URL grammar runs only NET_MUTANT_TESTS."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if "__mutmut_" in mutant:
+        if mutant.startswith("app.net.") and not os.environ.get("MUTATE_EVERY_TEST"):
+            others = [item for item in items if not item.nodeid.startswith(NET_MUTANT_TESTS)]
+            if others:
+                config.hook.pytest_deselected(items=others)
+                items[:] = [item for item in items if item.nodeid.startswith(NET_MUTANT_TESTS)]
         if TEST_COSTS.exists():
             costs = json.loads(TEST_COSTS.read_text())
             items.sort(key=lambda item: costs.get(item.nodeid, 0.0))

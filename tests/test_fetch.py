@@ -313,9 +313,7 @@ def test_slow_servers_are_cut_off_by_the_wall_clock_deadline(fetcher, image_serv
         assert run.ended.wait(10) and not run.answered_in_full
 
 
-def test_connection_refused_is_a_connection_error(image_server):
-    import socket
-
+def test_connection_refused_is_a_connection_error_that_says_so(image_server):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -328,6 +326,7 @@ def test_connection_refused_is_a_connection_error(image_server):
     with pytest.raises(ConnectionFailed) as failure:
         fetcher.fetch(f"http://127.0.0.1:{port}/x")
     assert failure.value.transient  # the image waits for its origin (app/ledger)
+    assert failure.value.message == "the connection was refused"
 
 
 def test_pooled_connections_still_work_after_a_deadline_cut(fetcher, image_server):

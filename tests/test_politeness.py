@@ -100,6 +100,11 @@ def test_the_host_is_the_urls_authority_lower_cased_with_a_port_other_than_the_d
     assert url_host("https://cdn.example.com:443#top") == "cdn.example.com"
     assert url_host("http://127.0.0.1:8080?x") == "127.0.0.1:8080"
     assert url_host("https://[::1]:80/x") == "[::1]:80"
+    assert url_host("http://XYZ.example/a/b/c/d.jpg") == "xyz.example"
+    assert url_host("HTTPS://h.example:443/a") == "h.example"
+    assert url_host("https://h.example:80/a") == "h.example:80"
+    assert url_host("http://h.example:443") == "h.example:443"
+    assert url_host("http://h.example?a=1?b=2#c#d") == "h.example"
 
 
 def test_hosts_remembered_over_an_upload_are_each_urls_own_host():
@@ -117,6 +122,8 @@ def test_hosts_remembered_over_an_upload_are_each_urls_own_host():
         "https://c.example.com:443",
         "https://[::1]:80/x",
         "https://cdn.example.com/b.jpg",
+        "http://h.example:8080",
+        "http://h.example:8081",
     ] + [f"https://h{n}.example.com/{n}.jpg" for n in range(UrlHosts.MAX_REMEMBERED + 10)]
     host_of = UrlHosts()
     assert [host_of(url) for url in urls + urls] == [url_host(url) for url in urls + urls]
@@ -204,6 +211,39 @@ def test_a_request_naming_several_hosts_looks_past_a_host_at_its_limit(parts_of,
     )
 
 
+def test_a_look_ahead_takes_each_image_once_and_no_more_than_the_share(parts_of, origins):
+    """A request naming three hosts, room for 2 each, a claim of 4: its first 4 images are
+    three of the full host and one of the next; reading on past them takes the next host's
+    second image and stops at 4, taking again none it took already."""
+    full, following, last = (start_origin(origins) for _ in range(3))
+    parts = parts_of(fetch_per_host_concurrency=2)
+    _, ids = make_batch(parts.engine, full.urls(3) + following.urls(3) + last.urls(2))
+    claim = parts.ledger.claim_next(4)
+    assert [unit.image_id for unit in claim.units] == [ids[0], ids[1], ids[3], ids[4]]
+    assert claim.passed_over_hosts
+
+
+def test_after_a_turn_held_up_by_a_full_host_the_next_turn_is_served_to_its_end(parts_of, origins):
+    """Two requests wait for a full host (passed over, nothing given), so the claim reads
+    the next turn: its first request gives an image, its second has only an image waiting
+    for a retry. Nothing was passed over in that turn, so it ends at its last request."""
+    full, other = start_origin(origins), start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=1)
+    first, _ = make_batch(parts.engine, full.urls(1))
+    assert len(parts.ledger.claim_next(1).units) == 1  # the full host's one image in flight
+    for _ in range(2):
+        make_batch(parts.engine, full.urls(1))
+    _, giving_ids = make_batch(parts.engine, other.urls(1))
+    waiting, waiting_ids = make_batch(parts.engine, other.urls(1))
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id.in_(waiting_ids)).values(retry_at=utcnow() + timedelta(minutes=5))
+        )
+    claim = parts.ledger.claim_next(2, first)
+    assert [unit.image_id for unit in claim.units] == giving_ids
+    assert (claim.last_request_served, claim.passed_over_hosts) == (waiting, True)
+
+
 def test_the_next_retry_is_the_earliest_of_an_images_wait_and_a_hosts_backoff(parts_of, origins):
     """What the feeder sleeps for when nothing is claimable: an image's own wait, or its
     host's backoff when no image waits (nothing else would wake it)."""
@@ -244,6 +284,15 @@ def test_claiming_by_id_keeps_to_the_limit_too(parts_of, origins):
     assert len(parts.ledger.claim_images(ids)) == 2
     assert parts.ledger.claim_images(ids) == []
     assert parts.ledger.has_claimable_work() is False  # the other two wait for the host's room
+
+
+def test_an_image_claimed_by_id_is_not_claimed_again_while_its_lease_runs(parts_of, origins):
+    origin = start_origin(origins)
+    parts = parts_of()
+    _, ids = make_batch(parts.engine, origin.urls(2))
+    assert [unit.image_id for unit in parts.ledger.claim_images(ids[:1])] == ids[:1]
+    assert [unit.image_id for unit in parts.ledger.claim_images(ids)] == ids[1:]
+    assert image_row(parts.engine, ids[0]).attempts == 1
 
 
 def test_a_429_puts_the_host_in_backoff_for_its_retry_after_and_the_image_back_to_wait(parts_of, origins):

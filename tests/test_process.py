@@ -15,6 +15,7 @@ from app.db.models import Image, ProcessingRequest, WebhookEvent
 from app.db.session import writer_sessionmaker
 from app.ledger.image_ledger import Cancellation, FailedImagesRetry
 from app.ledger.turns import next_claimable_ids, seconds_until_next_retry
+from app.ledger.units import EncodingKeys, OutputOptions
 from app.pipeline.stages import ImageStages
 from app.services.batches import create_batch
 from app.services.csv_checks import CsvLimits
@@ -565,3 +566,14 @@ def test_release_renew_and_charge_change_only_the_claims_they_name(engine, servi
     services.ledger.renew_leases([stale, unit_b])
     assert image_row(engine, a).claimed_at == long_ago  # the old claim renews nothing
     assert image_row(engine, b).claimed_at > long_ago
+
+
+def test_an_outputs_encoding_key_is_its_batchs_options_or_the_default_and_the_output_policy():
+    """Outputs are reused only under the same key: other options, or the same options under
+    another output policy (metadata, colours, the pipeline's version), encode again."""
+    default, chosen = OutputOptions(quality=80), OutputOptions(quality=60, format="webp")
+    keys = EncodingKeys(default, policy="policy-1")
+    assert keys.of(None) == keys.of(default) != keys.of(chosen)
+    assert EncodingKeys(default, policy="policy-2").of(chosen) != keys.of(chosen)
+    assert EncodingKeys().of(None) is None
+    assert EncodingKeys().of(chosen) != EncodingKeys().of(default)

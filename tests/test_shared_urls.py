@@ -5,6 +5,7 @@ from sqlalchemy import select
 
 from app.db.models import Image
 from app.db.session import writer_sessionmaker
+from app.ledger.units import ImageOutcome
 from app.tasks import process_image
 from tests.conftest import csv_of, unique_path, upload, wait_finished
 from tests.support import images
@@ -102,3 +103,23 @@ def test_a_sources_result_goes_to_its_own_copies_only(services, image_server):  
     ]
     assert request_row(services.engine, first_pk).status == "completed"
     assert request_row(services.engine, second_pk).succeeded_images == 0
+
+
+def test_a_cancelled_source_gives_its_copies_nothing_and_the_cancel_counts_them(services, image_server):  # noqa: F811
+    """A cancel in batches: the first batch cancels the other row's image while the source
+    is in flight; the source's outcome comes back cancelled (its request is cancelling);
+    its copy, past that batch, waits for the next batch and is counted cancelled, not
+    failed with its source."""
+    shared = image_server.add(images.jpeg())
+    request_pk, (source, other, copy) = make_batch(
+        services.engine, [(1, "A", [shared]), (2, "B", [image_server.add(images.jpeg())]), (3, "C", [shared])]
+    )
+    (unit,) = services.ledger.claim_images([source])
+    first_batch = services.ledger.cancel(request_pk, limit=1)
+    assert (first_batch.cancelled_images, first_batch.last_image_id) == (1, other)
+    services.ledger.record_outcomes([ImageOutcome(unit, cancelled=True)])
+    with writer_sessionmaker(services.engine)() as session:
+        assert session.get(Image, copy).status == "copy"
+    assert services.ledger.cancel(request_pk, limit=1, after_image_id=other).cancelled_images == 1
+    request = request_row(services.engine, request_pk)
+    assert (request.status, request.cancelled_images, request.failed_images) == ("cancelled", 3, 0)

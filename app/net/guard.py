@@ -200,7 +200,8 @@ class _GuardedConnection:
             except OSError as exc:
                 sock.close()
                 last_error = exc
-        raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}")
+        # Chained, so the fetcher can name the cause (app/pipeline/fetch.py _connection_message).
+        raise NewConnectionError(self, f"failed to connect to {self.host}: {last_error}") from last_error
 
     def getresponse(self, *args, **kwargs):
         _watch_deadline(self)
