@@ -295,7 +295,7 @@ NET_MUTANT_TESTS = (
     "tests/test_urls.py::",
     "tests/test_fetch.py::",
     "tests/test_csv_upload.py::test_a_url_list_is_checked",
-    "tests/test_csv_upload.py::test_a_5_digit_port",
+    "tests/test_csv_upload.py::test_a_port_is_checked_at_once",
     "tests/test_csv_upload.py::test_ordinary_url_lists",
     "tests/test_csv_upload.py::test_the_url_grammar_as_built",
     "tests/test_politeness.py::test_the_host_is_the_urls_authority",
