@@ -6,13 +6,14 @@ FETCH_RETRY_WINDOW_SECONDS. The claim is checked on the ledger itself, then the 
 service on both runners."""
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from app.composition import build_parts
 from app.db.base import utcnow
@@ -25,6 +26,7 @@ from app.services.csv_checks import CsvLimits
 from tests.conftest import csv_of, upload, wait_finished
 from tests.support import images
 from tests.support.deployment import NEEDS_POSTGRES
+from tests.support.deployment import test_database_is_postgres as on_postgres
 from tests.support.servers import Origin
 
 LIMITS = CsvLimits(1_000_000, 1 << 20, 1000, 50)
@@ -161,6 +163,36 @@ def test_a_claim_keeps_a_host_to_its_limit_while_other_hosts_flow(parts_of, orig
     ledger.record_outcomes([parts.stages.run(finished)])
     again = ledger.claim_next(16).units
     assert [unit.host for unit in again] == [f"127.0.0.1:{busy.port}"]
+
+
+@pytest.mark.skipif(not on_postgres(), reason="row locks: PostgreSQL (TEST_DATABASE_URL)")
+def test_a_claim_waits_for_another_claims_lock_on_its_host_then_counts_what_that_one_took(parts_of, origins):
+    """Two claims at once on PostgreSQL: the second waits for the first's lock on the
+    host's row (taken between its reading of the room and its commit), then counts the
+    images the first put in flight, and keeps the host to its limit."""
+    origin = start_origin(origins)
+    parts = parts_of(fetch_per_host_concurrency=2)
+    _, image_ids = make_batch(parts.engine, origin.urls(6))
+    name = f"127.0.0.1:{origin.port}"
+    claimed: list = []
+    with parts.engine.connect() as first, first.begin():
+        first.execute(select(Host.name).where(Host.name == name).with_for_update())
+        second = threading.Thread(target=lambda: claimed.extend(parts.ledger.claim_next(16).units))
+        second.start()
+        deadline = time.monotonic() + 30
+        while not first.scalar(
+            text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'")
+        ):
+            assert second.is_alive(), "the second claim did not wait for the lock on its host"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first.execute(
+            update(Image)
+            .where(Image.id.in_(image_ids[:2]))
+            .values(status="processing", claimed_at=utcnow(), attempts=Image.attempts + 1)
+        )
+    second.join(30)
+    assert claimed == []  # the host's two places were taken by the first claim
 
 
 def test_requests_take_turns_even_when_their_host_has_room_for_one(parts_of, origins):
