@@ -299,6 +299,30 @@ def test_the_next_retry_is_the_earliest_of_an_images_wait_and_a_hosts_backoff(pa
     assert parts.ledger.has_claimable_work() is False  # the host backs off, the image waits
 
 
+def test_a_retry_or_a_backoff_under_a_second_away_is_waited_for_as_it_is(parts_of, origins, monkeypatch):
+    """The feeder sleeps until the next retry, however short, not a whole second: the
+    clock is held still so the wait is exact."""
+    backing_off, waiting = start_origin(origins), start_origin(origins)
+    parts = parts_of()
+    make_batch(parts.engine, backing_off.urls(1))
+    _, (waiting_id,) = make_batch(parts.engine, waiting.urls(1))
+    now = utcnow()
+    monkeypatch.setattr("app.ledger.turns.utcnow", lambda: now)
+    monkeypatch.setattr("app.ledger.image_ledger.utcnow", lambda: now)
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Image).where(Image.id == waiting_id).values(retry_at=now + timedelta(seconds=0.5))
+        )
+    assert parts.ledger.seconds_until_next_retry() == 0.5
+    with writer_sessionmaker(parts.engine).begin() as session:
+        session.execute(
+            update(Host)
+            .where(Host.name == url_host(backing_off.urls(1)[0]))
+            .values(backoff_until=now + timedelta(seconds=0.25), consecutive_failures=1)
+        )
+    assert parts.ledger.seconds_until_next_retry() == 0.25
+
+
 def test_a_claim_says_it_passed_over_an_image_for_its_hosts_limit_even_a_single_one(parts_of, origins):
     """The image loop claims again as soon as the host's images in flight finish."""
     origin = start_origin(origins)
