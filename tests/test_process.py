@@ -4,10 +4,11 @@ import io
 import json
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from app.composition import build_parts, stage_config
 from app.db.base import utcnow
@@ -22,6 +23,7 @@ from app.services.csv_checks import CsvLimits
 from app.tasks import MAX_WORKER_CRASHES, process_image
 from tests.conftest import csv_of
 from tests.support import images
+from tests.support.deployment import test_database_is_postgres as on_postgres
 from tests.support.storage import FillableStorage
 
 LIMITS = CsvLimits(1_000_000, 1 << 20, 1000, 50)
@@ -207,6 +209,39 @@ def test_a_cancel_in_batches_cancels_each_batch_in_id_order_and_finishes_with_th
     request = request_row(engine, request_pk)
     assert (request.cancelled_images, request.succeeded_images, request.failed_images) == (5, 0, 0)
     assert request.reused_images == 0
+
+
+@pytest.mark.skipif(not on_postgres(), reason="row locks: PostgreSQL (TEST_DATABASE_URL)")
+def test_a_cancel_batch_skips_the_images_a_claim_is_taking_instead_of_waiting_for_them(
+    engine, services, image_server
+):
+    """On PostgreSQL a batch of a cancel never waits for a claim's locks (SKIP LOCKED): it
+    cancels the other images while the claim's transaction is open, and the claim gets
+    its image."""
+    url = image_server.add(images.jpeg())
+    request_pk, ids = make_batch(engine, [(n, f"P{n}", [url]) for n in range(1, 5)])
+    done: list[Cancellation] = []
+    with engine.connect() as claim, claim.begin():
+        claim.execute(
+            update(Image)
+            .where(Image.id == ids[0])
+            .values(status="processing", claimed_at=utcnow(), attempts=Image.attempts + 1)
+        )
+        batch = threading.Thread(target=lambda: done.append(services.ledger.cancel(request_pk, limit=4)))
+        batch.start()
+        deadline = time.monotonic() + 30
+        while batch.is_alive():
+            assert not claim.scalar(
+                text("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'")
+            ), "the cancel batch waited for the claim's lock"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    batch.join(30)
+    ((cancelled, last_image_id),) = [(c.cancelled_images, c.last_image_id) for c in done]
+    assert (cancelled, last_image_id) == (3, ids[3])
+    with writer_sessionmaker(engine)() as session:
+        statuses = list(session.scalars(select(Image.status).where(Image.id.in_(ids)).order_by(Image.id)))
+    assert statuses == ["processing", "cancelled", "cancelled", "cancelled"]
 
 
 @pytest.fixture
