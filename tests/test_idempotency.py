@@ -182,11 +182,13 @@ def test_a_key_of_255_printable_characters_is_accepted(client, image_server):
     wait_finished(client, response.json()["request_id"])
 
 
+@pytest.mark.parametrize("api_keys", ["key-one", ""], ids=["an API key", "no API keys"])
 def test_an_expired_key_is_reusable_however_many_other_keys_have_expired(
-    make_settings, image_server, database_url
+    make_settings, image_server, database_url, api_keys
 ):
     """Expired keys are cleared 100 at a time; the caller's own expired key is cleared
-    whatever the batch reaches, and the key stored for the new request is the caller's."""
+    whatever the batch reaches, and the key stored for the new request is the caller's,
+    with an API key or without API keys."""
     import time
     from datetime import timedelta
 
@@ -200,10 +202,11 @@ def test_an_expired_key_is_reusable_however_many_other_keys_have_expired(
 
     engine = build_engine(database_url)
     data = csv_of([(1, "A", [image_server.add(images.jpeg())])])
-    settings = make_settings(api_keys="key-one", idempotency_key_ttl_seconds=0.5)
+    settings = make_settings(api_keys=api_keys, idempotency_key_ttl_seconds=0.5)
+    api_key = {"X-API-Key": api_keys} if api_keys else {}
     with TestClient(create_app(settings)) as client:
-        unkeyed = upload(client, data, headers={"X-API-Key": "key-one"}).json()["request_id"]
-        wait_finished(client, unkeyed, headers={"X-API-Key": "key-one"})
+        unkeyed = upload(client, data, headers=api_key).json()["request_id"]
+        wait_finished(client, unkeyed, headers=api_key)
         with engine.begin() as connection:
             request_pk = connection.scalar(
                 select(ProcessingRequest.id).where(ProcessingRequest.request_id == unkeyed)
@@ -223,7 +226,7 @@ def test_an_expired_key_is_reusable_however_many_other_keys_have_expired(
                     for n in range(250)
                 ],
             )
-        headers = {"X-API-Key": "key-one", "Idempotency-Key": "order-8"}
+        headers = {**api_key, "Idempotency-Key": "order-8"}
         first = upload(client, data, headers=headers)
         assert first.status_code == 202
         time.sleep(0.6)
@@ -233,7 +236,7 @@ def test_an_expired_key_is_reusable_however_many_other_keys_have_expired(
         assert "idempotent-replayed" not in second.headers
         assert second.json()["request_id"] != first.json()["request_id"]
         for response in (first, second):
-            wait_finished(client, response.json()["request_id"], headers={"X-API-Key": "key-one"})
+            wait_finished(client, response.json()["request_id"], headers=api_key)
     with engine.connect() as connection:
         kept = connection.execute(
             select(IdempotencyKey.owner_scope, IdempotencyKey.key, ProcessingRequest.request_id)
@@ -247,6 +250,6 @@ def test_an_expired_key_is_reusable_however_many_other_keys_have_expired(
             select(func.count()).where(IdempotencyKey.owner_scope == "another-owner")
         )
     engine.dispose()
-    assert owner
-    assert [tuple(row) for row in kept] == [(owner, "order-8", second.json()["request_id"])]
+    assert bool(owner) == bool(api_keys)
+    assert [tuple(row) for row in kept] == [(owner or "", "order-8", second.json()["request_id"])]
     assert others_left == 50  # two keyed uploads, 100 cleared by each
