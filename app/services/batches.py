@@ -84,7 +84,7 @@ def create_batch(
     lines = most_rows(csv_file, limits) if background is not None and background.above_rows else None
     # most_rows counts the header's line break, and one more than the breaks: the rows of a
     # file whose every line ends in one are `lines - 2`.
-    if background is not None and lines is not None and lines - 2 > background.above_rows:
+    if lines is not None and lines - 2 > background.above_rows:
         request = create_importing_request(
             session,
             csv_file,

@@ -163,7 +163,7 @@ def import_request(
             return False
         if stored:
             delete_rows(sessions, request_pk)
-        _change_totals(sessions, request_pk, total_products=0, total_images=0)
+        _start_over(sessions, request_pk)
         try:
             _store(sessions, request_pk, file, stopping, chunk_rows, on_chunk_stored)
         except _Stopped:
@@ -237,12 +237,13 @@ def _count_stored(connection, request_pk: int, products: int, images: int) -> No
         raise _NoLongerImporting
 
 
-def _change_totals(sessions: sessionmaker[Session], request_pk: int, **values) -> None:
+def _start_over(sessions: sessionmaker[Session], request_pk: int) -> None:
+    """Nothing stored (what an interrupted import stored is deleted), progress now."""
     with sessions.begin() as session:
         session.execute(
             update(ProcessingRequest.__table__)
             .where(*_still_importing(request_pk))
-            .values(**values, import_progress_at=utcnow())
+            .values(total_products=0, total_images=0, import_progress_at=utcnow())
         )
 
 
@@ -389,6 +390,8 @@ class Importer:
             )
             self._process = process
             process.start()
+            if self._stopping.is_set():  # stop() came between the queue and the start
+                process.terminate()
             process.join()
             self._process = None
             if self._stopping.is_set() or process.exitcode == STOPPED_EXIT:
