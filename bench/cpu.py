@@ -17,9 +17,19 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.__main__ import child_pids, csv_bytes, env_int, run_batch, say
+from bench.__main__ import (
+    Bench,
+    Configuration,
+    Params,
+    child_pids,
+    csv_bytes,
+    env_int,
+    run_batch,
+    running_service,
+    say,
+    service_env,
+)
 from tests.support.servers import LocalServer, WebhookReceiver
-from tests.support.service_process import ServiceProcess
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -36,17 +46,9 @@ def main() -> None:
     Image.new("RGB", (64, 64), (90, 140, 200)).save(tiny, "JPEG", quality=90)
     with LocalServer() as images, WebhookReceiver() as receiver:
         urls = [images.add(tiny.getvalue()) for _ in range(count)]
-        env = {
-            "DATABASE_URL": f"sqlite:///{work / 'bench.db'}",
-            "TASK_BACKEND": "inprocess",
-            "MEDIA_ROOT": str(work / "media"),
-            "IMPORT_DIR": str(work / "imports"),
-            "ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{images.port}",
-            "WEBHOOK_ALLOW_PRIVATE_HOSTS": f"127.0.0.1:{receiver.port}",
-            "FETCH_PER_HOST_CONCURRENCY": "64",
-        }
-        service = ServiceProcess(env, work / "service.log").start()
-        try:
+        bench = Bench(Params.from_env(), work, [], urls, images, receiver, None, "")  # type: ignore[arg-type]
+        config = Configuration("sqlite", "inprocess", f"sqlite:///{work / 'bench.db'}")
+        with running_service(service_env(bench, config), work / config.slug) as service:
             run_batch(service, csv_bytes([f"{url}?warm" for url in urls[:300]], 3), receiver)
             web = service.process.pid
             for run in range(runs):
@@ -63,8 +65,6 @@ def main() -> None:
                     f"image processes {image_ms:.2f}, origin and receiver {origin_ms:.2f}; "
                     f"{busy:.2f} cores busy"
                 )
-        finally:
-            service.stop()
 
 
 if __name__ == "__main__":
