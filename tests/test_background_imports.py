@@ -252,3 +252,18 @@ def test_a_stop_during_an_import_leaves_it_to_the_next_start(make_settings, sour
     assert _counts(body) == (1500, 1500, 1500)
     assert body["progress"]["succeeded_images"] == 1500
     engine.dispose()
+
+
+def test_an_import_folder_that_cannot_be_written_is_a_503_and_stores_nothing(
+    make_settings, sources, tmp_path
+):
+    not_a_folder = tmp_path / "imports-is-a-file"
+    not_a_folder.write_text("")
+    settings = make_settings(background_import_rows=5, import_dir=not_a_folder)
+    with TestClient(create_app(settings)) as client:
+        refused = upload(client, csv_of(_rows(sources, 10)))
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert "could not be kept for its import" in refused.json()["detail"]
+        assert str(tmp_path) not in refused.text
+        assert client.get("/requests").json()["items"] == []

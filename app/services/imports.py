@@ -47,6 +47,7 @@ from app.db.base import utcnow
 from app.db.maintenance import refresh_statistics_after_upload
 from app.db.models import ProcessingRequest, RequestStatus
 from app.db.session import build_engine, writer_sessionmaker
+from app.errors import ServiceUnavailable
 from app.ledger.units import OutputOptions
 from app.logs import configure_logging
 from app.services.bulk_insert import RepeatedUrls, insert_hosts, insert_rows, link_copies
@@ -80,13 +81,17 @@ def create_importing_request(
     transaction. The file is on disk before the caller commits, so a restart after the
     answer finds it."""
     request_id = str(uuid.uuid4())
-    import_dir.mkdir(parents=True, exist_ok=True)
     partial = spool_path(import_dir, request_id).with_suffix(PARTIAL_SUFFIX)
     try:
-        with open(partial, "w+b") as spool:
-            checked = check_csv(csv_file, limits, spool)
-            spool.flush()
-            os.fsync(spool.fileno())
+        try:
+            import_dir.mkdir(parents=True, exist_ok=True)
+            with open(partial, "w+b") as spool:
+                checked = check_csv(csv_file, limits, spool)
+                spool.flush()
+                os.fsync(spool.fileno())
+        except OSError as exc:  # IMPORT_DIR missing or read-only, a full disk
+            reason = exc.strerror or exc.__class__.__name__  # not the path: it is the server's
+            raise ServiceUnavailable(f"the upload could not be kept for its import: {reason}") from exc
         request = ProcessingRequest(
             request_id=request_id,
             status=RequestStatus.IMPORTING,
@@ -103,7 +108,8 @@ def create_importing_request(
         session.flush()
         os.replace(partial, spool_path(import_dir, request_id))
     except BaseException:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no folder to have left it in, say
+            partial.unlink(missing_ok=True)
         raise
     return request
 
